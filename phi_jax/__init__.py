@@ -1,1 +1,7 @@
 """phi_jax: Microsoft's phi-1.5 in JAX/Flax NNX."""
+
+from phi_jax.config import PhiConfig
+from phi_jax.hf import from_pretrained, save_pretrained
+from phi_jax.model import KVCache, Phi, abstract_model, init_model
+
+__all__ = ["KVCache", "Phi", "PhiConfig", "abstract_model", "from_pretrained", "init_model", "save_pretrained"]

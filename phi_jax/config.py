@@ -1,0 +1,115 @@
+"""The architecture of a phi model: one frozen dataclass, the only thing model modules see."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+DENSE_IMPLS = ("auto", "xla", "pallas")
+REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class PhiConfig:
+    """phi-1 / phi-1.5 architecture (parallel attention + MLP blocks sharing one LayerNorm).
+
+    Defaults are phi-1.5 (microsoft/phi-1_5); `PhiConfig.preset(name)` gives the named variants.
+    """
+
+    vocab_size: int = 51200
+    hidden_size: int = 2048
+    intermediate_size: int = 8192
+    num_layers: int = 24
+    num_heads: int = 32
+    rotary_dim: int = 32  # rotary on the first `rotary_dim` dims of each head (partial_rotary_factor * head_dim)
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    dtype: str = "float32"  # compute dtype of activations and matmuls (softmax, norms and logits stay fp32)
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"  # auto | xla | pallas | cudnn
+    dense_impl: str = "auto"  # auto | xla | pallas
+    remat: str = "none"  # none | full | save_dots: what the backward pass recomputes per layer
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"PhiConfig.{name}={getattr(self, name)} must be positive.")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}: "
+                "choose num_heads so that head_dim = hidden_size / num_heads is an integer.")
+        if self.rotary_dim <= 0 or self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ValueError(
+                f"rotary_dim={self.rotary_dim} must be even, positive and at most head_dim={self.head_dim} "
+                "(phi-1.5: 32 of 64).")
+        if self.rope_theta <= 0 or self.layer_norm_eps <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} and layer_norm_eps={self.layer_norm_eps} must be positive.")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"PhiConfig.{name}={getattr(self, name)!r} is not one of {sorted(DTYPES)}.")
+        for name, allowed in (("attention_impl", ATTENTION_IMPLS), ("dense_impl", DENSE_IMPLS),
+                              ("remat", REMAT_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"PhiConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self) -> Any:
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> PhiConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PhiConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Unknown PhiConfig fields {unknown}; known fields are {sorted(known)}.")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> PhiConfig:
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def num_params(self) -> int:
+        """Parameter count from the formula (checked against the real tree in tests)."""
+        d, f, v, n = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
+        per_layer = 2 * d + 4 * (d * d + d) + (d * f + f) + (f * d + d)
+        return v * d + n * per_layer + 2 * d + (d * v + v)
+
+
+PRESETS: dict[str, PhiConfig] = {
+    # microsoft/phi-1_5 and microsoft/phi-1: 1,418,270,720 parameters.
+    "phi-1.5": PhiConfig(),
+    # ~100M parameters, phi-shaped (head_dim 64, partial rotary 32): benchmarks on one host.
+    "phi-100m": PhiConfig(vocab_size=8192, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12,
+                          eos_token_id=2, bos_token_id=1),
+    # The README quickstart: trains on the embedded stdlib corpus on a 2-core CPU in minutes.
+    "quickstart": PhiConfig(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
+                            max_position_embeddings=2048, eos_token_id=2, bos_token_id=1),
+    # Unit tests: tiny, but still partial rotary (16 of head_dim 32).
+    "tiny": PhiConfig(vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=2,
+                      rotary_dim=16, max_position_embeddings=1024, eos_token_id=2, bos_token_id=1),
+}

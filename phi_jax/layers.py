@@ -1,0 +1,94 @@
+"""The building blocks: parameters with logical axis names, LayerNorm, and Dense with an `impl` switch."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+log = logging.getLogger("phi_jax")
+
+Initializer = Callable[..., jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str | None],
+          dtype) -> nnx.Param:
+    """A parameter annotated with logical axis names; the mesh placement is decided by phi_jax.sharding."""
+    if len(names) != len(shape):
+        raise ValueError(f"{len(names)} logical names {tuple(names)} for a parameter of shape {tuple(shape)}.")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names), eager_sharding=False)
+
+
+def gelu_new(x: jax.Array) -> jax.Array:
+    """The tanh approximation of GELU (Hugging Face's `gelu_new`), not the exact erf GELU."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with bias; statistics in float32, output in the compute dtype."""
+
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+        self.eps, self.dtype = eps, dtype
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
+_DENSE_IMPL_LOGGED: set[str] = set()
+
+
+def resolve_dense_impl(impl: str) -> str:
+    """`auto` is the Pallas kernel on GPU/TPU and XLA on CPU; the choice is logged once."""
+    backend = jax.default_backend()
+    resolved = impl if impl != "auto" else ("pallas" if backend in ("gpu", "tpu") else "xla")
+    if resolved not in _DENSE_IMPL_LOGGED:
+        _DENSE_IMPL_LOGGED.add(resolved)
+        log.info("dense: %s (asked for %r on backend %r)", resolved, impl, backend)
+    return resolved
+
+
+class Dense(nnx.Module):
+    """x[..., *in_shape] @ kernel[*in_shape, *out_shape] + bias[*out_shape], then an optional activation.
+
+    Multi-dim kernels keep heads visible to sharding (q/k/v: [embed, 3, heads, head_dim]). With
+    `impl='pallas'` the matmul, bias and gelu_new run as one fused Pallas kernel on the flattened 2-D view.
+    """
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, in_names: Sequence[str | None],
+                 out_names: Sequence[str | None], activation: str | None = None, impl: str = "xla",
+                 dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+        if activation not in (None, "gelu_new"):
+            raise ValueError(f"activation={activation!r} is not one of (None, 'gelu_new').")
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.activation, self.impl, self.dtype = activation, impl, dtype
+        self.kernel = param(rngs, nnx.initializers.normal(init_std), self.in_shape + self.out_shape,
+                            tuple(in_names) + tuple(out_names), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, self.out_shape, tuple(out_names), param_dtype)
+
+    def __call__(self, x: jax.Array, *, out_dtype=None) -> jax.Array:
+        n_in, out_dtype = len(self.in_shape), out_dtype or self.dtype
+        kernel, bias = self.kernel[...].astype(self.dtype), self.bias[...]
+        x = x.astype(self.dtype)
+        if resolve_dense_impl(self.impl) == "pallas":
+            from phi_jax.kernels.dense import fused_dense
+
+            batch_shape = x.shape[: x.ndim - n_in]
+            y = fused_dense(x.reshape(*batch_shape, -1), kernel.reshape(math.prod(self.in_shape), -1),
+                            bias.reshape(-1).astype(self.dtype), activation=self.activation)
+            return y.reshape(*batch_shape, *self.out_shape).astype(out_dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=jnp.float32)
+        y = y + bias.astype(jnp.float32)
+        if self.activation == "gelu_new":
+            y = gelu_new(y)
+        return y.astype(out_dtype)

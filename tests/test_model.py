@@ -1,0 +1,96 @@
+"""The model on its own: full-size shapes without memory, packing, the KV cache, dtypes and remat."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from phi_jax.config import PRESETS, PhiConfig
+from phi_jax.model import KVCache, abstract_model, count_params, init_model
+
+
+def test_full_phi15_shapes_without_memory():
+    model = abstract_model(PhiConfig.preset("phi-1.5"))
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    assert count_params(model) == 1_418_270_720 == PhiConfig().num_params()
+    assert model.layers.attn.qkv.kernel.shape == (24, 2048, 3, 32, 64)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_param_formula_matches_tree(name):
+    cfg = PhiConfig.preset(name)
+    assert count_params(abstract_model(cfg)) == cfg.num_params()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(hidden_size=100, num_heads=3), "not divisible by num_heads"),
+    (dict(rotary_dim=31), "rotary_dim=31 must be even"),
+    (dict(rotary_dim=128), "at most head_dim=64"),
+    (dict(num_layers=0), "num_layers=0 must be positive"),
+    (dict(dtype="float8"), "dtype='float8' is not one of"),
+    (dict(attention_impl="flash"), "attention_impl='flash' is not one of"),
+])
+def test_invalid_config(bad, match):
+    with pytest.raises(ValueError, match=match):
+        PhiConfig(**bad)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return init_model(PhiConfig.preset("tiny"), seed=1)
+
+
+def test_packed_documents_equal_separate_runs(tiny):
+    rng = np.random.default_rng(0)
+    doc_a, doc_b = rng.integers(0, 512, 150), rng.integers(0, 512, 106)
+    packed = np.concatenate([doc_a, doc_b])[None]
+    segment_ids = np.array([[1] * 150 + [2] * 106])
+    positions = np.concatenate([np.arange(150), np.arange(106)])[None]
+    out = np.asarray(tiny(packed, positions=positions, segment_ids=segment_ids))
+    np.testing.assert_allclose(out[0, :150], np.asarray(tiny(doc_a[None]))[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 150:], np.asarray(tiny(doc_b[None]))[0], atol=1e-5)
+    # Without segment ids the second document sees the first: the logits must differ.
+    assert not np.allclose(np.asarray(tiny(packed, positions=positions))[0, 150:], out[0, 150:], atol=1e-3)
+
+
+def test_kv_cache_decode_matches_full_forward(tiny):
+    ids = np.random.default_rng(1).integers(0, 512, (2, 40))
+    full = np.asarray(tiny(ids))
+    cache = KVCache.init(tiny.cfg, batch=2, max_len=64)
+    prefill, cache = tiny.decode(ids[:, :30], cache)
+    steps = [prefill]
+    for t in range(30, 40):
+        logits, cache = tiny.decode(ids[:, t:t + 1], cache)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], axis=1), full, atol=2e-5)
+    assert int(cache.index) == 40
+
+
+def test_bfloat16_compute_keeps_float32_logits():
+    cfg32 = PhiConfig.preset("tiny")
+    m32 = init_model(cfg32, seed=3)
+    m16 = init_model(cfg32.replace(dtype="bfloat16"), seed=3)
+    ids = np.random.default_rng(2).integers(0, 512, (1, 64))
+    a, b = np.asarray(m32(ids)), m16(ids)
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(b), a, atol=5e-2)
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_changes_nothing_numerically(remat):
+    ids = np.random.default_rng(3).integers(0, 512, (2, 32))
+
+    def grads(cfg):
+        model = init_model(cfg, seed=4)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p):
+            return nnx.merge(graphdef, p)(ids).mean()
+
+        return jax.grad(loss)(params)
+
+    base, other = grads(PhiConfig.preset("tiny")), grads(PhiConfig.preset("tiny", remat=remat))
+    for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(other), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
