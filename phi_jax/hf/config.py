@@ -47,7 +47,8 @@ def phi_config_from_hf(d: dict, **overrides) -> PhiConfig:
         fields = dict(vocab_size=_require(d, "vocab_size", model_type), hidden_size=hidden,
                       intermediate_size=d.get("n_inner") or 4 * hidden, num_layers=_require(d, "n_layer", model_type),
                       num_heads=_require(d, "n_head", model_type), rotary_dim=_require(d, "rotary_dim", model_type),
-                      layer_norm_eps=d.get("layer_norm_epsilon", 1e-5), max_position_embeddings=d.get("n_positions", 2048))
+                      layer_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                      max_position_embeddings=d.get("n_positions", 2048))
     else:
         raise ValueError(f"Unsupported model_type {model_type!r}: phi_jax reads phi checkpoints "
                          f"({', '.join(NATIVE_TYPES + LEGACY_TYPES)}).")
