@@ -113,3 +113,14 @@ PRESETS: dict[str, PhiConfig] = {
     "tiny": PhiConfig(vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=2,
                       rotary_dim=16, max_position_embeddings=1024, eos_token_id=2, bos_token_id=1),
 }
+
+
+# Fields that change parameter shapes or semantics; a checkpoint only resumes into the same values of these.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "rotary_dim",
+                       "rope_theta", "layer_norm_eps", "param_dtype")
+
+
+def architecture_diff(saved: dict, cfg: PhiConfig) -> list[str]:
+    """Human-readable differences between a saved config dict and `cfg` in the architecture fields."""
+    return [f"{k}: checkpoint {saved.get(k)!r} vs run {getattr(cfg, k)!r}"
+            for k in ARCHITECTURE_FIELDS if saved.get(k) != getattr(cfg, k)]

@@ -70,3 +70,43 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = ctx
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+# How each strategy splits the `embed` dim of parameters and of optimizer moments (heads, mlp and vocab always go
+# to `tensor`). Under jit, ZeRO-1 and ZeRO-2 coincide: gradients are a temporary that XLA reduce-scatters straight
+# into the sharded moments.
+STRATEGIES: dict[str, tuple[tuple[str, ...] | str | None, tuple[str, ...] | str | None]] = {
+    "dp": (None, None),  # data parallel: parameters and moments replicated
+    "zero1": (None, ("data", "fsdp")),  # ZeRO-1/2 (phi-1.5's DeepSpeed setting): moments sharded, params replicated
+    "fsdp": ("fsdp", "fsdp"),  # fully sharded over `fsdp` (replicated over `data`: hybrid sharding)
+}
+
+
+def strategy_rules(strategy: str) -> tuple[dict, dict]:
+    """(parameter rules, optimizer-moment rules) for a sharding strategy."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"sharding={strategy!r} is not one of {sorted(STRATEGIES)}.")
+    params_embed, moments_embed = STRATEGIES[strategy]
+    return {**LOGICAL_RULES, "embed": params_embed}, {**LOGICAL_RULES, "embed": moments_embed}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 to take the devices the others leave."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))} must be positive, with at most one -1.")
+    if -1 in sizes:
+        known = -sizes[0] * sizes[1] * sizes[2]
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of total size {known}.")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if (total := sizes[0] * sizes[1] * sizes[2]) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {total} devices, found {len(devices)}; "
+                         "set one axis to -1 to take the rest.")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
+    """Sharding of a [..., batch, seq] batch: batch over every data-parallel axis (data x fsdp)."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), ("data", "fsdp"), None))

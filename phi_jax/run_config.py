@@ -1,0 +1,53 @@
+"""Every run setting with its default: the schema that configs/*.py fill in (ml_collections).
+
+Overriding a key that is not here is an error (`--config.lerning_rate=...` fails rather than being ignored).
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "tiny"  # a PhiConfig preset: phi-1.5 | phi-100m | quickstart | tiny
+    c.dtype = "float32"  # compute dtype: bfloat16 | float16 (with dynamic loss scaling) | float32
+    c.param_dtype = "float32"  # parameters and optimizer state
+    c.attention_impl = "auto"  # auto | xla | pallas | cudnn
+    c.dense_impl = "auto"  # auto | xla | pallas
+    c.remat = "none"  # none | full | save_dots
+
+    c.seed = 0
+    c.seq_len = 256
+    c.batch_size = 16  # global, in sequences per optimizer step
+    c.micro_batch_per_device = 0  # sequences per device per forward/backward; 0 = the whole batch at once
+    c.total_steps = 100
+    c.learning_rate = 2e-4
+    c.warmup_steps = 0
+    c.b1 = 0.9
+    c.b2 = 0.98
+    c.eps = 1e-7
+    c.weight_decay = 0.1
+    c.grad_clip_norm = 0.0  # 0 = off
+    c.max_consecutive_skips = 20  # stop after this many updates in a row skipped for non-finite values
+
+    c.log_every = 10
+    c.eval_every = 100  # 0 = never
+    c.eval_batches = 4
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 3
+    c.peak_flops_per_device = 0.0  # for MFU; 0 = from the device kind (measured matmul peak on CPU)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # token shards from tools/prepare_data.py; "" = the embedded stdlib corpus (built once, cached)
+    c.data.tokenizer = ""  # "" = the tokenizer recorded in the shards' metadata
+    c.data.packing = False  # True: whole documents packed with segment ids; False: fixed windows of the stream
+    c.data.default_vocab_size = 8192  # SentencePiece vocabulary of the embedded corpus
+    c.data.cache_dir = ""  # where the embedded corpus is built; "" = ~/.cache/phi_jax
+
+    c.init_from_hf = ""  # a Hugging Face phi directory to start from (fine-tuning)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 takes the devices the other axes leave
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.sharding = "fsdp"  # dp | zero1 | fsdp; tensor parallelism comes from mesh.tensor > 1
+    return c

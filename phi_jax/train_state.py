@@ -1,0 +1,86 @@
+"""The training state (a pytree) and its creation directly in its sharded layout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from phi_jax.config import PhiConfig
+from phi_jax.model import Phi
+from phi_jax.optim import LossScale
+from phi_jax.sharding import logical_to_spec
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # a plain dict of arrays, the model's nnx.Param state
+    opt_state: Any
+    loss_scale: LossScale
+    skipped: jax.Array  # consecutive updates skipped for non-finite loss or gradients
+    total_skipped: jax.Array
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    def model(self, params=None) -> Phi:
+        return nnx.merge(self.graphdef, self.params if params is None else params)
+
+
+def logical_names(cfg: PhiConfig) -> dict:
+    """The logical axis names of every parameter (a dict shaped like the params)."""
+    abstract = nnx.eval_shape(lambda: Phi(cfg, rngs=nnx.Rngs(params=0)))
+    names = jax.tree.map(lambda v: v.out_sharding, nnx.state(abstract, nnx.Param),
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(names)
+
+
+def _init(cfg: PhiConfig, tx: optax.GradientTransformation, seed: int, fp16_loss_scale: bool) -> TrainState:
+    model = Phi(cfg, rngs=nnx.Rngs(params=seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params),
+                      loss_scale=LossScale.create(dynamic=fp16_loss_scale), skipped=zero, total_skipped=zero,
+                      graphdef=graphdef, tx=tx)
+
+
+def _dict_keys(path) -> tuple[str, ...]:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def state_shardings(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: dict | None = None,
+                    opt_rules: dict | None = None, fp16_loss_scale: bool = False) -> tuple[TrainState, TrainState]:
+    """(abstract state, shardings). Parameters follow `rules`; optimizer moments (the leaves whose dict path is a
+    parameter's) follow `opt_rules`, so ZeRO can shard moments further than parameters; the rest is replicated."""
+    abstract = jax.eval_shape(lambda: _init(cfg, tx, 0, fp16_loss_scale))
+    is_names = lambda x: isinstance(x, tuple)  # noqa: E731
+    names = logical_names(cfg)
+    param_sh = jax.tree.map(lambda n: NamedSharding(mesh, logical_to_spec(n, rules)), names, is_leaf=is_names)
+    names_by_path = {_dict_keys(p): n for p, n in jax.tree_util.tree_flatten_with_path(names, is_leaf=is_names)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def opt_leaf(path, leaf):
+        n = names_by_path.get(_dict_keys(path))
+        if n is None or len(n) != leaf.ndim:
+            return replicated
+        return NamedSharding(mesh, logical_to_spec(n, opt_rules or rules))
+
+    shardings = abstract.replace(
+        step=replicated, params=param_sh,
+        opt_state=jax.tree_util.tree_map_with_path(opt_leaf, abstract.opt_state),
+        loss_scale=jax.tree.map(lambda _: replicated, abstract.loss_scale),
+        skipped=replicated, total_skipped=replicated)
+    return abstract, shardings
+
+
+def create_train_state(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh, *, seed: int = 0,
+                       fp16_loss_scale: bool = False, rules: dict | None = None,
+                       opt_rules: dict | None = None) -> TrainState:
+    """Initialises parameters and optimizer state already sharded: nothing is materialised whole on one host."""
+    _, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, fp16_loss_scale)
+    return jax.jit(lambda: _init(cfg, tx, seed, fp16_loss_scale), out_shardings=shardings)()

@@ -1,0 +1,68 @@
+"""The pure training and evaluation steps: `train_step(state, batch) -> (state, metrics)`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from phi_jax.optim import current_learning_rate
+from phi_jax.train_state import TrainState
+
+Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids: int32; loss_mask: float32
+
+
+def loss_sum(params, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of token cross-entropies over the loss mask, number of tokens counted), in float32."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from a global batch shaped [accum_steps, micro_batch, seq].
+
+    Gradients of the summed loss are accumulated over the micro-batches and divided by the total token count, so
+    k micro-batches give exactly the update of one batch k times as large. A non-finite loss or gradient norm
+    skips the update (parameters and optimizer state unchanged) and, under fp16, halves the loss scale.
+    """
+    accum, micro, seq = batch["inputs"].shape
+    denom = float(accum * micro * seq)  # a static normaliser keeps scaled fp16 gradients in range
+    scale = state.loss_scale.scale
+
+    def scaled_loss(params, mb):
+        total, tokens = loss_sum(params, state.graphdef, mb)
+        return total / denom * scale, (total, tokens)
+
+    def accumulate(carry, mb):
+        grads, total, tokens = carry
+        (_, (t, n)), g = jax.value_and_grad(scaled_loss, has_aux=True)(state.params, mb)
+        return (jax.tree.map(jnp.add, grads, g), total + t, tokens + n), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (grads, total, tokens), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+    tokens = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g * (denom / (scale * tokens)), grads)
+    loss, grad_norm = total / tokens, optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    skipped = jnp.where(finite, 0, state.skipped + 1)
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+        loss_scale=state.loss_scale.update(finite), skipped=skipped,
+        total_skipped=state.total_skipped + (~finite).astype(jnp.int32))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": current_learning_rate(state.opt_state),
+               "tokens": tokens, "loss_scale": scale, "skipped": (~finite).astype(jnp.int32),
+               "consecutive_skips": skipped}
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(summed loss, token count) of a [batch, seq] evaluation batch."""
+    return loss_sum(state.params, state.graphdef, batch)
