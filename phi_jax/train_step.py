@@ -46,7 +46,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
     (grads, total, tokens), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), batch)
     tokens = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g * (denom / (scale * tokens)), grads)
-    loss, grad_norm = total / tokens, optax.global_norm(grads)
+    loss, grad_norm = total / tokens, optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from phi_jax.config import PhiConfig
@@ -45,14 +46,23 @@ def test_loss_falls():
 
 
 def test_accumulation_equals_one_large_batch():
-    state = new_state()
-    whole, m1 = step_fn(state, synthetic_batch(8, 1))
-    state = new_state()
-    accumulated, m4 = step_fn(state, synthetic_batch(8, 4))
+    """Plain SGD with lr 1 makes the update the gradient itself, so the comparison is of gradients (Adam's first
+    step is ~lr*sign(g) and would amplify rounding in near-zero gradients)."""
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+    cfg = PhiConfig.preset("tiny")
+    results = []
+    for accum in (1, 4):
+        state = create_train_state(cfg, sgd, make_mesh(), seed=0)
+        before = state.params
+        after, metrics = step_fn(state, synthetic_batch(8, accum))
+        grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), before, after.params)
+        results.append((metrics, grads))
+    (m1, g1), (m4, g4) = results
     np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
     np.testing.assert_allclose(float(m1["grad_norm"]), float(m4["grad_norm"]), rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(accumulated.params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(g1)) > 1e-3  # the gradients are not trivially zero
 
 
 def test_masked_tokens_do_not_count():
