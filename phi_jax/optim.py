@@ -32,7 +32,7 @@ def make_optimizer(learning_rate: float, *, b1: float = 0.9, b2: float = 0.98, e
 
 
 def current_learning_rate(opt_state) -> jax.Array:
-    has_lr = lambda x: isinstance(getattr(x, "hyperparams", None), dict)  # noqa: E731
+    has_lr = lambda x: isinstance(getattr(x, "hyperparams", None), dict)
     found = [s.hyperparams["learning_rate"] for s in jax.tree.leaves(opt_state, is_leaf=has_lr) if has_lr(s)]
     if not found:
         raise ValueError("The optimizer state holds no learning rate; build it with phi_jax.optim.make_optimizer.")

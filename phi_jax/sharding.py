@@ -94,15 +94,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     """A (data, fsdp, tensor) mesh over all devices; one size may be -1 to take the devices the others leave."""
     devices = jax.devices() if devices is None else devices
     sizes = [data, fsdp, tensor]
+    named = lambda: dict(zip(MESH_AXES, sizes, strict=True))
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))} must be positive, with at most one -1.")
+        raise ValueError(f"mesh sizes {named()} must be positive, with at most one -1.")
     if -1 in sizes:
         known = -sizes[0] * sizes[1] * sizes[2]
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of total size {known}.")
+            raise ValueError(f"{len(devices)} devices cannot be split into a mesh whose fixed axes total {known}.")
         sizes[sizes.index(-1)] = len(devices) // known
     if (total := sizes[0] * sizes[1] * sizes[2]) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {total} devices, found {len(devices)}; "
+        raise ValueError(f"mesh {named()} needs {total} devices, found {len(devices)}; "
                          "set one axis to -1 to take the rest.")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 

@@ -27,9 +27,9 @@ from phi_jax.data.setup import resolve_data
 from phi_jax.flops import flops_per_token, peak_flops_per_device
 from phi_jax.metrics import MetricsWriter
 from phi_jax.optim import make_optimizer
-from phi_jax.sharding import activation_sharding, batch_sharding, make_mesh, strategy_rules
+from phi_jax.sharding import batch_sharding, make_mesh, strategy_rules
 from phi_jax.train_state import TrainState, create_train_state, state_shardings
-from phi_jax.train_step import eval_step, train_step
+from phi_jax.train_step import jit_steps
 
 log = logging.getLogger("phi_jax")
 
@@ -143,10 +143,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
             state = _load_hf_params(state, c, cfg, shardings)
 
     train_batch_sh, eval_batch_sh = batch_sharding(mesh, leading_dims=1), batch_sharding(mesh)
-    with activation_sharding(mesh, param_rules):
-        step_fn = jax.jit(train_step, in_shardings=(shardings, train_batch_sh), out_shardings=(shardings, None),
-                          donate_argnums=0)
-        eval_fn = jax.jit(eval_step, in_shardings=(shardings, eval_batch_sh))
+    step_fn, eval_fn = jit_steps(mesh, shardings, param_rules)
     eval_batches = []
     if c.eval_every > 0 and c.eval_batches > 0:
         eval_batches = make_eval_batches(data.path, seq_len=c.seq_len, batch_size=c.batch_size // accum,
@@ -159,8 +156,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
             local = {k: v[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
                      for k, v in b.items()}
             sh = {k: jax.make_array_from_process_local_data(eval_batch_sh, v, b[k].shape) for k, v in local.items()}
-            with activation_sharding(mesh, param_rules):
-                t, n = eval_fn(state, sh)
+            t, n = eval_fn(state, sh)
             total, tokens = total + float(t), tokens + float(n)
         return total / max(tokens, 1.0)
 
@@ -192,8 +188,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
                             PREEMPTED_EXIT_CODE)
                 sys.exit(PREEMPTED_EXIT_CODE)
             batch = global_batch(next(data_iter), accum, train_batch_sh)
-            with activation_sharding(mesh, param_rules):
-                state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch)
             writer.advance()
             if step % c.log_every == 0 or step == c.total_steps or step == start + 1:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

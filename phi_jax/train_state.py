@@ -58,7 +58,7 @@ def state_shardings(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh
     """(abstract state, shardings). Parameters follow `rules`; optimizer moments (the leaves whose dict path is a
     parameter's) follow `opt_rules`, so ZeRO can shard moments further than parameters; the rest is replicated."""
     abstract = jax.eval_shape(lambda: _init(cfg, tx, 0, fp16_loss_scale))
-    is_names = lambda x: isinstance(x, tuple)  # noqa: E731
+    is_names = lambda x: isinstance(x, tuple)
     names = logical_names(cfg)
     param_sh = jax.tree.map(lambda n: NamedSharding(mesh, logical_to_spec(n, rules)), names, is_leaf=is_names)
     names_by_path = {_dict_keys(p): n for p, n in jax.tree_util.tree_flatten_with_path(names, is_leaf=is_names)[0]}

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from phi_jax.optim import current_learning_rate
+from phi_jax.sharding import activation_sharding, batch_sharding
 from phi_jax.train_state import TrainState
 
 Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids: int32; loss_mask: float32
@@ -51,7 +53,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
 
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     skipped = jnp.where(finite, 0, state.skipped + 1)
     new_state = state.replace(
         step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
@@ -66,3 +68,21 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
 def eval_step(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(summed loss, token count) of a [batch, seq] evaluation batch."""
     return loss_sum(state.params, state.graphdef, batch)
+
+
+def jit_steps(mesh: Mesh, shardings: TrainState, rules: dict | None = None):
+    """(train_step, eval_step) jitted for `mesh`: explicit in/out shardings, the state donated, and activations
+    constrained through `rules` (the parameter rules of the sharding strategy)."""
+
+    def train(state, batch):
+        with activation_sharding(mesh, rules):
+            return train_step(state, batch)
+
+    def evaluate(state, batch):
+        with activation_sharding(mesh, rules):
+            return eval_step(state, batch)
+
+    train_fn = jax.jit(train, in_shardings=(shardings, batch_sharding(mesh, leading_dims=1)),
+                       out_shardings=(shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(evaluate, in_shardings=(shardings, batch_sharding(mesh)))
+    return train_fn, eval_fn

@@ -28,7 +28,7 @@ def synthetic_batch(rows: int, accum: int, seed: int = 0, vocab: int = 64) -> di
 
 def new_state(cfg=None, lr=3e-3, **kw):
     cfg = cfg or PhiConfig.preset("tiny")
-    return create_train_state(cfg, make_optimizer(lr, **kw), make_mesh(), seed=0,
+    return create_train_state(cfg, make_optimizer(lr, **kw), make_mesh(devices=jax.devices()[:1]), seed=0,
                               fp16_loss_scale=cfg.dtype == "float16")
 
 
@@ -52,7 +52,7 @@ def test_accumulation_equals_one_large_batch():
     cfg = PhiConfig.preset("tiny")
     results = []
     for accum in (1, 4):
-        state = create_train_state(cfg, sgd, make_mesh(), seed=0)
+        state = create_train_state(cfg, sgd, make_mesh(devices=jax.devices()[:1]), seed=0)
         before = state.params
         after, metrics = step_fn(state, synthetic_batch(8, accum))
         grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), before, after.params)

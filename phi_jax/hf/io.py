@@ -50,7 +50,7 @@ class SafetensorsDir:
                     if any(path.glob("*.bin")) else "")
             raise FileNotFoundError(f"No {SINGLE_FILE} or {INDEX_FILE} in {path}.{hint}")
         self._handles = {f: safe_open(f, framework="np") for f in files}
-        self.where = {key: f for f, h in self._handles.items() for key in h.keys()}
+        self.where = {key: f for f, h in self._handles.items() for key in h.keys()}  # noqa: SIM118 - safe_open is not iterable
         if weight_map is not None and (stray := sorted(set(weight_map) ^ set(self.where))):
             raise ValueError(f"{index} and the shard files disagree about tensors {stray[:10]}.")
         self.shapes = {k: tuple(self._handles[f].get_slice(k).get_shape()) for k, f in self.where.items()}
