@@ -13,11 +13,14 @@ log = logging.getLogger("phi_jax")
 def maybe_initialize() -> None:
     """Joins the JAX processes of a multi-host run; a single process (no cluster detected) does nothing.
 
-    Explicit: PHI_JAX_COORDINATOR (host:port), PHI_JAX_NUM_PROCESSES, PHI_JAX_PROCESS_ID (and optionally
-    PHI_JAX_LOCAL_DEVICE_IDS). Otherwise jax.distributed's own cluster detection (TPU pod metadata, SLURM) runs
+    Explicit (what tools/launch_local.py sets): PHI_JAX_COORDINATOR (host:port), PHI_JAX_NUM_PROCESSES,
+    PHI_JAX_PROCESS_ID, and optionally PHI_JAX_LOCAL_DEVICE_IDS and PHI_JAX_NUM_CPU_DEVICES. Otherwise
+    jax.distributed's own cluster detection (TPU pod metadata, SLURM) runs
     when SLURM runs more than one task, or on a multi-host TPU VM (several TPU_WORKER_HOSTNAMES).
     """
     env = os.environ
+    if "PHI_JAX_NUM_CPU_DEVICES" in env:  # fake CPU devices per process (local multi-process tests and launches)
+        jax.config.update("jax_num_cpu_devices", int(env["PHI_JAX_NUM_CPU_DEVICES"]))
     if "PHI_JAX_COORDINATOR" in env:
         coordinator = env["PHI_JAX_COORDINATOR"]
         kwargs = dict(coordinator_address=coordinator, num_processes=int(env["PHI_JAX_NUM_PROCESSES"]),

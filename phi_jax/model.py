@@ -157,7 +157,10 @@ class Phi(nnx.Module):
                                                                             (0, cache.index)))
         rope = rotary_tables(positions, cfg.rotary_dim, cfg.rope_theta)
 
-        h = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(cfg.compute_dtype)
+        # Gather the (vocab/FSDP-sharded) table whole in the compute dtype before the lookup: a gather from a
+        # sharded table makes the SPMD partitioner replicate it implicitly, and less efficiently.
+        table = constrain(self.embed_tokens[...].astype(cfg.compute_dtype), (None, None))
+        h = jnp.take(table, input_ids, axis=0)
         h = constrain(h, ("batch", "length", "act_embed"))
 
         graphdef, layer_state = nnx.split(self.layers)

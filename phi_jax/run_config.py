@@ -49,5 +49,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1 takes the devices the other axes leave
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.dcn_data = 1  # multi-slice TPU / multi-node GPU: data-parallel groups across the slow network
     c.sharding = "fsdp"  # dp | zero1 | fsdp; tensor parallelism comes from mesh.tensor > 1
     return c

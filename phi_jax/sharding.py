@@ -90,8 +90,13 @@ def strategy_rules(strategy: str) -> tuple[dict, dict]:
     return {**LOGICAL_RULES, "embed": params_embed}, {**LOGICAL_RULES, "embed": moments_embed}
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 to take the devices the others leave."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, dcn_data: int = 1) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 to take the devices the others leave.
+
+    `dcn_data > 1` builds a hybrid mesh for multi-slice TPU or multi-node GPU: the `data` axis is split into
+    `dcn_data` groups across slices/nodes (slow network), and every other axis stays inside one slice/node (fast
+    interconnect). Nodes are told apart by TPU slice index, or by process when devices have none (GPU clusters).
+    """
     devices = jax.devices() if devices is None else devices
     sizes = [data, fsdp, tensor]
     named = lambda: dict(zip(MESH_AXES, sizes, strict=True))
@@ -105,6 +110,19 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     if (total := sizes[0] * sizes[1] * sizes[2]) != len(devices):
         raise ValueError(f"mesh {named()} needs {total} devices, found {len(devices)}; "
                          "set one axis to -1 to take the rest.")
+    if dcn_data > 1:
+        if sizes[0] % dcn_data:
+            raise ValueError(f"mesh.data={sizes[0]} is not divisible by mesh.dcn_data={dcn_data} (slices or nodes).")
+        from jax.experimental import mesh_utils
+
+        by_process = getattr(devices[0], "slice_index", None) is None
+        groups = len({d.process_index if by_process else d.slice_index for d in devices})
+        if groups != dcn_data:
+            raise ValueError(f"mesh.dcn_data={dcn_data} but the devices form {groups} "
+                             f"{'processes' if by_process else 'slices'}; set it to {groups}.")
+        grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // dcn_data, sizes[1], sizes[2]), (dcn_data, 1, 1),
+                                                    devices, process_is_granule=by_process)
+        return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 

@@ -113,7 +113,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
     data = resolve_data(c)  # builds the embedded corpus on first use; checks shards against the tokenizer
     cfg = model_config(c, data.tokenizer.vocab_size)
     data.check_model_vocab(cfg.vocab_size)
-    mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, dcn_data=c.mesh.dcn_data)
     accum = accumulation_steps(c, mesh)
     param_rules, opt_rules = strategy_rules(c.sharding)
     tx = make_optimizer(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
