@@ -172,5 +172,19 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, v
             pad_id=-1, eos_piece=EOS_PIECE, hard_vocab_limit=False, shuffle_input_sentence=True,
             num_threads=num_threads or os.cpu_count() or 1, train_extremely_large_corpus=False,
             minloglevel=2)
-        os.replace(os.path.join(tmp, "m.model"), out)
+        proto = _canonical(Path(tmp, "m.model").read_bytes())
+        Path(tmp, "c.model").write_bytes(proto)
+        os.replace(os.path.join(tmp, "c.model"), out)
     return out
+
+
+def _canonical(model: bytes) -> bytes:
+    """The model without the machine-specific trainer settings (temp path, thread count), so its sha256 is the same
+    wherever the same text trained it."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    for field in ("model_prefix", "num_threads"):
+        proto.trainer_spec.ClearField(field)
+    return proto.SerializeToString(deterministic=True)
