@@ -1,0 +1,83 @@
+"""The embedded default corpus: the Python standard library's sources, tokenized by a SentencePiece model trained
+on a sample of them. Built once per (Python version, vocab size) into a cache directory, atomically."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from phi_jax.data.corpus import stdlib_documents
+from phi_jax.data.shards import prepare_shards, read_metadata
+from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+
+log = logging.getLogger("phi_jax")
+
+SAMPLE_CHARS = 3_500_000  # tokenizer training sample: every k-th file, ~3.5 MB
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PHI_JAX_CACHE") or Path.home() / ".cache" / "phi_jax")
+
+
+@contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock, so concurrent processes on one machine build the corpus once."""
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _complete(data_dir: Path) -> bool:
+    try:
+        meta = read_metadata(data_dir)
+    except (FileNotFoundError, ValueError):
+        return False
+    return (data_dir / meta["tokenizer_file"]).is_file()
+
+
+def ensure_default_dataset(cache_dir: str | os.PathLike | None = None, vocab_size: int = 8192,
+                           workers: int | None = None) -> tuple[Path, Path]:
+    """(shard directory, tokenizer path) of the stdlib corpus, building and caching it on first use (~1-2 min)."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-sp{vocab_size}"
+    data_dir = cache_dir / key
+    if not _complete(data_dir):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with _file_lock(cache_dir / f".{key}.lock"):
+            if not _complete(data_dir):
+                _build(cache_dir, data_dir, vocab_size, workers)
+    meta = read_metadata(data_dir)
+    return data_dir, data_dir / meta["tokenizer_file"]
+
+
+def _build(cache_dir: Path, data_dir: Path, vocab_size: int, workers: int | None) -> None:
+    log.info("building the embedded stdlib corpus in %s (once; about a minute)", data_dir)
+    start = time.perf_counter()
+    docs = list(stdlib_documents())
+    if not docs:
+        raise RuntimeError("Found no Python standard-library sources to build the default corpus from.")
+    stride = max(1, sum(map(len, docs)) // SAMPLE_CHARS)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{data_dir.name}.tmp-"))
+    try:
+        model = train_sentencepiece(docs[::stride], tmp / f"stdlib-sp{vocab_size}", vocab_size)
+        log.info("trained the tokenizer in %.1f s", time.perf_counter() - start)
+        prepare_shards(docs, load_tokenizer(model), tmp / "data", val_fraction=0.01, num_shards=4, workers=workers,
+                       source=f"python {sys.version.split()[0]} standard library ({len(docs)} files)")
+        try:
+            os.rename(tmp / "data", data_dir)
+        except OSError:  # another process finished first (the lock is advisory only on shared filesystems)
+            if not _complete(data_dir):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("built the embedded corpus in %.1f s", time.perf_counter() - start)

@@ -1,0 +1,146 @@
+"""The grain input pipeline: token shards -> fixed windows or packed rows -> shuffle -> process slice -> batches.
+
+Every example is a dict of [seq_len] arrays: `inputs`, `targets`, `segment_ids`, `positions` (int32) and `loss_mask`
+(float32). The pipeline is a MapDataset until batching, so its iterator's state is one index: cheap to checkpoint
+with `grain.checkpoint.CheckpointSave(iterator)` and exact to resume.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import numpy as np
+
+from phi_jax.data.shards import SplitReader, read_metadata
+
+KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def _example(row: np.ndarray, seg: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
+    """An example from a row of seq_len+1 tokens; a target counts only within the same (non-padding) segment."""
+    mask = (seg[:-1] == seg[1:]) & (seg[:-1] > 0)
+    return {"inputs": row[:-1], "targets": row[1:], "segment_ids": seg[:-1], "positions": pos[:-1],
+            "loss_mask": mask.astype(np.float32)}
+
+
+class Windows:
+    """Window i = stream[i*seq_len : i*seq_len + seq_len + 1] of the documents joined (each ends with eos).
+
+    Consecutive windows share one token, so every token but the first is a target exactly once.
+    """
+
+    def __init__(self, reader: SplitReader, seq_len: int):
+        self.reader, self.seq_len = reader, seq_len
+        self._n = max(0, (reader.num_tokens - 1) // seq_len)
+        self._seg = np.ones(seq_len + 1, np.int32)
+        self._pos = np.arange(seq_len + 1, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        start = int(i) * self.seq_len
+        return _example(self.reader.tokens(start, start + self.seq_len + 1), self._seg, self._pos)
+
+
+def pack_plan(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy (next-fit, document order) packing of documents into rows of seq_len+1 token slots.
+
+    A document longer than seq_len+1 is cut into chunks of seq_len+1 that overlap by one token (no target is lost);
+    each such full chunk is a row of its own, and the shorter pieces fill shared rows in order.
+    Returns (row_ptr, chunk_doc, chunk_start, chunk_len): row r holds chunks row_ptr[r]:row_ptr[r+1].
+    """
+    width = seq_len + 1
+    full: list[list[tuple[int, int, int]]] = []
+    packed: list[list[tuple[int, int, int]]] = []
+    fill = width  # slots used in the open packed row; `width` = no row open
+    for d, length in enumerate(lengths.tolist()):
+        for s in range(0, length - 1, seq_len):  # a 1-token remainder has no target: it is the last target before
+            c = min(width, length - s)
+            if c == width:
+                full.append([(d, s, c)])
+                continue
+            if fill + c > width:
+                packed.append([])
+                fill = 0
+            packed[-1].append((d, s, c))
+            fill += c
+    rows = full + packed
+    row_ptr = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
+    chunks = np.asarray([c for r in rows for c in r], dtype=np.int64).reshape(-1, 3)
+    return row_ptr, chunks[:, 0], chunks[:, 1], chunks[:, 2]
+
+
+class PackedRows:
+    """Row r: its documents (or chunks) back to back with segment ids 1.., positions from 0, padding segment 0."""
+
+    def __init__(self, reader: SplitReader, seq_len: int):
+        self.reader, self.seq_len = reader, seq_len
+        self.row_ptr, self.doc, self.start, self.len = pack_plan(reader.lengths, seq_len)
+
+    def __len__(self) -> int:
+        return len(self.row_ptr) - 1
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        if not 0 <= r < len(self):
+            raise IndexError(r)
+        width = self.seq_len + 1
+        row, seg, pos = np.zeros(width, np.int32), np.zeros(width, np.int32), np.zeros(width, np.int32)
+        offset = 0
+        for k in range(self.row_ptr[r], self.row_ptr[r + 1]):
+            begin = int(self.reader.offsets[self.doc[k]] + self.start[k])
+            c = int(self.len[k])
+            row[offset:offset + c] = self.reader.tokens(begin, begin + c)
+            seg[offset:offset + c] = k - self.row_ptr[r] + 1
+            pos[offset:offset + c] = np.arange(c)
+            offset += c
+        return _example(row, seg, pos)
+
+
+def _examples(data_dir: str | os.PathLike, split: str, seq_len: int, packing: bool, batch_size: int):
+    if seq_len < 1:
+        raise ValueError(f"{seq_len=} must be positive.")
+    reader = SplitReader(data_dir, split, read_metadata(data_dir))
+    examples = PackedRows(reader, seq_len) if packing else Windows(reader, seq_len)
+    if len(examples) < batch_size:
+        raise ValueError(f"The {split} split of {data_dir} has {reader.num_tokens} tokens: {len(examples)} "
+                         f"{'packed rows' if packing else 'windows'} of {seq_len=}, fewer than one batch of "
+                         f"{batch_size}. Use a smaller seq_len or batch size, or more data.")
+    return examples
+
+
+def make_dataset(data_dir: str | os.PathLike, *, split: str = "train", seq_len: int, global_batch_size: int,
+                 seed: int, process_index: int = 0, process_count: int = 1, packing: bool = False,
+                 shuffle: bool = True, num_epochs: int | None = None, prefetch: bool = True) -> grain.IterDataset:
+    """This process's batches ([global_batch_size // process_count, seq_len] per key), deterministic in `seed`.
+
+    The examples are shuffled globally (a fresh permutation each epoch), cut to a whole number of global batches,
+    and process p takes every process_count-th one from p: the processes' batches at a step are disjoint and together
+    form the single-process batch of that step.
+    """
+    if global_batch_size % process_count:
+        raise ValueError(f"{global_batch_size=} is not divisible by {process_count=}: choose a multiple.")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"{process_index=} must be in [0, {process_count=}).")
+    examples = _examples(data_dir, split, seq_len, packing, global_batch_size)
+    ds = grain.MapDataset.source(examples)
+    if shuffle:
+        ds = ds.shuffle(seed % 2**32)
+    ds = ds[:len(examples) // global_batch_size * global_batch_size]
+    ds = ds[process_index::process_count]
+    ds = ds.repeat(num_epochs).batch(global_batch_size // process_count, drop_remainder=True)
+    # Threads keep the order (and so the checkpointed state) deterministic; processes would not pay off here.
+    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4) if prefetch else grain.ReadOptions(num_threads=0)
+    return ds.to_iter_dataset(read)
+
+
+def make_eval_batches(data_dir: str | os.PathLike, *, seq_len: int, batch_size: int, max_batches: int,
+                      split: str = "val") -> list[dict[str, np.ndarray]]:
+    """The first `max_batches` batches of consecutive windows of the validation split (fewer if it is short)."""
+    examples = _examples(data_dir, split, seq_len, False, batch_size)
+    n = min(max_batches, len(examples) // batch_size)
+    return [{k: np.stack([examples[b * batch_size + i][k] for i in range(batch_size)]) for k in KEYS}
+            for b in range(n)]
