@@ -75,3 +75,26 @@ def tfds_documents(name: str, data_dir: str | None = None, split: str = "train",
             raise KeyError(f"TFDS {name}[{split}] record {i} has no field {text_field!r} (fields: {sorted(record)}).")
         text = record[text_field]
         yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+SOURCES = ("stdlib", "files", "jsonl", "tfds")
+
+
+def documents(source: str, *, globs: Iterable[str] = (), jsonl: Iterable[str] = (), tfds_name: str = "",
+              tfds_data_dir: str | None = None, tfds_split: str = "train", text_field: str = "text") -> Iterator[str]:
+    """The documents of a source named on a command line (see tools/prepare_data.py)."""
+    if source == "stdlib":
+        return stdlib_documents()
+    if source == "files":
+        if not globs:
+            raise ValueError("--source=files needs --glob.")
+        return file_documents(globs)
+    if source == "jsonl":
+        if not jsonl:
+            raise ValueError("--source=jsonl needs --jsonl.")
+        return jsonl_documents(jsonl, text_field)
+    if source == "tfds":
+        if not tfds_name:
+            raise ValueError("--source=tfds needs --tfds_name.")
+        return tfds_documents(tfds_name, tfds_data_dir, tfds_split, text_field)
+    raise ValueError(f"Unknown source {source!r}; expected one of {SOURCES}.")

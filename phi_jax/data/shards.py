@@ -69,7 +69,8 @@ def _tokenized(documents: Iterable[str], tokenizer: Tokenizer, workers: int) -> 
     if workers <= 1:
         yield from map(tokenizer.encode, documents)
         return
-    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (tokenizer,)) as pool:
+    # spawn, not fork: the caller may already run JAX's threads, which a forked child would inherit mid-lock.
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,)) as pool:
         yield from pool.imap(_encode, documents, chunksize=8)
 
 

@@ -1,0 +1,25 @@
+"""Command-line flags naming a document source, shared by prepare_data.py and train_tokenizer.py."""
+
+import argparse
+
+from phi_jax.data.corpus import SOURCES, documents
+
+
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", choices=SOURCES, default="stdlib", help="where the documents come from")
+    p.add_argument("--glob", action="append", default=[], help="file pattern for --source=files (repeatable; ** ok)")
+    p.add_argument("--jsonl", action="append", default=[], help="JSON Lines file for --source=jsonl (repeatable)")
+    p.add_argument("--tfds_name", default="", help="TFDS dataset name for --source=tfds (array_record format)")
+    p.add_argument("--tfds_data_dir", default=None, help="TFDS data_dir")
+    p.add_argument("--tfds_split", default="train", help="TFDS split")
+    p.add_argument("--text_field", default="text", help="record field holding the text (jsonl, tfds)")
+
+
+def source_documents(a: argparse.Namespace):
+    return documents(a.source, globs=a.glob, jsonl=a.jsonl, tfds_name=a.tfds_name, tfds_data_dir=a.tfds_data_dir,
+                     tfds_split=a.tfds_split, text_field=a.text_field)
+
+
+def describe(a: argparse.Namespace) -> str:
+    detail = {"files": a.glob, "jsonl": a.jsonl, "tfds": f"{a.tfds_name}[{a.tfds_split}]", "stdlib": ""}[a.source]
+    return f"{a.source} {detail}".strip()

@@ -1,0 +1,44 @@
+"""Trains a code-exact SentencePiece BPE tokenizer on a document source.
+
+    python tools/train_tokenizer.py --source=files --glob='~/code/**/*.py' --vocab_size=16384 --out=tok/code
+    (writes tok/code.model)
+"""
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _source_args import add_source_args, source_documents
+
+from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_source_args(p)
+    p.add_argument("--vocab_size", type=int, default=8192)
+    p.add_argument("--out", required=True, help="model prefix: writes OUT.model")
+    p.add_argument("--max_chars", type=int, default=20_000_000, help="train on at most this many characters")
+    p.add_argument("--input_sentence_size", type=int, default=200_000, help="cap on training chunks (sampled)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    texts, total = [], 0
+    for doc in source_documents(a):
+        texts.append(doc)
+        total += len(doc)
+        if total >= a.max_chars:
+            break
+    start = time.perf_counter()
+    path = train_sentencepiece(texts, a.out, a.vocab_size, input_sentence_size=a.input_sentence_size)
+    tok = load_tokenizer(path)
+    bad = sum(tok.decode(tok.encode(t)) != t for t in texts[:200])
+    print(f"wrote {path}: vocab {tok.vocab_size}, eos {tok.eos_id}, trained on {total / 1e6:.1f} MB in "
+          f"{time.perf_counter() - start:.1f} s; round trip exact on {min(200, len(texts)) - bad}/"
+          f"{min(200, len(texts))} documents")
+
+
+if __name__ == "__main__":
+    main()
