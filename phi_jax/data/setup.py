@@ -19,7 +19,8 @@ class DataSpec:
     def identity(self) -> dict:
         """What a checkpoint records about its data."""
         splits = self.meta["splits"]
-        return {"path": str(self.path), "tokenizer": self.tokenizer.identity(), "source": self.meta.get("source", ""),
+        return {"path": str(self.path), "tokenizer": self.tokenizer.identity(),
+                "tokenizer_path": str(Path(self.tokenizer.path).absolute()), "source": self.meta.get("source", ""),
                 "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
                 "train_documents": splits["train"]["documents"], "val_documents": splits["val"]["documents"]}
 

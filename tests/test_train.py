@@ -1,0 +1,152 @@
+"""`python -m phi_jax.train` end to end: real subprocesses on real (small) token shards of stdlib code."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from phi_jax.data.corpus import stdlib_files
+from phi_jax.data.shards import prepare_shards
+from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from phi_jax.run_config import base_config
+from phi_jax.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ["--config.model=tiny", "--config.seq_len=32", "--config.batch_size=8", "--config.log_every=1",
+            "--config.eval_every=0", "--config.learning_rate=3e-3", "--config.checkpoint_every=3"]
+
+
+def documents(n: int) -> list[str]:
+    return [p.read_text(encoding="utf-8") for p in stdlib_files()[:n]]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """~150k tokens of stdlib source with a 512-piece SentencePiece model (fits the `tiny` model's embedding)."""
+    root = tmp_path_factory.mktemp("data")
+    sp = train_sentencepiece(documents(40), root / "sp512", vocab_size=512)
+    prepare_shards(documents(40), load_tokenizer(sp), root / "shards", val_fraction=0.1, num_shards=2, workers=1)
+    return root / "shards"
+
+
+def run_cli(workdir: Path, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PHI_JAX_", "XLA_FLAGS"))}
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, "-m", "phi_jax.train", "--config=configs/quickstart.py", f"--workdir={workdir}", *flags]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_every_config_parses_and_has_the_recipe():
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config()
+        for key in ("total_steps", "checkpoint_every", "log_every", "seed", "batch_size", "seq_len", "learning_rate"):
+            assert key in c, (path.name, key)
+        assert set(c.keys()) == set(base_config().keys()), path.name  # no config invents keys
+    from configs.phi15 import get_config
+
+    c = get_config()
+    assert (c.model, c.learning_rate, c.warmup_steps, c.b1, c.b2, c.eps, c.weight_decay) == \
+        ("phi-1.5", 2e-4, 0, 0.9, 0.98, 1e-7, 0.1)
+    assert (c.batch_size, c.seq_len, c.grad_clip_norm) == (2048, 2048, 0.0)
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    result = run_cli(tmp_path, "--config.lerning_rate=1e-3", timeout=120)
+    assert result.returncode != 0
+    assert "lerning_rate" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_resumed_run_matches_uninterrupted_run_bitwise(tmp_path, shards):
+    """6 steps in one go versus 3 steps, exit, 3 more: every loss identical, bit for bit (CPU is deterministic)."""
+    data = [f"--config.data.path={shards}", *TINY_RUN]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    for workdir, steps in [(whole, 6), (split, 3), (split, 6)]:
+        result = run_cli(workdir, *data, f"--config.total_steps={steps}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    expected, got = losses(whole), losses(split)
+    assert sorted(expected) == sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert got == expected  # exact float equality, including the steps after the restart
+    assert expected[6] < expected[1]
+    steps = sorted(int(p.name) for p in (split / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [3, 6]
+    assert any((split / "tensorboard").iterdir())
+
+
+def test_validation_loss_falls(tmp_path, shards):
+    result = run_cli(tmp_path, f"--config.data.path={shards}", *TINY_RUN, "--config.total_steps=30",
+                     "--config.eval_every=30", "--config.eval_batches=2", "--config.checkpoint_every=30")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 2 and val[1] < 0.8 * val[0], val
+    logged = [r for r in rows if "loss" in r]
+    assert all({"step", "loss", "tokens_per_sec", "mfu", "grad_norm", "learning_rate"} <= set(r) for r in logged)
+
+
+def config(shards: Path, **overrides):
+    c = base_config()
+    c.model, c.seq_len, c.batch_size, c.total_steps = "tiny", 32, 8, 2
+    c.data.path = str(shards)
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    ({"data.path": "/nonexistent/shards"}, FileNotFoundError, "does not exist"),
+    ({"seq_len": 4096}, ValueError, "max_position_embeddings"),
+    ({"batch_size": 12}, ValueError, "not divisible by the 8 data-parallel devices"),
+    ({"micro_batch_per_device": 3}, ValueError, "micro_batch_per_device"),
+    ({"sharding": "zero3"}, ValueError, "not one of"),
+], ids=["missing-data", "seq-too-long", "batch-vs-devices", "micro-batch", "strategy"])
+def test_bad_input_fails_before_compiling(tmp_path, shards, overrides, error, match):
+    with pytest.raises(error, match=match):
+        train(config(shards, **overrides), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_empty_data_dir_and_foreign_tokenizer(tmp_path, shards):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="prepare_data"):
+        train(config(shards, **{"data.path": str(tmp_path / "empty")}), tmp_path / "run")
+    other = train_sentencepiece(documents(10), tmp_path / "other", vocab_size=512)
+    with pytest.raises(ValueError, match="tokenizer"):
+        train(config(shards, **{"data.tokenizer": str(other)}), tmp_path / "run")
+
+
+def test_tokenizer_larger_than_the_embedding(tmp_path):
+    sp = train_sentencepiece(documents(40), tmp_path / "sp1000", vocab_size=1000)
+    prepare_shards(documents(40), load_tokenizer(sp), tmp_path / "shards", val_fraction=0.1, num_shards=1, workers=1)
+    with pytest.raises(ValueError, match="1000"):
+        train(config(tmp_path / "shards"), tmp_path / "run")
+
+
+def test_workdir_of_another_architecture_is_refused(tmp_path, shards):
+    workdir = tmp_path / "run"
+    result = run_cli(workdir, f"--config.data.path={shards}", *TINY_RUN, "--config.total_steps=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    c = config(shards, model="quickstart")
+    with pytest.raises(ValueError, match="different architecture"):
+        train(c, workdir)
