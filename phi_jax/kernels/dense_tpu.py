@@ -135,8 +135,8 @@ def _dw_kernel(x_ref, dy_ref, z_ref, dw_ref, db_ref, acc_ref, db_acc_ref, *, act
     @pl.when(m == pl.num_programs(2) - 1)
     def _():
         dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
-        # Every row-block i stores the same db[j]: the db tile is written back whenever its block index
-        # changes, so each visit must leave the full value in it (a skipped store would flush stale VMEM).
+        # Every row-block i computes the same db[j]. Mosaic forbids revisiting an output block from a
+        # non-consecutive grid step, so each i stores its copy into its own row of db [K/bk, 1, N].
         db_ref[...] = db_acc_ref[...]
 
 
@@ -145,18 +145,20 @@ def backward_dw(x, dy, z, *, block_m, block_n, block_k, activation, interpret, *
     (m, k), n = x.shape, dy.shape[1]
     tile = pl.BlockSpec((block_m, block_n), lambda i, j, mm: (mm, j))
     z_spec = tile if activation else pl.BlockSpec((block_m, block_n), lambda i, j, mm: (0, 0))
-    return pl.pallas_call(
+    dw, db = pl.pallas_call(
         functools.partial(_dw_kernel, activation=activation),
-        out_shape=(jax.ShapeDtypeStruct((k, n), x.dtype), jax.ShapeDtypeStruct((1, n), jnp.float32)),
+        out_shape=(jax.ShapeDtypeStruct((k, n), x.dtype),
+                   jax.ShapeDtypeStruct((k // block_k, 1, n), jnp.float32)),
         grid=(k // block_k, n // block_n, m // block_m),
         in_specs=[pl.BlockSpec((block_m, block_k), lambda i, j, mm: (mm, i)), tile, z_spec],
         out_specs=(pl.BlockSpec((block_k, block_n), lambda i, j, mm: (i, j)),
-                   pl.BlockSpec((1, block_n), lambda i, j, mm: (0, j))),
+                   pl.BlockSpec((None, 1, block_n), lambda i, j, mm: (i, 0, j))),
         scratch_shapes=[pltpu.VMEM((block_k, block_n), jnp.float32), pltpu.VMEM((1, block_n), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=_SEMANTICS),
         cost_estimate=pl.CostEstimate(
             flops=2 * m * n * k, transcendentals=(m * n * (k // block_k)) if activation else 0,
-            bytes_accessed=(m * k + 2 * m * n + k * n) * x.dtype.itemsize + 4 * n),
+            bytes_accessed=(m * k + 2 * m * n + k * n) * x.dtype.itemsize + 4 * n * (k // block_k)),
         interpret=_interpret(interpret),
         name="fused_dense_bwd_dw",
     )(x, dy, z)
+    return dw, db[0]
