@@ -25,7 +25,9 @@ def maybe_initialize() -> None:
         coordinator = env["PHI_JAX_COORDINATOR"]
         kwargs = dict(coordinator_address=coordinator, num_processes=int(env["PHI_JAX_NUM_PROCESSES"]),
                       process_id=int(env["PHI_JAX_PROCESS_ID"]),
-                      initialization_timeout=int(env.get("PHI_JAX_INIT_TIMEOUT", "300")))
+                      initialization_timeout=int(env.get("PHI_JAX_INIT_TIMEOUT", "300")),
+                      # a process whose peer died exits after this long instead of hanging in a collective
+                      heartbeat_timeout_seconds=int(env.get("PHI_JAX_HEARTBEAT_TIMEOUT", "100")))
         if coordinator.startswith("127.0.0.1:") or coordinator.startswith("localhost:"):
             kwargs["coordinator_bind_address"] = coordinator  # local runs bind loopback only
         if "PHI_JAX_LOCAL_DEVICE_IDS" in env:

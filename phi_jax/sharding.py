@@ -95,7 +95,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, d
 
     `dcn_data > 1` builds a hybrid mesh for multi-slice TPU or multi-node GPU: the `data` axis is split into
     `dcn_data` groups across slices/nodes (slow network), and every other axis stays inside one slice/node (fast
-    interconnect). Nodes are told apart by TPU slice index, or by process when devices have none (GPU clusters).
+    interconnect). Nodes are told apart by TPU slice index, or by process when all devices share one slice (GPU clusters).
     """
     devices = jax.devices() if devices is None else devices
     sizes = [data, fsdp, tensor]
@@ -115,7 +115,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, d
             raise ValueError(f"mesh.data={sizes[0]} is not divisible by mesh.dcn_data={dcn_data} (slices or nodes).")
         from jax.experimental import mesh_utils
 
-        by_process = getattr(devices[0], "slice_index", None) is None
+        by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1  # one slice: nodes are processes
         groups = len({d.process_index if by_process else d.slice_index for d in devices})
         if groups != dcn_data:
             raise ValueError(f"mesh.dcn_data={dcn_data} but the devices form {groups} "

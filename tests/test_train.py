@@ -3,48 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from runs import ROOT, TINY_RUN, documents, losses, make_shards, metrics, run_cli
 
-from phi_jax.data.corpus import stdlib_files
 from phi_jax.data.shards import prepare_shards
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from phi_jax.run_config import base_config
 from phi_jax.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ["--config.model=tiny", "--config.seq_len=32", "--config.batch_size=8", "--config.log_every=1",
-            "--config.eval_every=0", "--config.learning_rate=3e-3", "--config.checkpoint_every=3"]
-
-
-def documents(n: int) -> list[str]:
-    return [p.read_text(encoding="utf-8") for p in stdlib_files()[:n]]
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    """~150k tokens of stdlib source with a 512-piece SentencePiece model (fits the `tiny` model's embedding)."""
-    root = tmp_path_factory.mktemp("data")
-    sp = train_sentencepiece(documents(40), root / "sp512", vocab_size=512)
-    prepare_shards(documents(40), load_tokenizer(sp), root / "shards", val_fraction=0.1, num_shards=2, workers=1)
-    return root / "shards"
-
-
-def run_cli(workdir: Path, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PHI_JAX_", "XLA_FLAGS"))}
-    env["JAX_PLATFORMS"] = "cpu"
-    cmd = [sys.executable, "-m", "phi_jax.train", "--config=configs/quickstart.py", f"--workdir={workdir}", *flags]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def losses(workdir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return make_shards(tmp_path_factory.mktemp("data"))
 
 
 def test_every_config_parses_and_has_the_recipe():
@@ -94,7 +66,7 @@ def test_validation_loss_falls(tmp_path, shards):
     result = run_cli(tmp_path, f"--config.data.path={shards}", *TINY_RUN, "--config.total_steps=30",
                      "--config.eval_every=30", "--config.eval_batches=2", "--config.checkpoint_every=30")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(tmp_path)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) == 2 and val[1] < 0.8 * val[0], val
     logged = [r for r in rows if "loss" in r]

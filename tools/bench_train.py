@@ -1,0 +1,100 @@
+"""Training throughput: tokens/s and MFU of the jitted train step, beside this machine's measured matmul ceiling.
+
+    python tools/bench_train.py --models=quickstart,phi-100m --out=bench_results/train.json
+
+Synthetic batches (the loader is measured by tools/bench_loader.py); one device; steps timed after a warm-up
+compile. MFU counts 6 x matmul parameters + causal attention FLOPs per token (phi_jax.flops.flops_per_token), and is
+reported against both the measured float32 matmul ceiling (on CPU) and, where known, the spec-sheet peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+
+def bench_model(name: str, seq_len: int, batch: int, steps: int, dtype: str, remat: str) -> dict:
+    import jax
+    import numpy as np
+
+    from phi_jax.config import PhiConfig
+    from phi_jax.flops import flops_per_token
+    from phi_jax.optim import make_optimizer
+    from phi_jax.sharding import batch_sharding, make_mesh
+    from phi_jax.train_state import create_train_state, state_shardings
+    from phi_jax.train_step import jit_steps
+
+    cfg = PhiConfig.preset(name, dtype=dtype, remat=remat)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    tx = make_optimizer(1e-4)
+    state = create_train_state(cfg, tx, mesh)
+    _, shardings = state_shardings(cfg, tx, mesh)
+    step_fn, _ = jit_steps(mesh, shardings)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (1, batch, seq_len + 1), dtype=np.int32)
+    b = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (1, batch, seq_len)).copy(),
+         "segment_ids": np.ones((1, batch, seq_len), np.int32), "loss_mask": np.ones((1, batch, seq_len), np.float32)}
+    b = jax.device_put(b, batch_sharding(mesh, leading_dims=1))
+    start = time.perf_counter()
+    state, m = step_fn(state, b)
+    jax.block_until_ready(m)
+    compile_sec = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, m = step_fn(state, b)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - start)
+    step_time = float(np.median(times))
+    tps = batch * seq_len / step_time
+    fpt = flops_per_token(cfg, seq_len)
+    return {"model": name, "parameters": cfg.num_params(), "seq_len": seq_len, "batch": batch, "dtype": dtype,
+            "remat": remat, "compile_sec": round(compile_sec, 2), "step_sec_median": step_time,
+            "step_sec_min": min(times), "tokens_per_sec": tps, "flops_per_token": fpt,
+            "achieved_flops_per_sec": tps * fpt}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="quickstart,phi-100m")
+    p.add_argument("--seq_len", default="256,512", help="per model, comma-separated (one value: all models)")
+    p.add_argument("--batch", default="16,8", help="per model, comma-separated (one value: all models)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--out", default="bench_results/train.json")
+    args = p.parse_args()
+    import jax
+
+    from phi_jax.flops import measured_matmul_peak
+
+    models = args.models.split(",")
+    per_model = lambda s: [int(x) for x in s.split(",")] * (len(models) if "," not in s else 1)
+    ceiling = measured_matmul_peak(n=2048, seconds=3.0)
+    rows = [bench_model(m, s, b, args.steps, args.dtype, args.remat)
+            for m, s, b in zip(models, per_model(args.seq_len), per_model(args.batch), strict=True)]
+    for r in rows:
+        r["mfu_vs_measured_matmul"] = r["achieved_flops_per_sec"] / ceiling
+    result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "jax": jax.__version__,
+              "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+              "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+              "matmul_ceiling_flops_per_sec": ceiling, "results": rows}
+    print(f"{'model':<12}{'params':>10}{'seq x batch':>14}{'tokens/s':>12}{'GFLOP/s':>10}{'of ceiling':>12}")
+    for r in rows:
+        print(f"{r['model']:<12}{r['parameters'] / 1e6:>9.1f}M{r['seq_len']:>8} x {r['batch']:<3}"
+              f"{r['tokens_per_sec']:>12.0f}{r['achieved_flops_per_sec'] / 1e9:>10.1f}"
+              f"{r['mfu_vs_measured_matmul']:>11.1%}")
+    print(f"matmul ceiling (jitted float32 2048^3): {ceiling / 1e9:.1f} GFLOP/s")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(args.out + ".tmp", args.out)
+
+
+if __name__ == "__main__":
+    main()
