@@ -1,0 +1,212 @@
+"""Fused causal/segmented attention: FlashAttention-2 as a Pallas kernel with a custom VJP.
+
+    out = flash_attention(q, k, v, segment_ids, causal=True)      # q, k, v, out: [batch, seq, heads, head_dim]
+
+Algorithm (Dao, "FlashAttention-2", arXiv:2307.08691, Alg. 1 and 2): the forward pass streams key/value blocks
+through an online softmax (running max m, running sum l, fp32 accumulator), never materialising the [S, S]
+matrix, and saves only out and the per-row logsumexp lse = m + log(l). The backward pass recomputes
+P = exp(s - lse) block by block, forms dS = P * (dP - delta) with delta = rowsum(dO * O), and accumulates
+dV = P^T dO, dK = scale * dS^T Q (one kernel, a program per key block) and dQ = scale * dS K (a second kernel, a
+program per query block). Causal key blocks wholly above the diagonal are skipped, not masked.
+
+Two lowerings of the same algorithm: `flash_attention_gpu.py` (Triton) and `flash_attention_tpu.py` (Mosaic).
+This file validates inputs, pads the sequence to a block multiple (padded keys get a segment id that matches no
+real token, so they are masked; padded rows are sliced off), picks block sizes, and wires the custom VJP.
+`attention_reference` is the plain-jnp definition the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from phi_jax.kernels import flash_attention_gpu, flash_attention_tpu
+from phi_jax.kernels.flash_attention_common import MASK_VALUE, PAD_SEGMENT_ID
+
+_LOWERINGS = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Smallest legal block per lowering: Triton tiles are powers of two >= 16 (tl.dot's minimum); Mosaic blocks
+# here are multiples of the 128-lane vreg width (key blocks are the lane dim of the [block_q, block_k] logits).
+_MIN_BLOCK = {"gpu": 16, "tpu": 128}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes. Forward: block_q x block_k. Backward: dK/dV kernel (block_q_dkv x block_k_dkv) and dQ kernel
+    (block_q_dq x block_k_dq). num_warps / num_warps_bwd / num_stages are Triton launch parameters (ignored by the
+    TPU lowering). All blocks are powers of two; the wrapper shrinks a block to the (padded) sequence when the
+    sequence is shorter."""
+
+    block_q: int = 128
+    block_k: int = 64
+    block_q_dkv: int = 64
+    block_k_dkv: int = 64
+    block_q_dq: int = 64
+    block_k_dq: int = 64
+    num_warps: int = 4
+    num_warps_bwd: int = 4
+    num_stages: int = 2
+
+    @classmethod
+    def default(cls, backend: str, head_dim: int = 64) -> BlockSizes:
+        """Starting points, not tuned on hardware (no GPU/TPU was available when they were chosen).
+
+        GPU: a 128x64 forward tile keeps q (128 x H) resident and streams 64-row k/v tiles, the FA-2/Triton
+        tutorial shape for H <= 64 on A100/H100; larger heads halve block_k and use 8 warps to bound registers.
+        The backward holds more tiles live (q, k, v, dO, P, dS), hence 64x64 (32 key rows for H > 128).
+        TPU: the MXU is 128- or 256-wide; bigger blocks amortise the ~0.35 us grid-step overhead and VMEM
+        (16-128 MiB) easily holds 512-row k/v tiles at H = 64.
+        """
+        if backend == "tpu":
+            return cls(block_q=256, block_k=512, block_q_dkv=256, block_k_dkv=256, block_q_dq=256, block_k_dq=256)
+        if backend == "gpu":
+            if head_dim <= 64:
+                return cls(block_q=128, block_k=64, num_warps=4, num_warps_bwd=4, num_stages=3)
+            if head_dim <= 128:
+                return cls(block_q=128, block_k=32, num_warps=8, num_warps_bwd=8, num_stages=2)
+            return cls(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=32, block_q_dq=32, block_k_dq=32,
+                       num_warps=8, num_warps_bwd=8, num_stages=2)
+        raise ValueError(f"{backend=} has no flash-attention lowering; use 'gpu' or 'tpu'.")
+
+    def fit(self, backend: str, seq_len: int) -> BlockSizes:
+        """Validate the blocks and shrink each to the smallest power of two covering seq_len (not below the
+        lowering's minimum), so short sequences are not padded up to a large block."""
+        minimum = _MIN_BLOCK[backend]
+        cover = max(minimum, 1 << max(seq_len - 1, 0).bit_length())
+        fitted = {}
+        for f in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
+            b = getattr(self, f)
+            if b < minimum or b & (b - 1):
+                raise ValueError(f"{f}={b} must be a power of two >= {minimum} for the {backend} lowering.")
+            fitted[f] = min(b, cover)
+        return dataclasses.replace(self, **fitted)
+
+    @property
+    def seq_multiple(self) -> int:
+        """Sequence lengths are padded to a multiple of this (all blocks are powers of two: the largest)."""
+        return max(self.block_q, self.block_k, self.block_q_dkv, self.block_k_dkv, self.block_q_dq,
+                   self.block_k_dq)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    causal: bool
+    sm_scale: float
+    blocks: BlockSizes
+    backend: str
+    interpret: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, segment_ids, st: _Static):
+    return _flash_fwd(q, k, v, segment_ids, st)[0]
+
+
+def _flash_fwd(q, k, v, segment_ids, st: _Static):
+    o, lse = _LOWERINGS[st.backend].forward(q, k, v, segment_ids, sm_scale=st.sm_scale, causal=st.causal,
+                                            blocks=st.blocks, interpret=st.interpret)
+    return o, (q, k, v, segment_ids, o, lse)
+
+
+def _flash_bwd(st: _Static, residuals, do):
+    q, k, v, segment_ids, o, lse = residuals
+    dq, dk, dv = _LOWERINGS[st.backend].backward(q, k, v, segment_ids, o, lse, do, sm_scale=st.sm_scale,
+                                                 causal=st.causal, blocks=st.blocks, interpret=st.interpret)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, bool]:
+    platform = jax.default_backend()
+    if interpret is None:
+        interpret = platform == "cpu"
+    if backend is None:
+        backend = platform if platform in _LOWERINGS else "gpu"
+    if backend not in _LOWERINGS:
+        raise ValueError(f"{backend=} is not a flash-attention lowering; use 'gpu' (Triton) or 'tpu' (Mosaic).")
+    if not interpret and backend != platform:
+        raise ValueError(f"The {backend} lowering cannot be compiled on the {platform!r} platform; "
+                         f"pass interpret=True to run it in Pallas interpret mode.")
+    return backend, interpret
+
+
+def flash_attention(
+    q: jax.Array,  # [batch, seq, heads, head_dim]
+    k: jax.Array,  # [batch, seq, heads, head_dim]
+    v: jax.Array,  # [batch, seq, heads, head_dim]
+    segment_ids: jax.Array | None = None,  # int [batch, seq]; tokens attend only within their segment
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:  # [batch, seq, heads, head_dim], q.dtype
+    """FlashAttention-2 self-attention; differentiable (custom VJP) in q, k, v.
+
+    backend: "gpu" (Triton) or "tpu" (Mosaic); None picks the platform's, and the GPU-style kernel on CPU.
+    interpret: Pallas interpret mode; None means True on CPU (the only way Pallas runs there), False elsewhere.
+    sm_scale defaults to head_dim ** -0.5. Any sequence length works (padded internally to a block multiple).
+    """
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must all be [batch, seq, heads, head_dim] of one shape; got {q.shape=}, "
+                         f"{k.shape=}, {v.shape=}.")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ValueError(f"q, k, v must share one dtype among float32/bfloat16/float16; got {q.dtype=}, "
+                         f"{k.dtype=}, {v.dtype=}.")
+    batch, seq, _, head_dim = q.shape
+    if not (32 <= head_dim <= 256 and head_dim % 16 == 0):
+        raise ValueError(f"{head_dim=} is unsupported: it must be a multiple of 16 in [32, 256].")
+    if seq == 0:
+        raise ValueError(f"{seq=}: the sequence must not be empty.")
+    if segment_ids is not None:
+        if segment_ids.shape != (batch, seq) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be an integer [batch, seq] = {(batch, seq)} array; got "
+                             f"{segment_ids.shape=} {segment_ids.dtype=}.")
+        segment_ids = segment_ids.astype(jnp.int32)
+    backend, interpret = _resolve_backend(backend, interpret)
+    blocks = (block_sizes or BlockSizes.default(backend, head_dim)).fit(backend, seq)
+    sm_scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
+
+    padded_seq = -(-seq // blocks.seq_multiple) * blocks.seq_multiple
+    if padded_seq != seq:
+        if segment_ids is None:
+            segment_ids = jnp.zeros((batch, seq), jnp.int32)
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded_seq - seq)), constant_values=PAD_SEGMENT_ID)
+    # Triton tiles must be powers of two: zero head_dim columns change neither q.k nor the kept output columns.
+    padded_head = 1 << (head_dim - 1).bit_length() if backend == "gpu" else head_dim
+    pad = ((0, 0), (0, padded_seq - seq), (0, 0), (0, padded_head - head_dim))
+    if any(p[1] for p in pad):
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    out = _flash(q, k, v, segment_ids, _Static(causal, sm_scale, blocks, backend, interpret))
+    return out[:, :seq, :, :head_dim]
+
+
+def attention_reference(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *, causal: bool = True,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Plain-jnp attention with an fp32 (or wider) softmax; same shapes and masking semantics as the kernel.
+
+    A row with no visible key (only possible with segment ids and causal=False) outputs zeros, as the kernel.
+    """
+    seq, head_dim = q.shape[1], q.shape[-1]
+    compute = jnp.promote_types(q.dtype, jnp.float32)
+    scale = head_dim ** -0.5 if sm_scale is None else sm_scale
+    s = jnp.einsum("bqnh,bknh->bnqk", q.astype(compute), k.astype(compute),
+                   precision=jax.lax.Precision.HIGHEST) * scale
+    mask = jnp.ones((1, 1, seq, seq), bool)
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((seq, seq), bool))
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    s = jnp.where(mask, s, MASK_VALUE)
+    p = jnp.where(mask, jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)), 0.0)
+    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), jnp.finfo(compute).tiny)
+    out = jnp.einsum("bnqk,bknh->bqnh", p, v.astype(compute), precision=jax.lax.Precision.HIGHEST)
+    return out.astype(q.dtype)

@@ -1,0 +1,58 @@
+"""Pieces shared by the GPU (Triton) and TPU (Mosaic) FlashAttention lowerings.
+
+Block-iteration bounds for causal skipping live here as plain integer functions so the kernels, their index maps
+and the tests all use one definition.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# Finite, very negative logit for masked entries: -inf would give inf - inf = NaN in the online-softmax
+# rescaling when a whole block is masked. Masked probabilities are also zeroed explicitly (see `masked_exp`).
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# Segment id given to padded positions by the wrapper; never equal to a real (user) segment id.
+PAD_SEGMENT_ID = int(np.iinfo(np.int32).min)
+
+
+def causal_num_kv_blocks(q_block, block_q: int, block_k: int, num_kv_blocks: int):
+    """Key blocks a causal query block visits: [0, this). Blocks wholly above the diagonal are never computed.
+
+    The last query row of block `q_block` is (q_block + 1) * block_q - 1; it sees keys up to that index.
+    Works on Python ints and on traced int32 scalars (program ids).
+    """
+    if isinstance(q_block, int):
+        return min(((q_block + 1) * block_q + block_k - 1) // block_k, num_kv_blocks)
+    return jnp.minimum(lax.div((q_block + 1) * block_q + block_k - 1, block_k), num_kv_blocks)
+
+
+def causal_first_q_block(kv_block, block_k: int, block_q: int):
+    """First query block that a causal key block contributes to: query blocks before it are fully masked."""
+    if isinstance(kv_block, int):
+        return (kv_block * block_k) // block_q
+    return lax.div(kv_block * block_k, block_q)
+
+
+def block_is_visible(q_block, block_q: int, kv_block, block_k: int):
+    """True unless key block `kv_block` lies entirely above the causal diagonal of query block `q_block`."""
+    return kv_block * block_k <= (q_block + 1) * block_q - 1
+
+
+def make_mask(q_start, k_start, block_q: int, block_k: int, *, causal: bool,
+              q_seg: jax.Array | None, k_seg: jax.Array | None) -> jax.Array | None:
+    """bool [block_q, block_k] (True = attend) or None when nothing needs masking.
+
+    q_seg / k_seg must already broadcast to [block_q, block_k] (e.g. [block_q, 1] and [1, block_k]).
+    """
+    mask = None
+    if causal:
+        q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+        k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
+        mask = q_pos >= k_pos
+    if q_seg is not None:
+        seg = q_seg == k_seg
+        mask = seg if mask is None else jnp.logical_and(mask, seg)
+    return mask

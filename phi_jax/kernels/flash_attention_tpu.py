@@ -1,0 +1,283 @@
+"""FlashAttention-2 for TPUs through Pallas's Mosaic lowering.
+
+Mosaic wants the last two block dims to be (8, 128)-tiled, so this file works in [batch, heads, seq, head_dim]
+(the wrapper transposes the model's [B, S, N, H]) and blocks are (block, head_dim) with head_dim the full dim.
+The key loop is the last grid axis ("arbitrary"); the online-softmax state m, l and the fp32 accumulator live in
+VMEM scratch across it. Per-row statistics (m, l, lse, delta) are kept lane-broadcast as [rows, 128] so they are
+full vregs; query segment ids are lane-broadcast [B, S, 128], key segment ids sublane-broadcast [B, 8, S].
+Skipped causal blocks are not computed (`pl.when`) and their index maps repeat the previous block index, so the
+pipeline does not DMA them either. Same algorithm as `flash_attention_gpu.py` (FA-2, arXiv:2307.08691).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from phi_jax.kernels.flash_attention_common import (
+    MASK_VALUE,
+    block_is_visible,
+    causal_first_q_block,
+    causal_num_kv_blocks,
+    make_mask,
+)
+
+LANES = 128
+SUBLANES = 8
+_TRANS_B = (((1,), (1,)), ((), ()))
+
+
+def _qk(q: jax.Array, k: jax.Array) -> jax.Array:
+    return lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32)
+
+
+def _tile_lanes(x: jax.Array, width: int) -> jax.Array:
+    """[rows, 128] lane-broadcast statistic -> [rows, width] (width a multiple of 128, or <= 128)."""
+    if width <= LANES:
+        return x[:, :width]
+    if width % LANES == 0:
+        return jnp.tile(x, (1, width // LANES))
+    return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
+
+
+def _when(condition):
+    """pl.when, or run unconditionally when condition is None (non-causal: every block is visible)."""
+    return (lambda body: body()) if condition is None else pl.when(condition)
+
+
+def _interpret(interpret: bool):
+    return pltpu.InterpretParams() if interpret else False
+
+
+def _segments(segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array] | None:
+    if segment_ids is None:
+        return None
+    batch, seq = segment_ids.shape
+    q_seg = jnp.broadcast_to(segment_ids[:, :, None], (batch, seq, LANES))
+    kv_seg = jnp.broadcast_to(segment_ids[:, None, :], (batch, SUBLANES, seq))
+    return q_seg, kv_seg
+
+
+def _mask(q_seg_ref, kv_seg_ref, q_start, k_start, block_q: int, block_k: int, causal: bool):
+    q_seg = k_seg = None
+    if q_seg_ref is not None:
+        q_seg = _tile_lanes(q_seg_ref[...], block_k)                  # [block_q, block_k]
+        k_seg = kv_seg_ref[:1, :]                                     # [1, block_k]
+    return make_mask(q_start, k_start, block_q, block_k, causal=causal, q_seg=q_seg, k_seg=k_seg)
+
+
+# ----------------------------------------------------------------------------------------------------- forward
+def _fwd_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: int, block_k: int):
+    if has_seg:
+        q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+    else:
+        q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+        q_seg_ref = kv_seg_ref = None
+    qi, kj = pl.program_id(2), pl.program_id(3)
+    head_dim = acc_sc.shape[-1]
+
+    @pl.when(kj == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @_when(block_is_visible(qi, block_q, kj, block_k) if causal else None)
+    def _step():
+        v = v_ref[...]
+        s = _qk(q_ref[...], k_ref[...]) * sm_scale                    # [block_q, block_k] fp32
+        mask = _mask(q_seg_ref, kv_seg_ref, qi * block_q, kj * block_k, block_q, block_k, causal)
+        if mask is not None:
+            s = jnp.where(mask, s, MASK_VALUE)
+        m_prev, l_prev = m_sc[...], l_sc[...]                         # [block_q, 128]
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.exp(s - _tile_lanes(m_next, block_k))
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        alpha = jnp.exp(m_prev - m_next)
+        l_sc[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+        m_sc[...] = m_next
+        pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        acc_sc[...] = acc_sc[...] * _tile_lanes(alpha, head_dim) + pv
+
+    @pl.when(kj == pl.num_programs(3) - 1)
+    def _finish():
+        row_sum = l_sc[...]
+        empty = row_sum == 0.0                         # no visible key: output 0, lse=+inf (backward P = 0)
+        l_safe = jnp.where(empty, 1.0, row_sum)
+        o_ref[...] = (acc_sc[...] / _tile_lanes(l_safe, head_dim)).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(empty, jnp.inf, m_sc[...] + jnp.log(l_safe))
+
+
+def forward(q, k, v, segment_ids, *, sm_scale: float, causal: bool, blocks, interpret):
+    """q, k, v: [B, S, N, H]; returns (o [B, S, N, H], lse fp32 [B, N, S])."""
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))                # [B, N, S, H]
+    batch, heads, seq, head_dim = q.shape
+    bq, bk = blocks.block_q, blocks.block_k
+    nk = seq // bk
+    segs = _segments(segment_ids)
+
+    def kv_block(i, j):
+        # Past the diagonal, re-point at the last visible block: same index => no new DMA.
+        return jnp.minimum(j, causal_num_kv_blocks(i, bq, bk, nk) - 1) if causal else j
+
+    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h, kv_block(i, j), 0))
+    row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0))
+    in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
+    if segs is not None:
+        in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
+                     pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))]
+        args += list(segs)
+    o, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, has_seg=segs is not None, sm_scale=sm_scale, causal=causal, block_q=bq,
+                          block_k=bk),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=0,
+            grid=(batch, heads, seq // bq, nk),
+            in_specs=in_specs,
+            out_specs=[q_spec, row_spec],
+            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, head_dim), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, seq, LANES), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=_interpret(interpret),
+        name="flash_attention_fwd_tpu",
+    )(*args)
+    return jnp.swapaxes(o, 1, 2), lse[..., 0]
+
+
+# ---------------------------------------------------------------------------------------------------- backward
+def _dkv_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: int, block_k: int):
+    if has_seg:
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref,
+         dk_sc, dv_sc) = refs
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
+        q_seg_ref = kv_seg_ref = None
+    kj, qi = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(qi == 0)
+    def _init():
+        dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
+        dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+
+    @_when(block_is_visible(qi, block_q, kj, block_k) if causal else None)
+    def _step():
+        q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+        s = _qk(q, k) * sm_scale                                      # [block_q, block_k]
+        p = jnp.exp(s - _tile_lanes(lse_ref[...], block_k))
+        mask = _mask(q_seg_ref, kv_seg_ref, qi * block_q, kj * block_k, block_q, block_k, causal)
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        dv_sc[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = _qk(do, v)
+        ds = p * (dp - _tile_lanes(delta_ref[...], block_k))
+        dk_sc[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+
+    @pl.when(qi == pl.num_programs(3) - 1)
+    def _finish():
+        dk_ref[...] = (dk_sc[...] * sm_scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _dq_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: int, block_k: int):
+    if has_seg:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref, dq_sc = refs
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc = refs
+        q_seg_ref = kv_seg_ref = None
+    qi, kj = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(kj == 0)
+    def _init():
+        dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+
+    @_when(block_is_visible(qi, block_q, kj, block_k) if causal else None)
+    def _step():
+        k = k_ref[...]
+        s = _qk(q_ref[...], k) * sm_scale
+        p = jnp.exp(s - _tile_lanes(lse_ref[...], block_k))
+        mask = _mask(q_seg_ref, kv_seg_ref, qi * block_q, kj * block_k, block_q, block_k, causal)
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        ds = p * (_qk(do_ref[...], v_ref[...]) - _tile_lanes(delta_ref[...], block_k))
+        dq_sc[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    @pl.when(kj == pl.num_programs(3) - 1)
+    def _finish():
+        dq_ref[...] = (dq_sc[...] * sm_scale).astype(dq_ref.dtype)
+
+
+def backward(q, k, v, segment_ids, o, lse, do, *, sm_scale: float, causal: bool, blocks, interpret):
+    """Returns (dq, dk, dv), each [B, S, N, H] in the input dtype."""
+    delta = jnp.einsum("bsnh,bsnh->bns", o.astype(jnp.float32), do.astype(jnp.float32))
+    q, k, v, do = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))        # [B, N, S, H]
+    batch, heads, seq, head_dim = q.shape
+    lse_b = jnp.broadcast_to(lse[..., None], (*lse.shape, LANES))
+    delta_b = jnp.broadcast_to(delta[..., None], (*delta.shape, LANES))
+    segs = _segments(segment_ids)
+    has_seg = segs is not None
+    semantics = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+    # dk, dv: grid (b, h, key block j, query block i); query blocks before the diagonal are clamped forward.
+    bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+
+    def q_block(j, i):
+        return jnp.maximum(i, causal_first_q_block(j, bk, bq)) if causal else i
+
+    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, j, i: (b, h, q_block(j, i), 0))
+    k_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, i: (b, h, j, 0))
+    row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, j, i: (b, h, q_block(j, i), 0))
+    seg_specs = [pl.BlockSpec((None, bq, LANES), lambda b, h, j, i: (b, q_block(j, i), 0)),
+                 pl.BlockSpec((None, SUBLANES, bk), lambda b, h, j, i: (b, 0, j))] if has_seg else []
+    seg_args = list(segs) if has_seg else []
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, has_seg=has_seg, sm_scale=sm_scale, causal=causal, block_q=bq, block_k=bk),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=0,
+            grid=(batch, heads, seq // bk, seq // bq),
+            in_specs=[q_spec, k_spec, k_spec, q_spec, row_spec, row_spec, *seg_specs],
+            out_specs=[k_spec, k_spec],
+            scratch_shapes=[pltpu.VMEM((bk, head_dim), jnp.float32), pltpu.VMEM((bk, head_dim), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=semantics,
+        interpret=_interpret(interpret),
+        name="flash_attention_dkv_tpu",
+    )(q, k, v, do, lse_b, delta_b, *seg_args)
+
+    # dq: grid (b, h, query block i, key block j); key blocks past the diagonal are clamped back.
+    bq, bk = blocks.block_q_dq, blocks.block_k_dq
+    nk = seq // bk
+
+    def kv_block(i, j):
+        return jnp.minimum(j, causal_num_kv_blocks(i, bq, bk, nk) - 1) if causal else j
+
+    q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
+    k_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h, kv_block(i, j), 0))
+    row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0))
+    seg_specs = [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
+                 pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))] if has_seg else []
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, has_seg=has_seg, sm_scale=sm_scale, causal=causal, block_q=bq, block_k=bk),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=0,
+            grid=(batch, heads, seq // bq, nk),
+            in_specs=[q_spec, k_spec, k_spec, q_spec, row_spec, row_spec, *seg_specs],
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((bq, head_dim), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=semantics,
+        interpret=_interpret(interpret),
+        name="flash_attention_dq_tpu",
+    )(q, k, v, do, lse_b, delta_b, *seg_args)
+    return tuple(jnp.swapaxes(x, 1, 2) for x in (dq, dk, dv))

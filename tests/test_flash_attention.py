@@ -1,0 +1,229 @@
+"""FlashAttention kernel vs `attention_reference`: outputs and jax.grad, in Pallas interpret mode on CPU.
+
+Interpret mode fills every output buffer with NaN before the kernel runs (checked in `test_interpret_poisons_
+outputs`), so an element a kernel forgets to write fails the comparisons below. The `TestCompiled` class repeats
+the checks compiled on a GPU/TPU and is skipped on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+import phi_jax.kernels.flash_attention as fa
+from phi_jax.kernels.flash_attention import BlockSizes, attention_reference, flash_attention
+from phi_jax.kernels.flash_attention_common import block_is_visible, causal_first_q_block, causal_num_kv_blocks
+
+# Small blocks so 100..256-token sequences span several blocks; q and k blocks differ on purpose.
+GPU_BLOCKS = BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32)
+TPU_BLOCKS = BlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128, block_q_dq=128,
+                        block_k_dq=128)
+# (atol, rtol) for out and grads vs an fp32 reference on the same (rounded) inputs.
+TOL = {jnp.float32: (2e-5, 1e-5), jnp.bfloat16: (3e-2, 3e-2), jnp.float16: (5e-3, 5e-3)}
+
+
+def _inputs(seed: int, batch: int, seq: int, heads: int, head_dim: int, dtype, packed: bool):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q, k, v, ct = (jax.random.normal(kk, (batch, seq, heads, head_dim), jnp.float32).astype(dtype)
+                   for kk in keys[:4])
+    seg = None
+    if packed:  # random packed documents: a new segment starts with probability 1/20 at each token
+        seg = jnp.cumsum(jax.random.bernoulli(keys[4], 0.05, (batch, seq)), axis=1).astype(jnp.int32)
+    return q, k, v, ct, seg
+
+
+def _fwd_and_grads(fn, q, k, v, ct):
+    """out and (dq, dk, dv) of the scalar loss sum(out * ct), in one jit."""
+    def run(q, k, v, ct):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return out, vjp(ct.astype(out.dtype))
+    return jax.jit(run)(q, k, v, ct)
+
+
+def _check(*, backend, causal, seq, packed, dtype=jnp.float32, head_dim=64, blocks=None, interpret=True,
+           batch=1, heads=2, seed=0):
+    q, k, v, ct, seg = _inputs(seed, batch, seq, heads, head_dim, dtype, packed)
+    kernel = functools.partial(flash_attention, segment_ids=seg, causal=causal, block_sizes=blocks,
+                               backend=backend, interpret=interpret)
+    reference = functools.partial(attention_reference, segment_ids=seg, causal=causal)
+    out, grads = _fwd_and_grads(kernel, q, k, v, ct)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, ct)]
+    ref_out, ref_grads = _fwd_and_grads(reference, *f32)
+    assert out.dtype == dtype and out.shape == q.shape
+    atol, rtol = TOL[dtype]
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True):
+        assert got.dtype == dtype, name
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=atol, rtol=rtol,
+                                   err_msg=f"{name} ({backend=}, {causal=}, {seq=}, {packed=}, {dtype=})")
+
+
+# ------------------------------------------------------------------------------------- GPU-style kernel, interpret
+@pytest.mark.parametrize(("causal", "packed", "seq"), [
+    (True, False, 128),    # block multiple
+    (True, True, 100),     # not a block multiple, packed documents
+    (False, False, 100),   # padded keys must be masked even without segment ids
+    (False, True, 128),
+])
+def test_gpu_kernel_fp32(causal, packed, seq):
+    _check(backend="gpu", causal=causal, seq=seq, packed=packed, blocks=GPU_BLOCKS)
+
+
+@pytest.mark.parametrize("seq", [1, pytest.param(17, marks=pytest.mark.slow)])
+def test_gpu_kernel_short_sequences(seq):
+    _check(backend="gpu", causal=True, seq=seq, packed=True, blocks=GPU_BLOCKS)
+
+
+# 80 is padded to a power of two inside the wrapper; 128 is covered by the TPU-style test below.
+@pytest.mark.parametrize("head_dim", [pytest.param(32, marks=pytest.mark.slow), 80])
+def test_gpu_kernel_head_dims(head_dim):
+    _check(backend="gpu", causal=True, seq=64, packed=True, head_dim=head_dim, blocks=GPU_BLOCKS, batch=2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_kernel_low_precision(dtype):
+    _check(backend="gpu", causal=True, seq=100, packed=True, dtype=dtype, blocks=GPU_BLOCKS)
+
+
+def test_gpu_kernel_default_blocks_and_sm_scale():
+    q, k, v, _, _ = _inputs(1, 1, 70, 2, 64, jnp.float32, False)
+    out = flash_attention(q, k, v, sm_scale=0.3)   # backend/interpret/block sizes all defaulted on CPU
+    np.testing.assert_allclose(out, attention_reference(q, k, v, sm_scale=0.3), atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- TPU-style kernel, interpret
+@pytest.mark.parametrize(("causal", "packed", "seq"), [(True, True, 200), (False, False, 256)])
+def test_tpu_kernel_fp32(causal, packed, seq):
+    _check(backend="tpu", causal=causal, seq=seq, packed=packed, blocks=TPU_BLOCKS)
+
+
+def test_tpu_kernel_bf16_head_dim_128():
+    _check(backend="tpu", causal=True, seq=100, packed=False, dtype=jnp.bfloat16, head_dim=128, blocks=TPU_BLOCKS)
+
+
+# --------------------------------------------------------------------------------------- masking and skipping
+@pytest.mark.parametrize(("block_q", "block_k"), [(64, 64), (64, 32), (32, 64), (128, 16)])
+def test_causal_block_bounds_match_brute_force(block_q, block_k):
+    """The loop bounds and `pl.when` predicate visit exactly the blocks holding an unmasked (q >= k) pair."""
+    seq = 256
+    nq, nk = seq // block_q, seq // block_k
+    visible = np.zeros((nq, nk), bool)
+    for i in range(nq):
+        for j in range(nk):
+            visible[i, j] = any(qp >= kp for qp in range(i * block_q, (i + 1) * block_q)
+                                for kp in range(j * block_k, (j + 1) * block_k))
+    for i in range(nq):
+        assert causal_num_kv_blocks(i, block_q, block_k, nk) == visible[i].sum()
+        assert int(causal_num_kv_blocks(jnp.int32(i), block_q, block_k, nk)) == visible[i].sum()
+        assert [bool(block_is_visible(i, block_q, j, block_k)) for j in range(nk)] == list(visible[i])
+    for j in range(nk):
+        assert causal_first_q_block(j, block_k, block_q) == np.argmax(visible[:, j])
+        assert int(causal_first_q_block(jnp.int32(j), block_k, block_q)) == np.argmax(visible[:, j])
+    assert visible.sum() < nq * nk  # upper blocks exist, so skipping saves work
+
+
+@pytest.mark.parametrize(("backend", "block", "seq"), [("gpu", 64, 128),
+                                                       pytest.param("tpu", 128, 256, marks=pytest.mark.slow)])
+def test_fully_masked_blocks_are_never_read(backend, block, seq):
+    """NaN planted where only skipped (fully masked) blocks would read it must not reach the results:
+    a masked-but-computed block gives 0 * NaN = NaN."""
+    blocks = BlockSizes(*(block,) * 6)
+    q, k, v, ct, _ = _inputs(3, 1, seq, 2, 64, jnp.float32, False)
+    fn = functools.partial(flash_attention, causal=True, block_sizes=blocks, backend=backend)
+    # Forward and dq: query block 0 must not touch key block 1.
+    v_bad = v.at[:, block:].set(jnp.nan)
+    out, (dq, _, _) = _fwd_and_grads(fn, q, k, v_bad, ct)
+    ref_out, (ref_dq, ref_dk, ref_dv) = _fwd_and_grads(functools.partial(attention_reference, causal=True),
+                                                       q, k, v, ct)
+    np.testing.assert_allclose(out[:, :block], ref_out[:, :block], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(dq[:, :block], ref_dq[:, :block], atol=2e-5, rtol=1e-5)
+    # dk/dv: key block 1 must not touch query block 0 (whose rows, and so delta, are NaN here).
+    _, (_, dk, dv) = _fwd_and_grads(fn, q.at[:, :block].set(jnp.nan), k, v, ct)
+    np.testing.assert_allclose(dk[:, block:], ref_dk[:, block:], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(dv[:, block:], ref_dv[:, block:], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("interpret", [True, pltpu.InterpretParams()], ids=["gpu-style", "tpu-style"])
+def test_interpret_poisons_outputs(interpret):
+    """Premise of the comparisons above: an output element no kernel writes comes back NaN in interpret mode."""
+    def writes_first_half(x_ref, o_ref):
+        o_ref[:8, :] = x_ref[:8, :]
+    out = pl.pallas_call(writes_first_half, out_shape=jax.ShapeDtypeStruct((16, 128), jnp.float32),
+                         interpret=interpret)(jnp.ones((16, 128), jnp.float32))
+    assert bool(jnp.all(out[:8] == 1.0)) and bool(jnp.all(jnp.isnan(out[8:])))
+
+
+# ------------------------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize(("shape", "dtype", "match"), [
+    ((1, 16, 2, 40), jnp.float32, "head_dim=40"),
+    ((1, 16, 2, 16), jnp.float32, "head_dim=16"),
+    ((1, 16, 2, 512), jnp.float32, "head_dim=512"),
+    ((1, 16, 64), jnp.float32, "batch, seq, heads, head_dim"),
+    ((1, 16, 2, 64), jnp.int32, "dtype"),
+])
+def test_bad_inputs_raise(shape, dtype, match):
+    x = jnp.zeros(shape, dtype)
+    with pytest.raises(ValueError, match=match):
+        flash_attention(x, x, x)
+
+
+def test_bad_arguments_raise():
+    x = jnp.zeros((1, 16, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="one shape"):
+        flash_attention(x, jnp.zeros((1, 8, 2, 64)), x)
+    with pytest.raises(ValueError, match="one dtype"):
+        flash_attention(x, x.astype(jnp.bfloat16), x)
+    with pytest.raises(ValueError, match="segment_ids"):
+        flash_attention(x, x, x, jnp.zeros((1, 15), jnp.int32))
+    with pytest.raises(ValueError, match="power of two"):
+        flash_attention(x, x, x, block_sizes=BlockSizes(block_q=48))
+    with pytest.raises(ValueError, match="power of two >= 128"):
+        flash_attention(x, x, x, block_sizes=BlockSizes(), backend="tpu")
+    with pytest.raises(ValueError, match="lowering"):
+        flash_attention(x, x, x, backend="cuda")
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="interpret=True"):
+            flash_attention(x, x, x, interpret=False)
+
+
+# ------------------------------------------------------------------------------------ compiled, GPU/TPU only
+@pytest.mark.accelerator
+@pytest.mark.skipif(jax.default_backend() == "cpu", reason="compiled Pallas kernels need a GPU or TPU")
+class TestCompiled:
+    """The same comparisons compiled for this platform's lowering with its default block sizes."""
+
+    @pytest.mark.parametrize(("causal", "packed", "seq"), [(True, False, 512), (True, True, 1000),
+                                                           (False, True, 300), (True, True, 1)])
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    def test_matches_reference(self, causal, packed, seq, dtype):
+        _check(backend=None, causal=causal, seq=seq, packed=packed, dtype=dtype, interpret=False, batch=2)
+
+    @pytest.mark.parametrize("head_dim", [32, 80, 128, 256])
+    def test_head_dims(self, head_dim):
+        _check(backend=None, causal=True, seq=384, packed=True, head_dim=head_dim, dtype=jnp.bfloat16,
+               interpret=False)
+
+
+# ------------------------------------------------------------------------ cross-platform lowering (no device)
+@pytest.mark.parametrize(("backend", "platform"), [("gpu", "cuda"), ("tpu", "tpu")])
+@pytest.mark.parametrize(("head_dim", "dtype"), [(64, jnp.bfloat16), (80, jnp.float32)])
+def test_lowers_for_accelerator(monkeypatch, backend, platform, head_dim, dtype):
+    """Forward and backward lower (Pallas -> Triton IR / Mosaic MLIR, done in Python) for a GPU/TPU from this CPU
+    host. This checks block shapes and that every primitive has a lowering rule; it does not run the Triton or
+    Mosaic compilers (those ship with the GPU/TPU runtimes)."""
+    monkeypatch.setattr(fa, "_resolve_backend", lambda backend, interpret: (backend, False))
+    x = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), dtype)
+    seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
+
+    def loss(q, k, v, seg):
+        return jnp.sum(flash_attention(q, k, v, seg, causal=True, backend=backend).astype(jnp.float32))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg).lower(
+        lowering_platforms=(platform,)).as_text()
+    for name in ("fwd", "dkv", "dq"):
+        assert f"flash_attention_{name}_{backend}" in text
