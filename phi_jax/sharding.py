@@ -95,7 +95,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, d
 
     `dcn_data > 1` builds a hybrid mesh for multi-slice TPU or multi-node GPU: the `data` axis is split into
     `dcn_data` groups across slices/nodes (slow network), and every other axis stays inside one slice/node (fast
-    interconnect). Nodes are told apart by TPU slice index, or by process when all devices share one slice (GPU clusters).
+    interconnect). Nodes are told apart by TPU slice index, or by process when all devices share one slice
+    (GPU clusters).
     """
     devices = jax.devices() if devices is None else devices
     sizes = [data, fsdp, tensor]

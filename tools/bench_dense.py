@@ -85,12 +85,14 @@ def benchmark(ms, dtype, iters, block_sizes):
     return rows
 
 
-def correctness_sweep():
-    """CPU: both kernel styles in interpret mode, small ragged and aligned shapes, fwd + grads vs reference."""
+def correctness_sweep(quick: bool = False):
+    """CPU: both kernel styles in interpret mode, small ragged and aligned shapes, fwd + grads vs reference.
+
+    `quick`: float32 and one ragged shape only (seconds instead of minutes)."""
     rows = []
-    cases = [((100, 72), 200), ((2, 24, 136), 130), ((64, 256), 256)]
+    cases = [((100, 72), 200), ((2, 24, 136), 130), ((64, 256), 256)][: 1 if quick else None]
     styles = {"gpu": BlockSizes(64, 64, 64), "tpu": BlockSizes(32, 128, 128)}
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for dtype in (jnp.float32,) if quick else (jnp.float32, jnp.bfloat16):
         for backend, blocks in styles.items():
             for (shape_x, n) in cases:
                 for act in (None, "gelu_new"):

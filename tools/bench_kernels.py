@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -101,8 +102,21 @@ def bench_attention(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-# Kernel name -> benchmark function (args -> list of result rows). The dense kernel registers itself here.
-KERNELS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {"attention": bench_attention}
+def bench_dense(args: argparse.Namespace) -> list[dict]:
+    """The fused dense kernel at phi-1.5's four layer shapes (tools/bench_dense.py; CPU: a quick correctness sweep)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_dense as dense
+
+    if jax.default_backend() == "cpu":
+        print("CPU backend: the fused dense kernel runs in interpret mode only; correctness sweep, no timings.")
+        rows = dense.correctness_sweep(quick=True)
+        return [{**{k: v for k, v in r.items() if k != "rel_err"}, **{f"rel_err_{k}": v for k, v in
+                                                                     r["rel_err"].items()}} for r in rows]
+    return dense.benchmark([args.batch * args.seq], jnp.dtype(args.dtype), args.iters, None)
+
+
+# Kernel name -> benchmark function (args -> list of result rows).
+KERNELS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {"attention": bench_attention, "dense": bench_dense}
 
 
 def _print_table(name: str, rows: list[dict]) -> None:
@@ -117,7 +131,7 @@ def _print_table(name: str, rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernels", default="attention", help=f"comma-separated, from: {','.join(KERNELS)}")
+    p.add_argument("--kernels", default="attention,dense", help=f"comma-separated, from: {','.join(KERNELS)}")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--heads", type=int, default=32)
