@@ -21,8 +21,11 @@ log = logging.getLogger("phi_jax")
 class Checkpointer:
     def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        if self.directory.is_dir() and (partial := sorted(p.name for p in self.directory.iterdir() if "tmp" in p.name)):
+            log.warning("ignoring incomplete checkpoint(s) %s in %s (a crash during a write); they are removed",
+                        partial, self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                               create=True)
+                                               create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

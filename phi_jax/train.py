@@ -249,8 +249,12 @@ def main(argv) -> None:
     workdir = _WORKDIR.value or f"runs/{c.model}"
     try:
         train(c, workdir)
-    except (ValueError, FileNotFoundError, NonFiniteError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteError) as e:
         log.error("%s", e)
+        sys.exit(1)
+    except OSError as e:  # disk full, permission denied, ...: checkpoints are atomic, so the previous one is intact
+        log.error("Writing to %s failed: %s. The newest complete checkpoint is intact; free space or fix "
+                  "permissions and run the same command again to resume.", workdir, e)
         sys.exit(1)
 
 
