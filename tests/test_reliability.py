@@ -164,3 +164,28 @@ def test_disk_error_reported_by_the_cli(tmp_path, shards):
     result = run_cli(tmp_path / "run", *flags(shards, 4), timeout=120)
     assert result.returncode == 1
     assert "exists" in result.stderr or "Not a directory" in result.stderr
+
+
+def test_export_failing_mid_write_leaves_the_previous_export_intact(tmp_path, monkeypatch):
+    from phi_jax.config import PhiConfig
+    from phi_jax.hf import io as hf_io
+    from phi_jax.hf import save_pretrained
+    from phi_jax.model import init_model
+
+    model = init_model(PhiConfig.preset("tiny"))
+    out = tmp_path / "export"
+    save_pretrained(model, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hf_io, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_pretrained(model, out, overwrite=True)
+    with pytest.raises(OSError, match="No space left"):
+        save_pretrained(model, tmp_path / "new")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary directory left behind
