@@ -40,7 +40,7 @@ def test_greedy_matches_transformers(hf_dir, model):
 
 
 def test_batched_rows_equal_each_prompt_alone(model):
-    prompts = _prompts([3, 17, 9, 40], seed=1)
+    prompts = _prompts([3, 13, 9, 16], seed=1)  # one bucket: one compile for the batch, one alone
     batched = gen.generate_tokens(model, prompts, max_new_tokens=12)
     alone = [gen.generate_tokens(model, [p], max_new_tokens=12)[0] for p in prompts]
     assert batched == alone
