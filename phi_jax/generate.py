@@ -96,7 +96,7 @@ def generate_tokens(model: Phi, prompts: Sequence[Sequence[int]], *, max_new_tok
                          f"{top_k=}.")
     max_new = min(max_new_tokens, context - max(lengths))
     if max_new < max_new_tokens:
-        log.warning("max_new_tokens=%d cut to %d: the longest prompot reaches the context of %d tokens",
+        log.warning("max_new_tokens=%d cut to %d: the longest prompt reaches the context of %d tokens",
                     max_new_tokens, max_new, context)
     if max_new <= 0:
         return [[] for _ in prompts]
