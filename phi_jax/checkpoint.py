@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from phi_jax.config import PhiConfig, architecture_diff
@@ -64,3 +65,50 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _checkpoint_steps(workdir: str | os.PathLike) -> tuple[Checkpointer, list[int]]:
+    directory = Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{workdir} is not a training workdir: it has no checkpoints/ directory.")
+    ckpt = Checkpointer(workdir, async_save=False)
+    steps = sorted(ckpt.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
+    return ckpt, steps
+
+
+def load_model(workdir: str | os.PathLike, step: int | None = None, **config_overrides):
+    """(model, meta, step): the model of a workdir's newest (or chosen) checkpoint, without the optimizer state.
+
+    Only the "params" subtree of the train state is read (an orbax partial restore). `config_overrides` (dtype,
+    param_dtype, attention_impl, ...; None = as trained) change how the model runs, never its shapes.
+    """
+    from flax import nnx
+
+    from phi_jax.model import abstract_model
+
+    ckpt, steps = _checkpoint_steps(workdir)
+    try:
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ValueError(f"No checkpoint at step {step} in {ckpt.directory}; available steps: {steps}.")
+        meta = ckpt.read_meta(step)
+        saved = PhiConfig.from_dict(meta["model"])
+        cfg = saved.replace(**{k: v for k, v in config_overrides.items() if v is not None})
+        if diff := architecture_diff(saved.to_dict(), cfg.replace(param_dtype=saved.param_dtype)):
+            raise ValueError(f"config_overrides may not change the architecture: {diff}.")
+        target = nnx.to_pure_dict(nnx.state(abstract_model(saved), nnx.Param))
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)}
+        restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True)
+        params = ckpt.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+    finally:
+        ckpt.close()
+    graphdef, state = nnx.split(abstract_model(cfg), nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x.astype(cfg.params_dtype), params))
+    model = nnx.merge(graphdef, state)
+    log.info("loaded %s step %d (%s params)", ckpt.directory, step, cfg.param_dtype)
+    return model, meta, step

@@ -75,8 +75,13 @@ def from_pretrained(path: str | os.PathLike, dtype: str = "float32", param_dtype
 
     `dtype` is the compute dtype, `param_dtype` the storage dtype; other PhiConfig fields (attention_impl, ...)
     may be overridden. Every tensor's key and shape is checked before any conversion.
+    A training workdir (a directory with checkpoints/) loads its newest checkpoint's parameters instead.
     """
     path = Path(path)
+    if (path / "checkpoints").is_dir():
+        from phi_jax.checkpoint import load_model
+
+        return load_model(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)[0]
     cfg = load_hf_config(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     tensors = SafetensorsDir(path)
     layout = mapping.detect_layout(tensors.shapes)

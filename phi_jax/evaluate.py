@@ -1,0 +1,119 @@
+"""Perplexity and bits per byte: `python -m phi_jax.evaluate --model=PATH (--text_file=F | --data_dir=D --split=val)`.
+
+The token stream is cut into consecutive windows of `seq_len` inputs whose targets are the next tokens, so every
+token but the first is predicted exactly once, with at most `seq_len - 1` tokens of context. Bits per byte divide the
+total negative log-likelihood (in bits) by the UTF-8 bytes of the decoded stream, which makes tokenizers comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from phi_jax.model import Phi
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_logprobs(graphdef, state, inputs, targets, segment_ids):
+    logits = nnx.merge(graphdef, state)(inputs, segment_ids=segment_ids)  # [B, S, V] float32
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return target_logp, jnp.argmax(logits, axis=-1) == targets
+
+
+def token_logprobs(model: Phi, inputs: np.ndarray, targets: np.ndarray,
+                   segment_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(log p(targets[b, s] | inputs[b, :s+1]), whether each target is the argmax), both [batch, seq]."""
+    graphdef, state = nnx.split(model)
+    segment_ids = np.ones_like(inputs) if segment_ids is None else segment_ids
+    logp, greedy = _token_logprobs(graphdef, state, jnp.asarray(inputs, jnp.int32), jnp.asarray(targets, jnp.int32),
+                                   jnp.asarray(segment_ids, jnp.int32))
+    return np.asarray(logp), np.asarray(greedy)
+
+
+def evaluate_tokens(model: Phi, tokens: np.ndarray, *, seq_len: int, batch_size: int) -> dict:
+    """Summed negative log-likelihood (nats) and count of every token of `tokens` [n] after the first."""
+    if seq_len > model.cfg.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's context of {model.cfg.max_position_embeddings}.")
+    tokens = np.asarray(tokens, np.int32)
+    n_windows = max(1, math.ceil((len(tokens) - 1) / seq_len))
+    n_batches = math.ceil(n_windows / batch_size)
+    total = np.zeros((n_batches * batch_size, seq_len + 1), np.int32)
+    mask = np.zeros((n_batches * batch_size, seq_len), bool)
+    for w in range(n_windows):
+        piece = tokens[w * seq_len:w * seq_len + seq_len + 1]
+        total[w, :len(piece)] = piece
+        mask[w, :len(piece) - 1] = True
+    nll, count = 0.0, 0
+    for b in range(n_batches):
+        rows = slice(b * batch_size, (b + 1) * batch_size)
+        # Padding sits after the real tokens of a window (causal attention never looks ahead), so segment 1 is fine.
+        logp, _ = token_logprobs(model, total[rows, :-1], total[rows, 1:])
+        nll -= float(logp[mask[rows]].sum(dtype=np.float64))
+        count += int(mask[rows].sum())
+    return {"nll": nll, "tokens": count}
+
+
+def evaluate(model: Phi, tokenizer, tokens: np.ndarray, *, seq_len: int, batch_size: int,
+             text: str | None = None) -> dict:
+    """Perplexity and bits per byte of a token stream (the bytes of `text`, or of the decoded tokens)."""
+    start = time.perf_counter()
+    result = evaluate_tokens(model, tokens, seq_len=seq_len, batch_size=batch_size)
+    num_bytes = len((text if text is not None else tokenizer.decode(tokens.tolist())).encode("utf-8"))
+    nll, count = result["nll"], result["tokens"]
+    return {"loss": nll / max(count, 1), "perplexity": math.exp(nll / max(count, 1)),
+            "bits_per_byte": nll / math.log(2) / max(num_bytes, 1), "tokens": count, "bytes": num_bytes,
+            "seq_len": seq_len, "seconds": time.perf_counter() - start}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from phi_jax.generate import load
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a training workdir or a Hugging Face phi directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text_file", help="a UTF-8 text file")
+    source.add_argument("--data_dir", help="token shards written by tools/prepare_data.py")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--max_tokens", type=int, default=0, help="evaluate only the first N tokens (0 = all)")
+    parser.add_argument("--seq_len", type=int, default=0, help="0 = the model's context")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--output", default=None, help="also write the results here as JSON")
+    args = parser.parse_args(argv)
+
+    model, tok = load(args.model, dtype=args.dtype, step=args.step, tokenizer=args.tokenizer)
+    text = None
+    if args.text_file:
+        text = Path(args.text_file).read_text(encoding="utf-8")
+        tokens = np.asarray(tok.encode(text), np.int32)
+    else:
+        from phi_jax.data.shards import SplitReader
+
+        reader = SplitReader(args.data_dir, args.split)
+        tokens = reader.tokens(0, reader.num_tokens)
+    if args.max_tokens:
+        tokens, text = tokens[:args.max_tokens], None
+    seq_len = args.seq_len or model.cfg.max_position_embeddings
+    result = evaluate(model, tok, tokens, seq_len=seq_len, batch_size=args.batch_size, text=text)
+    result.update(model=str(args.model), source=args.text_file or f"{args.data_dir}:{args.split}")
+    print(f"perplexity {result['perplexity']:.4f}  bits/byte {result['bits_per_byte']:.4f}  "
+          f"loss {result['loss']:.4f}  ({result['tokens']} tokens, {result['bytes']} bytes, {result['seconds']:.1f} s)")
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Text generation with a KV cache: `python -m phi_jax.generate --model=PATH --prompt="def fib(n):"`.
+
+One jitted prefill per (batch, prompt bucket, cache length) and one jitted decode step per (batch, cache length):
+prompt lengths are padded up to power-of-two buckets, so neither a new prompt length inside a bucket nor a new
+token recompiles. Batched prompts are left-padded with segment id 0 (attention is causal and same-segment, so
+padding never reaches a real token) and positions start at 0 at each prompt's first real token: every row
+generates exactly what that prompt would generate alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from phi_jax.model import KVCache, Phi
+
+log = logging.getLogger("phi_jax")
+
+MIN_BUCKET = 16
+
+
+def bucket(length: int, context: int) -> int:
+    """The padded prompt length: the next power of two (at least MIN_BUCKET), capped at the context."""
+    return min(max(MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(length, 1))))), max(context, length))
+
+
+def _sample(logits, key, greedy: bool, temperature, top_k, top_p):
+    """Next token ids [B] from fp32 logits [B, V]: argmax, or sampling after temperature, top-k and top-p."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    vocab = logits.shape[-1]
+    logits = logits / temperature
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    sorted_logits = jnp.where(jnp.arange(vocab) < k, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose probability reaches top_p (the first token always stays).
+    keep = jnp.maximum(jnp.sum((jnp.cumsum(probs, axis=-1) - probs) < top_p, axis=-1), 1)  # [B]
+    threshold = jnp.take_along_axis(sorted_logits, (keep - 1)[:, None], axis=-1)  # [B, 1]
+    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(6,))
+def _prefill(graphdef, greedy, state, tokens, positions, segment_ids, cache, key, temperature, top_k, top_p):
+    """Fills the cache with the (left-padded) prompts [B, P]; returns the first new token [B] and the cache."""
+    logits, cache = nnx.merge(graphdef, state).decode(tokens, cache, positions, segment_ids)
+    return _sample(logits[:, -1], key, greedy, temperature, top_k, top_p), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
+def _decode_step(graphdef, greedy, state, tokens, positions, cache, key, temperature, top_k, top_p):
+    """Runs one token per row [B] at `positions` [B]; returns the next token [B] and the cache."""
+    ones = jnp.ones_like(tokens)[:, None]
+    logits, cache = nnx.merge(graphdef, state).decode(tokens[:, None], cache, positions[:, None], ones)
+    return _sample(logits[:, -1], key, greedy, temperature, top_k, top_p), cache
+
+
+def compilations() -> dict[str, int]:
+    """How many programs the prefill and decode step have compiled so far (for tests and benchmarks)."""
+    return {"prefill": _prefill._cache_size(), "decode_step": _decode_step._cache_size()}
+
+
+def generate_tokens(model: Phi, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+                    on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Generates up to `max_new_tokens` ids after each prompt (lists of ids); temperature 0 is greedy.
+
+    A row stops after `eos_id` (included in its output) when given. `on_token(row, token)` is called as each
+    token is produced. Generation also stops where the longest prompt reaches the model's context.
+    """
+    cfg = model.cfg
+    context = cfg.max_position_embeddings
+    if not prompts:
+        return []
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError("An empty prompt has no token to start from; prepend a BOS/EOS id.")
+    if max(lengths) > context:
+        raise ValueError(f"A prompt of {max(lengths)} tokens is longer than the model's context of {context} "
+                         "tokens (max_position_embeddings); shorten it or truncate it from the left.")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"Need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature=}, {top_p=}, "
+                         f"{top_k=}.")
+    max_new = min(max_new_tokens, context - max(lengths))
+    if max_new < max_new_tokens:
+        log.warning("max_new_tokens=%d cut to %d: the longest prompt reaches the context of %d tokens",
+                    max_new_tokens, max_new, context)
+    if max_new <= 0:
+        return [[] for _ in prompts]
+
+    batch, padded = len(prompts), bucket(max(lengths), context)
+    tokens = np.zeros((batch, padded), np.int32)
+    segments = np.zeros((batch, padded), np.int32)
+    positions = np.zeros((batch, padded), np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, padded - len(p):] = p
+        segments[row, padded - len(p):] = 1
+        positions[row, padded - len(p):] = np.arange(len(p))
+    cache_len = padded + max_new
+    cache_len = -(-cache_len // MIN_BUCKET) * MIN_BUCKET  # fewer distinct decode programs
+    cache = KVCache.init(cfg, batch, cache_len)
+
+    graphdef, state = nnx.split(model)
+    greedy = temperature == 0.0
+    sampling = (jnp.float32(temperature if not greedy else 1.0), jnp.int32(top_k), jnp.float32(top_p))
+    base_key = jax.random.key(seed)
+
+    out: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(batch, bool)
+    next_pos = np.asarray(lengths, np.int32)
+    tok, cache = _prefill(graphdef, greedy, state, tokens, positions, segments, cache,
+                          jax.random.fold_in(base_key, 0), *sampling)
+    for i in range(max_new):
+        host = np.asarray(tok)
+        for row in range(batch):
+            if not done[row]:
+                out[row].append(int(host[row]))
+                if on_token is not None:
+                    on_token(row, int(host[row]))
+                if eos_id is not None and host[row] == eos_id:
+                    done[row] = True
+        if done.all() or i == max_new - 1:
+            break
+        tok, cache = _decode_step(graphdef, greedy, state, tok, jnp.asarray(next_pos + i), cache,
+                                  jax.random.fold_in(base_key, i + 1), *sampling)
+    return out
+
+
+def generate(model: Phi, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+             on_token: Callable[[int, int], None] | None = None) -> list[str]:
+    """Generates a continuation of each prompt (texts); the returned texts exclude the prompt and the EOS token."""
+    ids = [tokenizer.encode(p) or [_start_id(tokenizer)] for p in prompts]
+    eos = tokenizer.eos_id if stop_at_eos else None
+    out = generate_tokens(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed, eos_id=eos, on_token=on_token)
+    return [tokenizer.decode([t for t in o if eos is None or t != eos]) for o in out]
+
+
+def _start_id(tokenizer) -> int:
+    start = getattr(tokenizer, "bos_id", None)
+    return tokenizer.eos_id if start is None or start < 0 else start
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading a model and its tokenizer from a training workdir or a Hugging Face directory.
+
+def load_tokenizer(path: str | os.PathLike):
+    """A tokenizer file (.model SentencePiece or tokenizer.json): phi_jax.data's loader, or a minimal fallback."""
+    try:
+        from phi_jax.data.tokenizer import load_tokenizer as data_load_tokenizer
+    except ImportError:
+        return _FallbackTokenizer(Path(path))
+    return data_load_tokenizer(path)
+
+
+class _FallbackTokenizer:
+    """vocab_size, eos_id, bos_id, encode, decode over a SentencePiece model or a tokenizer.json."""
+
+    def __init__(self, path: Path):
+        if path.suffix == ".json":
+            import tokenizers
+
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+            self.vocab_size = self._tok.get_vocab_size()
+            self.eos_id = next((self._tok.token_to_id(t) for t in ("<|endoftext|>", "</s>", "<eos>")
+                                if self._tok.token_to_id(t) is not None), None)
+            self.bos_id = next((self._tok.token_to_id(t) for t in ("<s>", "<bos>")
+                                if self._tok.token_to_id(t) is not None), None)
+            self.encode = lambda text: self._tok.encode(text, add_special_tokens=False).ids
+            self.decode = lambda ids: self._tok.decode(list(ids), skip_special_tokens=False)
+        else:
+            import sentencepiece as spm
+
+            self._tok = spm.SentencePieceProcessor(model_file=str(path))
+            self.vocab_size = self._tok.get_piece_size()
+            eos = self._tok.piece_to_id("<|endoftext|>")
+            self.eos_id = eos if eos != self._tok.unk_id() else self._tok.eos_id()
+            self.bos_id = self._tok.bos_id() if self._tok.bos_id() >= 0 else None
+            self.encode = lambda text: self._tok.encode(text)
+            self.decode = lambda ids: self._tok.decode(list(ids))
+
+
+def tokenizer_path(path: str | os.PathLike, step: int | None = None) -> Path:
+    """The tokenizer file of a workdir (from its checkpoint metadata) or of a Hugging Face directory."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        from phi_jax.checkpoint import Checkpointer
+
+        ckpt = Checkpointer(path, async_save=False)
+        try:
+            steps = ckpt.all_steps()
+            meta = ckpt.read_meta(step if step is not None else max(steps)) if steps else {}
+        finally:
+            ckpt.close()
+        found = meta.get("data", {}).get("tokenizer_path")
+        if not found or not Path(found).exists():
+            raise FileNotFoundError(f"The checkpoint metadata in {path} names tokenizer {found!r}, which does not "
+                                    "exist; pass --tokenizer=FILE.")
+        return Path(found)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (path / name).exists():
+            return path / name
+    raise FileNotFoundError(f"No tokenizer.json or tokenizer.model in {path}; pass --tokenizer=FILE.")
+
+
+def load(path: str | os.PathLike, *, dtype: str = "float32", step: int | None = None,
+         tokenizer: str | os.PathLike | None = None):
+    """(model, tokenizer) from a training workdir (newest or `step` checkpoint) or a Hugging Face directory."""
+    from phi_jax.checkpoint import load_model
+    from phi_jax.hf import from_pretrained
+
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        model = load_model(path, step, dtype=dtype, param_dtype=dtype)[0]
+    else:
+        model = from_pretrained(path, dtype=dtype, param_dtype=dtype)
+    return model, load_tokenizer(tokenizer or tokenizer_path(path, step))
+
+
+class _Streamer:
+    """Prints row 0's text as it grows (decoding all its ids each time keeps multi-byte characters whole)."""
+
+    def __init__(self, tokenizer, eos_id, stream=sys.stdout):
+        self.tokenizer, self.eos_id, self.stream = tokenizer, eos_id, stream
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, row: int, token: int) -> None:
+        if row != 0 or token == self.eos_id:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            self.stream.write(text[len(self.printed):])
+            self.stream.flush()
+            self.printed = text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a training workdir or a Hugging Face phi directory")
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--step", type=int, default=None, help="workdir checkpoint step (default: newest)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default: the model's own)")
+    parser.add_argument("--json", action="store_true", help="print all completions as JSON at the end")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    model, tok = load(args.model, dtype=args.dtype, step=args.step, tokenizer=args.tokenizer)
+    single = len(args.prompt) == 1 and not args.json
+    if single:
+        sys.stdout.write(args.prompt[0])
+    streamer = _Streamer(tok, tok.eos_id) if single else None
+    texts = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=streamer)
+    if single:
+        sys.stdout.write(texts[0][len(streamer.printed):] + "\n")
+    elif args.json:
+        print(json.dumps([{"prompt": p, "completion": t} for p, t in zip(args.prompt, texts, strict=True)], indent=2))
+    else:
+        for p, t in zip(args.prompt, texts, strict=True):
+            print(f"--- {p!r}\n{p}{t}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""tools/export_hf.py and tools/import_hf.py: a workdir checkpoint -> transformers (weights and tokenizer) and back."""
+
+import glob
+import importlib.util
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from phi_jax.checkpoint import Checkpointer, load_model
+from phi_jax.config import PhiConfig
+from phi_jax.optim import make_optimizer
+from phi_jax.sharding import make_mesh
+from phi_jax.train_state import create_train_state
+
+ROOT = Path(__file__).resolve().parents[1]
+STDLIB = Path(os.__file__).parent
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _source(names):
+    return [(STDLIB / n).read_text(encoding="utf-8") for n in names]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    import sentencepiece as spm
+
+    out = tmp_path_factory.mktemp("tok")
+    texts = [t[i:i + 4000] for t in _source(sorted(p.name for p in STDLIB.glob("*.py"))[:30])
+             for i in range(0, len(t), 4000)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(out / "sp"), vocab_size=512, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["\n"], eos_piece="<|endoftext|>",
+        max_sentence_length=16384, character_coverage=1.0, minloglevel=2)
+    return out / "sp.model"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, sp_model):
+    cfg = PhiConfig.preset("tiny", max_position_embeddings=256)
+    tx = make_optimizer(1e-3)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    wd = tmp_path_factory.mktemp("run")
+    ckpt = Checkpointer(wd, async_save=False)
+    meta = {"model": cfg.to_dict(), "run": {"model": "tiny"}, "data": {"tokenizer_path": str(sp_model)}}
+    for step, seed in ((10, 1), (20, 2)):
+        state = create_train_state(cfg, tx, mesh, seed=seed)
+        ckpt.save(step, state.replace(step=state.step + step), None, meta)
+    ckpt.close()
+    return wd
+
+
+@pytest.fixture(scope="module")
+def exported(workdir, tmp_path_factory):
+    return _tool("export_hf").export(str(workdir), str(tmp_path_factory.mktemp("hf") / "model"), step=10)
+
+
+def test_load_model_chooses_steps_and_reports_missing_ones(workdir, tmp_path):
+    newest, _, step = load_model(workdir)
+    assert step == 20
+    older, _, _ = load_model(workdir, 10)
+    assert not np.allclose(np.asarray(newest.embed_tokens[...]), np.asarray(older.embed_tokens[...]))
+    with pytest.raises(ValueError, match=r"No checkpoint at step 15 .*available steps: \[10, 20\]"):
+        load_model(workdir, 15)
+    with pytest.raises(FileNotFoundError, match="no checkpoints/ directory"):
+        load_model(tmp_path)
+    from phi_jax import from_pretrained  # a workdir loads through the same entry point as a HF directory
+
+    assert np.array_equal(np.asarray(from_pretrained(workdir).embed_tokens[...]), np.asarray(newest.embed_tokens[...]))
+
+
+def test_transformers_loads_same_logits_and_greedy_text(workdir, exported, sp_model):
+    import torch
+    import transformers
+
+    from phi_jax.generate import generate, load
+
+    ours, tok = load(workdir, step=10)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
+    prompt = "def main(argv):\n    for name in sorted(argv):\n"
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        ref_logits = ref(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours(np.asarray([ids], np.int32))), ref_logits, atol=1e-4, rtol=1e-4)
+    ours_text = generate(ours, tok, [prompt], max_new_tokens=12, stop_at_eos=False)[0]
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([hf_tok.encode(prompt)]), max_new_tokens=12, min_new_tokens=12,
+                           do_sample=False, pad_token_id=0)
+    assert hf_tok.decode(out[0, len(ids):]) == ours_text
+
+
+def test_hf_tokenizer_encodes_like_sentencepiece(exported, sp_model):
+    import sentencepiece as spm
+    import transformers
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
+    held_out = sorted(p.name for p in STDLIB.glob("*.py"))[30:45]
+    texts = [*_source(held_out), "\tindent\n\t\tdeeper  two  spaces\n\n", "unicode: héllo wörld ☃ 日本語 \u2028 ok\n"]
+    for text in texts:
+        assert hf_tok.encode(text, add_special_tokens=False) == sp.encode(text)
+        assert hf_tok.decode(sp.encode(text)) == text
+    assert hf_tok.eos_token == "<|endoftext|>"
+    assert hf_tok.eos_token_id == sp.piece_to_id("<|endoftext|>")
+
+
+def test_export_refuses_existing_dir_and_bad_steps(workdir, exported, tmp_path):
+    export = _tool("export_hf").export
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(str(workdir), str(exported))
+    with pytest.raises(ValueError, match="available steps"):
+        export(str(workdir), str(tmp_path / "out"), step=3)
+    with pytest.raises(FileNotFoundError):
+        export(str(tmp_path / "empty"), str(tmp_path / "out2"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_import_hf_round_trip(exported, tmp_path):
+    from flax import nnx
+
+    from phi_jax.hf import from_pretrained
+
+    wd = tmp_path / "imported"
+    _tool("import_hf").import_hf(str(exported), str(wd))
+    model, meta, step = load_model(wd)
+    assert step == 0 and meta["data"]["tokenizer_path"].endswith("tokenizer.json")
+    direct = from_pretrained(exported)
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(direct, nnx.Param)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The optimizer state is there too, fresh: a full restore of the train state works.
+    ckpt = Checkpointer(wd, async_save=False)
+    assert ckpt.read_meta(0)["model"] == model.cfg.to_dict()
+    ckpt.close()
+    assert glob.glob(str(wd / "checkpoints" / "0" / "state" / "*"))

@@ -1,0 +1,165 @@
+"""Generation speed: phi_jax's KV-cache decode beside transformers' `generate` on the same random weights.
+
+    python tools/bench_generate.py [--presets=quickstart,phi-100m] [--new_tokens=64] [--out=bench_generate.json]
+
+Per preset: decode latency (ms/token) at batch 1 and 8, prefill tokens/s at 2048 tokens of context (or the model's
+maximum), the same for transformers (fp32, torch CPU) on the weights exported with save_pretrained, the measured
+memory-copy bandwidth (numpy copy of a 512 MiB array) and the memory floor of a decode step: the bytes of weights
+and KV cache it must read divided by that bandwidth. Peak memory is the process's maxrss (cumulative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+
+def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second moved by a large numpy copy (read + write counted)."""
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_phi_jax(model, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    from phi_jax import generate as gen
+
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, model.cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
+    gen.generate_tokens(model, prompts, max_new_tokens=new_tokens)  # compile
+    times = []
+    t_last = [time.perf_counter()]
+
+    def on_token(row, _):
+        if row == 0:
+            now = time.perf_counter()
+            times.append(now - t_last[0])
+            t_last[0] = now
+
+    t_last[0] = time.perf_counter()
+    gen.generate_tokens(model, prompts, max_new_tokens=new_tokens, on_token=on_token)
+    decode = float(np.median(times[1:]))  # times[0] is the prefill and its first token
+    return {"decode_ms_per_token": 1e3 * decode, "first_token_s": times[0]}
+
+
+def bench_prefill(model, length: int) -> float:
+    from phi_jax import generate as gen
+
+    prompt = [np.random.default_rng(1).integers(3, model.cfg.vocab_size, length).tolist()]
+    gen.generate_tokens(model, prompt, max_new_tokens=1)
+    t = time.perf_counter()
+    gen.generate_tokens(model, prompt, max_new_tokens=1)
+    return length / (time.perf_counter() - t)
+
+
+def bench_transformers(hf_dir: Path, vocab: int, batch: int, prompt_len: int, new_tokens: int,
+                       prefill_len: int) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ids = torch.tensor(np.random.default_rng(0).integers(3, vocab, (batch, prompt_len)))
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        total = time.perf_counter() - t
+        out = {"decode_ms_per_token": 1e3 * (total - first) / (new_tokens - 1)}
+        if prefill_len:
+            long = torch.tensor(np.random.default_rng(1).integers(3, vocab, (1, prefill_len)))
+            t = time.perf_counter()
+            model(long)
+            out["prefill_tokens_per_s"] = prefill_len / (time.perf_counter() - t)
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", default="quickstart,phi-100m")
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--prompt_len", type=int, default=32)
+    p.add_argument("--prefill_len", type=int, default=2048)
+    p.add_argument("--out", default="bench_generate.json")
+    args = p.parse_args(argv)
+
+    import jax
+
+    from phi_jax import save_pretrained
+    from phi_jax.config import PhiConfig
+    from phi_jax.model import init_model
+
+    bandwidth = copy_bandwidth()
+    report = {"command": " ".join([sys.executable, *sys.argv]), "machine": {
+        "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+        "jax": jax.__version__, "device": str(jax.devices()[0].device_kind)},
+        "copy_bandwidth_gb_s": bandwidth / 1e9, "results": []}
+    for preset in args.presets.split(","):
+        cfg = PhiConfig.preset(preset)
+        model = init_model(cfg, seed=0)
+        row = {"preset": preset, "params_m": cfg.num_params() / 1e6}
+        for batch in (1, 8):
+            ours = bench_phi_jax(model, batch, args.prompt_len, args.new_tokens)
+            cache_len = -(-(16 * (-(-args.prompt_len // 16)) + args.new_tokens) // 16) * 16
+            weight_bytes = 4 * cfg.num_params()
+            # Each step reads every weight and the whole (masked) cache of every layer; logits are written.
+            kv_bytes = 2 * 4 * cfg.num_layers * batch * cache_len * cfg.hidden_size
+            floor_ms = 1e3 * (weight_bytes + kv_bytes) / bandwidth
+            row[f"b{batch}"] = {**ours, "floor_ms": floor_ms,
+                                "vs_floor": ours["decode_ms_per_token"] / floor_ms}
+        prefill = min(args.prefill_len, cfg.max_position_embeddings) - 1  # + the one generated token = the context
+        row["prefill_len"] = prefill
+        row["prefill_tokens_per_s"] = bench_prefill(model, prefill)
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_dir = save_pretrained(model, Path(tmp) / "hf")
+            for batch in (1, 8):
+                hf = bench_transformers(hf_dir, cfg.vocab_size, batch, args.prompt_len, args.new_tokens,
+                                        prefill if batch == 1 else 0)
+                row[f"b{batch}"]["transformers_ms_per_token"] = hf["decode_ms_per_token"]
+                row[f"b{batch}"]["speedup_vs_transformers"] = (hf["decode_ms_per_token"]
+                                                               / row[f"b{batch}"]["decode_ms_per_token"])
+                if "prefill_tokens_per_s" in hf:
+                    row["transformers_prefill_tokens_per_s"] = hf["prefill_tokens_per_s"]
+        row["maxrss_mib_so_far"] = maxrss_mib()
+        report["results"].append(row)
+
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; {report['machine']['cpus']} CPUs; fp32")
+    print(f"{'preset':<11}{'batch':>6}{'ms/tok':>9}{'floor':>8}{'x floor':>8}{'HF ms/tok':>10}{'speedup':>9}")
+    for row in report["results"]:
+        for batch in (1, 8):
+            r = row[f"b{batch}"]
+            print(f"{row['preset']:<11}{batch:>6}{r['decode_ms_per_token']:>9.2f}{r['floor_ms']:>8.2f}"
+                  f"{r['vs_floor']:>8.2f}{r['transformers_ms_per_token']:>10.2f}{r['speedup_vs_transformers']:>9.2f}")
+        print(f"{row['preset']:<11} prefill {row['prefill_len']} tokens: {row['prefill_tokens_per_s']:.0f} tok/s "
+              f"(transformers {row['transformers_prefill_tokens_per_s']:.0f} tok/s); "
+              f"maxrss {row['maxrss_mib_so_far']:.0f} MiB")
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
