@@ -55,8 +55,10 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restores into `abstract_state` (ShapeDtypeStructs with shardings) and, if given, the data iterator."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        if data_iterator is not None and (self.directory / str(step) / "data").exists():
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        elif data_iterator is not None:  # e.g. made by tools/import_hf.py: fine-tuning starts at the first batch
+            log.info("checkpoint %d holds no data-iterator state; the data starts from the beginning", step)
         return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
     def wait(self) -> None:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from phi_jax.data.tokenizer import load_tokenizer
 from phi_jax.model import KVCache, Phi
 
 log = logging.getLogger("phi_jax")
@@ -157,42 +158,6 @@ def _start_id(tokenizer) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading a model and its tokenizer from a training workdir or a Hugging Face directory.
-
-def load_tokenizer(path: str | os.PathLike):
-    """A tokenizer file (.model SentencePiece or tokenizer.json): phi_jax.data's loader, or a minimal fallback."""
-    try:
-        from phi_jax.data.tokenizer import load_tokenizer as data_load_tokenizer
-    except ImportError:
-        return _FallbackTokenizer(Path(path))
-    return data_load_tokenizer(path)
-
-
-class _FallbackTokenizer:
-    """vocab_size, eos_id, bos_id, encode, decode over a SentencePiece model or a tokenizer.json."""
-
-    def __init__(self, path: Path):
-        if path.suffix == ".json":
-            import tokenizers
-
-            self._tok = tokenizers.Tokenizer.from_file(str(path))
-            self.vocab_size = self._tok.get_vocab_size()
-            self.eos_id = next((self._tok.token_to_id(t) for t in ("<|endoftext|>", "</s>", "<eos>")
-                                if self._tok.token_to_id(t) is not None), None)
-            self.bos_id = next((self._tok.token_to_id(t) for t in ("<s>", "<bos>")
-                                if self._tok.token_to_id(t) is not None), None)
-            self.encode = lambda text: self._tok.encode(text, add_special_tokens=False).ids
-            self.decode = lambda ids: self._tok.decode(list(ids), skip_special_tokens=False)
-        else:
-            import sentencepiece as spm
-
-            self._tok = spm.SentencePieceProcessor(model_file=str(path))
-            self.vocab_size = self._tok.get_piece_size()
-            eos = self._tok.piece_to_id("<|endoftext|>")
-            self.eos_id = eos if eos != self._tok.unk_id() else self._tok.eos_id()
-            self.bos_id = self._tok.bos_id() if self._tok.bos_id() >= 0 else None
-            self.encode = lambda text: self._tok.encode(text)
-            self.decode = lambda ids: self._tok.decode(list(ids))
-
 
 def tokenizer_path(path: str | os.PathLike, step: int | None = None) -> Path:
     """The tokenizer file of a workdir (from its checkpoint metadata) or of a Hugging Face directory."""
