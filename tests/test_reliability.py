@@ -66,7 +66,8 @@ def finish_and_compare(workdir: Path, shards: Path, reference: dict) -> subproce
     return result
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
 def test_preemption_signal_checkpoints_and_exits_75(tmp_path, shards, reference, sig):
     proc = start(tmp_path, shards, checkpoint_every=1000)  # no periodic checkpoint: only the signal's
     wait_for(lambda: logged_steps(tmp_path) >= 3, proc)

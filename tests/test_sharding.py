@@ -51,11 +51,15 @@ def reference():
     return jax.tree.map(np.asarray, state.params), losses
 
 
-CASES = [("dp", (8, 1, 1)), ("dp", (2, 2, 2)), ("zero1", (8, 1, 1)), ("zero1", (2, 4, 1)), ("zero1", (1, 4, 2)),
-         ("fsdp", (8, 1, 1)), ("fsdp", (2, 4, 1)), ("fsdp", (2, 2, 2)), ("fsdp", (1, 4, 2))]
+# Every strategy with and without tensor parallelism runs by default; the other combinations are marked slow.
+slow = pytest.mark.slow
+CASES = [("dp", (8, 1, 1), ()), ("dp", (2, 2, 2), (slow,)), ("zero1", (8, 1, 1), (slow,)), ("zero1", (2, 4, 1), ()),
+         ("zero1", (1, 4, 2), (slow,)), ("fsdp", (8, 1, 1), (slow,)), ("fsdp", (2, 4, 1), (slow,)),
+         ("fsdp", (2, 2, 2), ()), ("fsdp", (1, 4, 2), ())]
 
 
-@pytest.mark.parametrize("strategy,shape", CASES, ids=[f"{s}-{'x'.join(map(str, m))}" for s, m in CASES])
+@pytest.mark.parametrize("strategy,shape", [pytest.param(s, m, marks=k, id=f"{s}-{'x'.join(map(str, m))}")
+                                            for s, m, k in CASES])
 def test_sharded_training_matches_one_device(reference, strategy, shape):
     ref_params, ref_losses = reference
     state, losses = run(make_mesh(*shape), strategy)

@@ -88,14 +88,16 @@ def main() -> None:
     args = p.parse_args()
     import jax
 
-    from phi_jax.flops import measured_matmul_peak
+    from phi_jax.flops import measured_matmul_peak, peak_flops_per_device
 
     models = args.models.split(",")
     per_model = lambda s: [int(x) for x in s.split(",")] * (len(models) if "," not in s else 1)
     ceiling = measured_matmul_peak(n=2048, seconds=3.0)
     rows = [bench_model(m, s, b, args.steps, args.dtype, args.remat)
             for m, s, b in zip(models, per_model(args.seq_len), per_model(args.batch), strict=True)]
+    peak, peak_source = peak_flops_per_device()
     for r in rows:
+        r["mfu"], r["peak_flops_per_sec"], r["peak_source"] = r["achieved_flops_per_sec"] / peak, peak, peak_source
         r["mfu_vs_measured_matmul"] = r["achieved_flops_per_sec"] / ceiling
         r["mfu_vs_model_shaped_matmul"] = r["achieved_flops_per_sec"] / r["model_shaped_matmul_flops_per_sec"]
     result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "jax": jax.__version__,
