@@ -93,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--output", default=None, help="also write the results here as JSON")
     args = parser.parse_args(argv)
+    if args.text_file and not Path(args.text_file).is_file():
+        parser.error(f"--text_file={args.text_file} does not exist or is not a file.")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        parser.error(f"--data_dir={args.data_dir} does not exist; write shards with tools/prepare_data.py.")
 
     model, tok = load(args.model, dtype=args.dtype, step=args.step, tokenizer=args.tokenizer)
     text = None
@@ -116,4 +120,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from phi_jax.cli import run
+
+    run(main)

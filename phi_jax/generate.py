@@ -247,4 +247,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from phi_jax.cli import run
+
+    run(main)

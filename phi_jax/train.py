@@ -167,6 +167,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
         ckpt.save(step, state, data_iter, meta)
 
     start = int(state.step)
+    if start >= c.total_steps:
+        log.info("the run is complete at step %d (total_steps=%d); raise --config.total_steps to train further",
+                 start, c.total_steps)
     tokens_per_step = c.batch_size * c.seq_len
     fpt = flops_per_token(cfg, c.seq_len)
     peak, peak_source = peak_flops_per_device(c.peak_flops_per_device)

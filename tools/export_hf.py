@@ -54,4 +54,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from phi_jax.cli import run
+
+    run(main)
