@@ -71,15 +71,25 @@ class Attention(nnx.Module):
         return self.dense(out), new_kv
 
 
-def _cached_attention(q, k, v, segment_ids, k_cache, v_cache, cache: KVCache):
-    """Writes this step's k/v at cache.index and attends over every filled slot up to each query's own."""
+def _cached_attention(q, k, v, segment_ids, k_cache, v_cache, cache: KVCache, layer: jax.Array | None = None):
+    """Writes this step's k/v at cache.index and attends over every filled slot up to each query's own.
+
+    k_cache/v_cache are one layer's [B, S, N, H], or with `layer` every layer's [L, B, S, N, H], then updated in
+    place at that layer (the decode path, whose cache is donated: no copy of the cache per token)."""
     start = cache.index
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
+    if layer is None:
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
+        k_read, v_read = k_cache, v_cache
+    else:
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (layer, 0, start, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (layer, 0, start, 0, 0))
+        k_read, v_read = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False), \
+            jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
     q_slots = start + jnp.arange(q.shape[1])
-    causal = jnp.arange(k_cache.shape[1])[None, :] <= q_slots[:, None]  # [T, S]
+    causal = jnp.arange(k_read.shape[1])[None, :] <= q_slots[:, None]  # [T, S]
     mask = causal[None] & (cache.segment_ids[:, None, :] == segment_ids[:, :, None])
-    out = xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+    out = xla_attention(q, k_read.astype(q.dtype), v_read.astype(q.dtype), mask)
     return out, (k_cache, v_cache)
 
 
@@ -172,8 +182,18 @@ class Phi(nnx.Module):
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        kv_in = None if cache is None else (cache.k, cache.v)
-        h, kv_out = jax.lax.scan(layer, h, (layer_state, kv_in))
+        if cache is None:
+            h, _ = jax.lax.scan(layer, h, (layer_state, None))
+        else:
+            # The whole cache rides in the scan's carry and each layer updates it in place at its own index
+            # (the cache is donated); as scanned inputs/outputs it would be copied several times per token.
+            def cached_layer(carry, xs):
+                h, kv = carry
+                state, i = xs
+                return nnx.merge(graphdef, state)(h, rope, segment_ids, (*kv, cache, i)), None
+
+            (h, kv_out), _ = jax.lax.scan(cached_layer, (h, (cache.k, cache.v)),
+                                          (layer_state, jnp.arange(cfg.num_layers)))
 
         logits = self.lm_head(self.final_layernorm(h), out_dtype=jnp.float32)
         logits = constrain(logits, ("batch", "length", "act_vocab"))
