@@ -29,16 +29,21 @@ def flops_per_token(cfg: PhiConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + 6.0 * cfg.num_layers * seq_len * cfg.hidden_size
 
 
-def measured_matmul_peak(n: int = 2048, seconds: float = 1.0) -> float:
-    """FLOP/s of a jitted float32 n x n matmul on this process's devices: the ceiling CPU MFU is measured against."""
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
+def matmul_flops_per_sec(m: int, k: int, n: int, seconds: float = 1.0) -> float:
+    """FLOP/s of a jitted float32 [m, k] @ [k, n] matmul on this process's default device."""
+    x, w = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(x, w).block_until_ready()
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or runs < 3:
-        f(x).block_until_ready()
+        f(x, w).block_until_ready()
         runs += 1
-    return 2 * n**3 * runs / (time.perf_counter() - start)
+    return 2 * m * k * n * runs / (time.perf_counter() - start)
+
+
+def measured_matmul_peak(n: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of a jitted float32 n x n matmul: the ceiling CPU MFU is measured against."""
+    return matmul_flops_per_sec(n, n, n, seconds)
 
 
 def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:

@@ -14,11 +14,14 @@ import json
 import logging
 import platform
 import sys
-import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_timing.py
+from _timing import median_seconds
 
 from phi_jax.kernels.dense import BlockSizes, dense_reference, fused_dense
 from phi_jax.kernels.dense_math import apply_activation
@@ -43,18 +46,6 @@ def _fwd_bwd(f):
     return jax.jit(lambda x, w, b, ct: jax.vjp(f, x, w, b)[1](ct))
 
 
-def _time(fn, *args, iters: int, warmup: int = 3) -> float:
-    """Median seconds per call over `iters` calls (after compile + warmup)."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def _inputs(m, k, n, dtype, seed=0):
     kx, kw, kb, kc = jax.random.split(jax.random.key(seed), 4)
     x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
@@ -77,7 +68,7 @@ def benchmark(ms, dtype, iters, block_sizes):
             for label, f, mult in [("fused_fwd", jax.jit(fused), 1), ("xla_fwd", xla, 1),
                                    ("fused_fwd_bwd", _fwd_bwd(fused), 3), ("xla_fwd_bwd", _fwd_bwd(xla), 3)]:
                 args = (x, w, b, ct) if mult == 3 else (x, w, b)
-                sec = _time(f, *args, iters=iters)
+                sec = median_seconds(f, *args, iters=iters)
                 row[f"{label}_ms"] = sec * 1e3
                 row[f"{label}_tflops"] = mult * flops / sec / 1e12
             rows.append(row)

@@ -13,10 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,20 +21,11 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import this checkout's phi_jax
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # and the tools' own helpers
+
+from _timing import median_seconds
 
 from phi_jax.kernels.flash_attention import attention_reference, flash_attention
-
-
-def _time(fn: Callable, *args, warmup: int, iters: int) -> float:
-    """Median seconds per call of an already-jitted fn."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _fwd_bwd(attn: Callable) -> Callable:
@@ -91,8 +79,8 @@ def bench_attention(args: argparse.Namespace) -> list[dict]:
     for name, attn in impls.items():
         row = {"impl": name, "shape": f"{b}x{s}x{n}x{h}", "dtype": dtype.name}
         try:
-            t_fwd = _time(jax.jit(attn), q, k, v, warmup=args.warmup, iters=args.iters)
-            t_all = _time(_fwd_bwd(attn), q, k, v, ct, warmup=args.warmup, iters=args.iters)
+            t_fwd = median_seconds(jax.jit(attn), q, k, v, warmup=args.warmup, iters=args.iters)
+            t_all = median_seconds(_fwd_bwd(attn), q, k, v, ct, warmup=args.warmup, iters=args.iters)
         except Exception as e:  # report an implementation that cannot run here instead of aborting the table
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         else:
@@ -104,7 +92,6 @@ def bench_attention(args: argparse.Namespace) -> list[dict]:
 
 def bench_dense(args: argparse.Namespace) -> list[dict]:
     """The fused dense kernel at phi-1.5's four layer shapes (tools/bench_dense.py; CPU: a quick correctness sweep)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_dense as dense
 
     if jax.default_backend() == "cpu":
