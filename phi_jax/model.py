@@ -59,7 +59,7 @@ class Attention(nnx.Module):
         self.dense = _dense(cfg, rngs, (n, h), (d,), ("heads", "head_dim"), ("embed",))
 
     def __call__(self, x: jax.Array, rope: Rope, segment_ids: jax.Array | None,
-                 cache: tuple[jax.Array, jax.Array, KVCache] | None = None):
+                 cache: tuple[jax.Array, jax.Array, KVCache, jax.Array] | None = None):
         qkv = self.qkv(x)  # [B, T, 3, N, H]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = apply_partial_rotary(q, *rope), apply_partial_rotary(k, *rope)
@@ -71,21 +71,16 @@ class Attention(nnx.Module):
         return self.dense(out), new_kv
 
 
-def _cached_attention(q, k, v, segment_ids, k_cache, v_cache, cache: KVCache, layer: jax.Array | None = None):
+def _cached_attention(q, k, v, segment_ids, k_cache, v_cache, cache: KVCache, layer: jax.Array):
     """Writes this step's k/v at cache.index and attends over every filled slot up to each query's own.
 
-    k_cache/v_cache are one layer's [B, S, N, H], or with `layer` every layer's [L, B, S, N, H], then updated in
-    place at that layer (the decode path, whose cache is donated: no copy of the cache per token)."""
+    k_cache/v_cache hold every layer ([L, B, S, N, H]) and are updated in place at `layer` (the cache is donated
+    by the decode loop, so no copy of it is made per token)."""
     start = cache.index
-    if layer is None:
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
-        k_read, v_read = k_cache, v_cache
-    else:
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (layer, 0, start, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (layer, 0, start, 0, 0))
-        k_read, v_read = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False), \
-            jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (layer, 0, start, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (layer, 0, start, 0, 0))
+    k_read = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)
+    v_read = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
     q_slots = start + jnp.arange(q.shape[1])
     causal = jnp.arange(k_read.shape[1])[None, :] <= q_slots[:, None]  # [T, S]
     mask = causal[None] & (cache.segment_ids[:, None, :] == segment_ids[:, :, None])
@@ -175,15 +170,13 @@ class Phi(nnx.Module):
 
         graphdef, layer_state = nnx.split(self.layers)
 
-        def layer(h, xs):
-            state, kv = xs
-            block = nnx.merge(graphdef, state)
-            return block(h, rope, segment_ids, None if kv is None else (*kv, cache))
-
-        if cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         if cache is None:
-            h, _ = jax.lax.scan(layer, h, (layer_state, None))
+            def layer(h, state):
+                return nnx.merge(graphdef, state)(h, rope, segment_ids)[0], None
+
+            if cfg.remat != "none":
+                layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            h, _ = jax.lax.scan(layer, h, layer_state)
         else:
             # The whole cache rides in the scan's carry and each layer updates it in place at its own index
             # (the cache is donated); as scanned inputs/outputs it would be copied several times per token.
