@@ -38,6 +38,20 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
     return jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array) -> jax.Array:
+    """`xla_attention` over a KV cache laid out for its two products: keys [B*N, H, S], values [B*N, S, H].
+
+    With that layout neither product transposes the cache, and no unit dimension (batch 1) makes XLA:CPU copy
+    the cache after an in-place update. q: [B, T, N, H]; mask: bool [B, T, S]. Returns [B, T, N, H]."""
+    b, t, n, h = q.shape
+    q = q.transpose(0, 2, 1, 3).reshape(b * n, t, h)
+    logits = jnp.einsum("xth,xhs->xts", q, k_cache, preferred_element_type=jnp.float32) * h**-0.5
+    logits = jnp.where(mask[:, None], logits.reshape(b, n, t, -1), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype).reshape(b * n, t, -1)
+    out = jnp.einsum("xts,xsh->xth", probs, v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(b, n, t, h).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
 def causal_segment_mask(segment_ids: jax.Array | None, seq_len: int) -> jax.Array:
     """[B or 1, S, S] bool: causal, and within one segment (packed document) when segment ids [B, S] are given."""
     mask = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None]

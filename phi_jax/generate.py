@@ -54,24 +54,49 @@ def _sample(logits, key, greedy: bool, temperature, top_k, top_p):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(6,))
-def _prefill(graphdef, greedy, state, tokens, positions, segment_ids, cache, key, temperature, top_k, top_p):
-    """Fills the cache with the (left-padded) prompts [B, P]; returns the first new token [B] and the cache."""
-    logits, cache = nnx.merge(graphdef, state).decode(tokens, cache, positions, segment_ids)
-    return _sample(logits[:, -1], key, greedy, temperature, top_k, top_p), cache
+_PROGRAMS: dict = {}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(5,))
-def _decode_step(graphdef, greedy, state, tokens, positions, cache, key, temperature, top_k, top_p):
-    """Runs one token per row [B] at `positions` [B]; returns the next token [B] and the cache."""
-    ones = jnp.ones_like(tokens)[:, None]
-    logits, cache = nnx.merge(graphdef, state).decode(tokens[:, None], cache, positions[:, None], ones)
-    return _sample(logits[:, -1], key, greedy, temperature, top_k, top_p), cache
+def _programs(graphdef, state_def, layers_def, greedy: bool):
+    """The jitted prefill and decode step for one model structure and sampling mode (built once, then reused).
+
+    Their model arguments are flat lists of arrays: flattening nnx States and hashing a static GraphDef in Python
+    took over a millisecond per call, more than a whole decode step of the quickstart model."""
+    key = (graphdef, state_def, layers_def, greedy)
+    if key in _PROGRAMS:
+        return _PROGRAMS[key]
+
+    def unflatten(leaves, layer_leaves):
+        model = nnx.merge(graphdef, jax.tree.unflatten(state_def, leaves))
+        return model, jax.tree.unflatten(layers_def, layer_leaves)
+
+    @functools.partial(jax.jit, donate_argnums=(5,))
+    def prefill(leaves, layer_leaves, tokens, positions, segment_ids, cache, key, sampling):
+        """Fills the cache with the (left-padded) prompts [B, P]. Returns the first new token [B], the position
+        of the token after each prompt [B], the step counter and the cache."""
+        model, layers = unflatten(leaves, layer_leaves)
+        logits, cache = model.decode(tokens, cache, positions, segment_ids, layers)
+        first = _sample(logits[:, -1], jax.random.fold_in(key, 0), greedy, *sampling)
+        return first, jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32), jnp.int32(1), cache
+
+    @functools.partial(jax.jit, donate_argnums=(4,))
+    def decode_step(leaves, layer_leaves, tokens, positions, cache, key, step, sampling):
+        """Runs one token per row [B] at `positions` [B]; returns the next token, the next positions and step,
+        and the cache. All it needs comes from the previous step on the device: the host only reads tokens."""
+        model, layers = unflatten(leaves, layer_leaves)
+        ones = jnp.ones_like(tokens)[:, None]
+        logits, cache = model.decode(tokens[:, None], cache, positions[:, None], ones, layers)
+        return (_sample(logits[:, -1], jax.random.fold_in(key, step), greedy, *sampling), positions + 1,
+                step + 1, cache)
+
+    _PROGRAMS[key] = prefill, decode_step
+    return prefill, decode_step
 
 
 def compilations() -> dict[str, int]:
     """How many programs the prefill and decode step have compiled so far (for tests and benchmarks)."""
-    return {"prefill": _prefill._cache_size(), "decode_step": _decode_step._cache_size()}
+    return {"prefill": sum(p._cache_size() for p, _ in _PROGRAMS.values()),
+            "decode_step": sum(d._cache_size() for _, d in _PROGRAMS.values())}
 
 
 def generate_tokens(model: Phi, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
@@ -115,16 +140,22 @@ def generate_tokens(model: Phi, prompts: Sequence[Sequence[int]], *, max_new_tok
     cache = KVCache.init(cfg, batch, cache_len)
 
     graphdef, state = nnx.split(model)
+    leaves, state_def = jax.tree.flatten(state)
+    # Every step reads these in place (a copy of the layer weights, alive while generating).
+    layer_leaves, layers_def = jax.tree.flatten(model.layer_states())
     greedy = temperature == 0.0
+    prefill, decode_step = _programs(graphdef, state_def, layers_def, greedy)
     sampling = (jnp.float32(temperature if not greedy else 1.0), jnp.int32(top_k), jnp.float32(top_p))
-    base_key = jax.random.key(seed)
+    key = jax.random.key(seed)
 
     out: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(batch, bool)
-    next_pos = np.asarray(lengths, np.int32)
-    tok, cache = _prefill(graphdef, greedy, state, tokens, positions, segments, cache,
-                          jax.random.fold_in(base_key, 0), *sampling)
+    tok, pos, step, cache = prefill(leaves, layer_leaves, tokens, positions, segments, cache, key, sampling)
     for i in range(max_new):
+        # Dispatch the next step before reading this one's tokens, so that the host's work (and the callback)
+        # overlaps the device's. After the last row stops, one step too many may run; its token is dropped.
+        if i < max_new - 1:
+            nxt, pos, step, cache = decode_step(leaves, layer_leaves, tok, pos, cache, key, step, sampling)
         host = np.asarray(tok)
         for row in range(batch):
             if not done[row]:
@@ -135,8 +166,7 @@ def generate_tokens(model: Phi, prompts: Sequence[Sequence[int]], *, max_new_tok
                     done[row] = True
         if done.all() or i == max_new - 1:
             break
-        tok, cache = _decode_step(graphdef, greedy, state, tok, jnp.asarray(next_pos + i), cache,
-                                  jax.random.fold_in(base_key, i + 1), *sampling)
+        tok = nxt
     return out
 
 

@@ -5,7 +5,9 @@
     logits = lm_head(final_layernorm(h))                                  (biased lm_head, float32 logits)
 
 The layers are stacked (one set of parameters with a leading `layers` axis) and run with `jax.lax.scan`,
-so compile time does not grow with depth. Numerically identical to Hugging Face's `PhiForCausalLM`.
+so compile time does not grow with depth. Decoding with a KV cache instead unrolls them over per-layer copies of
+the weights (`Phi.layer_states`), so that each step reads every weight in place. Numerically identical to
+Hugging Face's `PhiForCausalLM`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phi_jax.attention import attention, xla_attention
+from phi_jax.attention import attention, cached_attention
 from phi_jax.config import PhiConfig
 from phi_jax.layers import Dense, LayerNorm, param
 from phi_jax.rotary import apply_partial_rotary, rotary_tables
@@ -26,19 +28,22 @@ Rope = tuple[jax.Array, jax.Array]  # cos, sin: [batch, seq, rotary_dim]
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer for decoding. Slot s of row b is empty or padding when segment_ids[b, s] == 0."""
+    """Keys and values of every layer for decoding. Slot s of row b is empty or padding when segment_ids[b, s] == 0.
 
-    k: jax.Array  # [layers, batch, max_len, heads, head_dim]
-    v: jax.Array  # [layers, batch, max_len, heads, head_dim]
+    One array per layer (not one stacked array): each decode step then updates and reads a layer's cache in place,
+    where slicing a stacked cache would copy it every step."""
+
+    k: tuple[jax.Array, ...]  # per layer: [batch * heads, head_dim, max_len] (see attention.cached_attention)
+    v: tuple[jax.Array, ...]  # per layer: [batch * heads, max_len, head_dim]
     segment_ids: jax.Array  # [batch, max_len] int32
     index: jax.Array  # int32 scalar: the next slot to write
 
     @classmethod
     def init(cls, cfg: PhiConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-        shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
-        dtype = dtype or cfg.compute_dtype
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
-                   jnp.zeros((), jnp.int32))
+        n, h, dtype = cfg.num_heads, cfg.head_dim, dtype or cfg.compute_dtype
+        zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(zeros((batch * n, h, max_len)), zeros((batch * n, max_len, h)),
+                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 def _dense(cfg: PhiConfig, rngs: nnx.Rngs, in_shape, out_shape, in_names, out_names, *, activation=None,
@@ -59,7 +64,7 @@ class Attention(nnx.Module):
         self.dense = _dense(cfg, rngs, (n, h), (d,), ("heads", "head_dim"), ("embed",))
 
     def __call__(self, x: jax.Array, rope: Rope, segment_ids: jax.Array | None,
-                 cache: tuple[jax.Array, jax.Array, KVCache, jax.Array] | None = None):
+                 cache: tuple[jax.Array, jax.Array, KVCache] | None = None):
         qkv = self.qkv(x)  # [B, T, 3, N, H]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = apply_partial_rotary(q, *rope), apply_partial_rotary(k, *rope)
@@ -71,20 +76,19 @@ class Attention(nnx.Module):
         return self.dense(out), new_kv
 
 
-def _cached_attention(q, k, v, segment_ids, k_cache, v_cache, cache: KVCache, layer: jax.Array):
-    """Writes this step's k/v at cache.index and attends over every filled slot up to each query's own.
-
-    k_cache/v_cache hold every layer ([L, B, S, N, H]) and are updated in place at `layer` (the cache is donated
-    by the decode loop, so no copy of it is made per token)."""
+def _cached_attention(q, k, v, segment_ids, k_cache, v_cache, cache: KVCache):
+    """Writes this call's k/v into the layer's cache at cache.index (in place: the decode loop donates the cache),
+    then attends over every filled slot up to each query's own."""
     start = cache.index
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (layer, 0, start, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (layer, 0, start, 0, 0))
-    k_read = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=False)
-    v_read = jax.lax.dynamic_index_in_dim(v_cache, layer, keepdims=False)
-    q_slots = start + jnp.arange(q.shape[1])
-    causal = jnp.arange(k_read.shape[1])[None, :] <= q_slots[:, None]  # [T, S]
+    b, t, n, h = k.shape
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).reshape(b * n, h, t).astype(k_cache.dtype),
+                                           (0, 0, start))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).reshape(b * n, t, h).astype(v_cache.dtype),
+                                           (0, start, 0))
+    q_slots = start + jnp.arange(t)
+    causal = jnp.arange(cache.segment_ids.shape[1])[None, :] <= q_slots[:, None]  # [T, S]
     mask = causal[None] & (cache.segment_ids[:, None, :] == segment_ids[:, :, None])
-    out = xla_attention(q, k_read.astype(q.dtype), v_read.astype(q.dtype), mask)
+    out = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
     return out, (k_cache, v_cache)
 
 
@@ -146,11 +150,24 @@ class Phi(nnx.Module):
         return logits
 
     def decode(self, input_ids: jax.Array, cache: KVCache, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-        """Runs `input_ids` [batch, T] at cache slots [index, index + T) (prefill: T > 1; a decode step: T = 1)."""
-        return self._forward(input_ids, positions, segment_ids, cache)
+               segment_ids: jax.Array | None = None,
+               layers: list[nnx.State] | None = None) -> tuple[jax.Array, KVCache]:
+        """Runs `input_ids` [batch, T] at cache slots [index, index + T) (prefill: T > 1; a decode step: T = 1).
 
-    def _forward(self, input_ids, positions, segment_ids, cache: KVCache | None):
+        `layers`: `self.layer_states()`, made once outside the jitted decode loop. Without it, each call slices
+        the stacked layer parameters, which on XLA:CPU copies every weight."""
+        return self._forward(input_ids, positions, segment_ids, cache,
+                             self.layer_states() if layers is None else layers)
+
+    def layer_states(self) -> list[nnx.State]:
+        """Each layer's parameters as arrays of their own (a copy of the stacked ones), for decoding.
+
+        A decode step reads every weight once. Through the stacked parameters (a scan, or a slice per layer)
+        XLA:CPU first copies each layer's slice, which more than doubled the time of a phi-100m decode step."""
+        stacked = nnx.state(self.layers)
+        return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.cfg.num_layers)]
+
+    def _forward(self, input_ids, positions, segment_ids, cache: KVCache | None, layers=None):
         cfg = self.cfg
         batch, seq = input_ids.shape
         offset = 0 if cache is None else cache.index
@@ -178,20 +195,17 @@ class Phi(nnx.Module):
                 layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
             h, _ = jax.lax.scan(layer, h, layer_state)
         else:
-            # The whole cache rides in the scan's carry and each layer updates it in place at its own index
-            # (the cache is donated); as scanned inputs/outputs it would be copied several times per token.
-            def cached_layer(carry, xs):
-                h, kv = carry
-                state, i = xs
-                return nnx.merge(graphdef, state)(h, rope, segment_ids, (*kv, cache, i)), None
-
-            (h, kv_out), _ = jax.lax.scan(cached_layer, (h, (cache.k, cache.v)),
-                                          (layer_state, jnp.arange(cfg.num_layers)))
+            # Decoding unrolls the layers: each reads its own weights and its own cache, both in place.
+            k_out, v_out = [], []
+            for i, state in enumerate(layers):
+                h, (k, v) = nnx.merge(graphdef, state)(h, rope, segment_ids, (cache.k[i], cache.v[i], cache))
+                k_out.append(k)
+                v_out.append(v)
 
         logits = self.lm_head(self.final_layernorm(h), out_dtype=jnp.float32)
         logits = constrain(logits, ("batch", "length", "act_vocab"))
         if cache is not None:
-            cache = cache._replace(k=kv_out[0], v=kv_out[1], index=cache.index + seq)
+            cache = cache._replace(k=tuple(k_out), v=tuple(v_out), index=cache.index + seq)
         return logits, cache
 
 

@@ -44,6 +44,7 @@ def test_batched_rows_equal_each_prompt_alone(model):
     batched = gen.generate_tokens(model, prompts, max_new_tokens=12)
     alone = [gen.generate_tokens(model, [p], max_new_tokens=12)[0] for p in prompts]
     assert batched == alone
+    assert gen.generate_tokens(model, prompts, max_new_tokens=1) == [row[:1] for row in batched]
 
 
 def test_sampling_reproducible_and_seed_dependent(model):
