@@ -5,7 +5,8 @@
 Per preset: decode latency (ms/token) at batch 1 and 8, prefill tokens/s at 2048 tokens of context (or the model's
 maximum), the same for transformers (fp32, torch CPU) on the weights exported with save_pretrained, the measured
 memory-copy bandwidth (numpy copy of a 512 MiB array) and the memory floor of a decode step: the bytes of weights
-and KV cache it must read divided by that bandwidth. Peak memory is the process's maxrss (cumulative).
+and KV cache it must read divided by that bandwidth. Beside it, XLA's own time for the step's matmuls alone (a vector
+times every weight matrix, one jitted program). Peak memory is the process's maxrss (cumulative).
 """
 
 from __future__ import annotations
