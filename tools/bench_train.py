@@ -17,12 +17,12 @@ import sys
 import time
 
 
-def bench_model(name: str, seq_len: int, batch: int, steps: int, dtype: str, remat: str) -> dict:
+def setup(name: str, seq_len: int, batch: int, dtype: str = "float32", remat: str = "none"):
+    """(cfg, jitted train step, train state, synthetic batch) on one device."""
     import jax
     import numpy as np
 
     from phi_jax.config import PhiConfig
-    from phi_jax.flops import flops_per_token, matmul_flops_per_sec
     from phi_jax.optim import make_optimizer
     from phi_jax.sharding import batch_sharding, make_mesh
     from phi_jax.train_state import create_train_state, state_shardings
@@ -39,7 +39,16 @@ def bench_model(name: str, seq_len: int, batch: int, steps: int, dtype: str, rem
     b = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (1, batch, seq_len)).copy(),
          "segment_ids": np.ones((1, batch, seq_len), np.int32), "loss_mask": np.ones((1, batch, seq_len), np.float32)}
-    b = jax.device_put(b, batch_sharding(mesh, leading_dims=1))
+    return cfg, step_fn, state, jax.device_put(b, batch_sharding(mesh, leading_dims=1))
+
+
+def bench_model(name: str, seq_len: int, batch: int, steps: int, dtype: str, remat: str) -> dict:
+    import jax
+    import numpy as np
+
+    from phi_jax.flops import flops_per_token, matmul_flops_per_sec
+
+    cfg, step_fn, state, b = setup(name, seq_len, batch, dtype, remat)
     start = time.perf_counter()
     state, m = step_fn(state, b)
     jax.block_until_ready(m)

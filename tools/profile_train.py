@@ -1,0 +1,106 @@
+"""Where a training step's time goes: one traced step, its XLA ops' time summed by kind.
+
+    python tools/profile_train.py --model=phi-100m --seq_len=512 --batch=4 --out=bench_results/profile_train.json
+
+Traces one step (after a compile and a warm-up step) with jax.profiler, matches each traced op to its instruction
+in the compiled HLO, and sums op time into: matmuls of the linear layers, attention's matmuls, attention's other
+ops (masking, softmax and their gradients: the [batch, heads, seq, seq] tensors), everything else (norms,
+activations, the loss, the optimizer, the layer scan's bookkeeping), and executor control. Op times are summed
+over threads, so on a multi-core CPU the total can exceed the step's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/bench_train.py
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> its HLO line, first definition wins (the entry's names are unique enough here)."""
+    defs: dict[str, str] = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+        if m:
+            defs.setdefault(m.group(1), line.strip())
+    return defs
+
+
+def kind_of(line: str, seq_len: int, head_dim: int) -> str:
+    """The kind of an op from its HLO line: attention's tensors end in [..., seq, seq] (scores) or, per head,
+    [..., seq, head_dim] / [..., head_dim, seq]."""
+    shape = line.split(" = ", 1)[1].split(" ", 1)[0]
+    if shape.startswith("("):
+        return "control"  # while loops and tuples: the layer scan and gradient accumulation
+    attention = any(f",{a},{b}]" in shape for a, b in ((seq_len, seq_len), (seq_len, head_dim), (head_dim, seq_len)))
+    is_matmul = 'dot_general"' in line or " dot(" in line
+    return f"{'attention' if attention else 'linear'} matmuls" if is_matmul else (
+        "attention other" if attention else "other")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="phi-100m")
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--top", type=int, default=25, help="also list the N slowest ops")
+    p.add_argument("--out", default="bench_results/profile_train.json")
+    args = p.parse_args()
+
+    import jax
+    from bench_train import setup
+    from jax.profiler import ProfileData
+
+    cfg, step_fn, state, batch = setup(args.model, args.seq_len, args.batch, args.dtype, args.remat)
+    defs = hlo_instructions(step_fn.lower(state, batch).compile().as_text())
+    for _ in range(2):  # compile, then one warm step
+        state, m = step_fn(state, batch)
+        jax.block_until_ready(m)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        start = time.perf_counter()
+        with jax.profiler.trace(trace_dir):
+            state, m = step_fn(state, batch)
+            jax.block_until_ready(m)
+        step_sec = time.perf_counter() - start
+        profile = ProfileData.from_file(sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1])
+        per_op: collections.Counter = collections.Counter()
+        for plane in profile.planes:
+            for line in plane.lines:
+                for event in line.events:
+                    if event.name in defs:  # XLA ops only: runtime events enclose them and would count twice
+                        per_op[event.name] += event.duration_ns / 1e9
+    kinds: collections.Counter = collections.Counter()
+    op_kind = {name: kind_of(defs[name], args.seq_len, cfg.head_dim) for name in per_op}
+    for name, sec in per_op.items():
+        kinds[op_kind[name]] += sec
+    total = sum(kinds.values())
+    result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "jax": jax.__version__,
+              "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "model": args.model,
+              "seq_len": args.seq_len, "batch": args.batch, "traced_step_sec": step_sec,
+              "op_seconds_by_kind": dict(kinds.most_common()),
+              "slowest_ops": [{"op": n, "kind": op_kind[n], "sec": s, "hlo": defs[n][:200]}
+                              for n, s in per_op.most_common(args.top)]}
+    print(f"{args.model} {args.seq_len} x {args.batch}: traced step {step_sec:.2f} s; op time by kind:")
+    for kind, sec in kinds.most_common():
+        print(f"  {kind:<20}{sec:>9.2f} s{sec / total:>8.1%}")
+    print("slowest ops:")
+    for name, sec in per_op.most_common(args.top):
+        print(f"  {sec:>7.3f} s  {op_kind[name]:<18} {name:<36} {defs[name].split(' = ', 1)[1][:80]}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(args.out + ".tmp", args.out)
+
+
+if __name__ == "__main__":
+    main()
