@@ -28,14 +28,43 @@ def resolve_attention_impl(impl: str) -> str:
     return resolved
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """q: [B, T, N, H]; k, v: [B, S, N, H]; mask: bool [B, T, S] (True = attend). Returns [B, T, N, H]."""
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+@jax.custom_vjp
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q: [B, T, N, H]; k, v: [B, S, N, H]; mask: bool [B or 1, T, S] (True = attend). Returns [B, T, N, H].
+
+    fp32 logits and softmax; every row must see at least one key."""
+    return _xla_attention_fwd(q, k, v, mask)[0]
+
+
+def _scores(q, k, mask):
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    return jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+
+
+def _xla_attention_fwd(q, k, v, mask):
+    logits = _scores(q, k, mask)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, N, T, 1]
+    probs = jnp.exp(logits - lse).astype(v.dtype)
+    out = jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _xla_attention_bwd(residuals, d_out):
+    """FlashAttention-2's backward, unblocked: the probabilities are recomputed from q, k and the saved
+    log-sum-exp instead of being saved for every layer, and the softmax gradient's row sum is taken over
+    head_dim (rowsum(dO * O)) rather than over the keys."""
+    q, k, v, mask, out, lse = residuals
+    probs = jnp.exp(_scores(q, k, mask) - lse)
+    d_v = jnp.einsum("bnts,btnh->bsnh", probs.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum("btnh,bsnh->bnts", d_out, v, preferred_element_type=jnp.float32)
+    row = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))[..., None]
+    d_logits = (probs * (d_probs - row) * q.shape[-1] ** -0.5).astype(q.dtype)
+    d_q = jnp.einsum("bnts,bsnh->btnh", d_logits, k, preferred_element_type=jnp.float32)
+    d_k = jnp.einsum("bnts,btnh->bsnh", d_logits, q, preferred_element_type=jnp.float32)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array) -> jax.Array:
