@@ -1,5 +1,7 @@
-"""Timing shared by the kernel benchmarks."""
+"""Timing and result files shared by the benchmarks."""
 
+import json
+import os
 import statistics
 import time
 
@@ -17,3 +19,11 @@ def median_seconds(fn, *args, warmup: int = 3, iters: int = 10) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def write_json(path: str, result: dict) -> None:
+    """Writes `result` to `path` through a temporary file and a rename: never a half-written results file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)

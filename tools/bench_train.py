@@ -10,11 +10,12 @@ reported against both the measured float32 matmul ceiling (on CPU) and, where kn
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
+
+from _timing import write_json
 
 
 def setup(name: str, seq_len: int, batch: int, dtype: str = "float32", remat: str = "none"):
@@ -110,10 +111,7 @@ def main() -> None:
               f"{r['mfu_vs_measured_matmul']:>11.1%}{r['model_shaped_matmul_flops_per_sec'] / 1e9:>20.1f}"
               f"{r['mfu_vs_model_shaped_matmul']:>8.1%}")
     print(f"matmul ceiling (jitted float32 2048^3): {ceiling / 1e9:.1f} GFLOP/s")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import re
 import sys
@@ -58,6 +57,7 @@ def main() -> None:
     args = p.parse_args()
 
     import jax
+    from _timing import write_json
     from bench_train import setup
     from jax.profiler import ProfileData
 
@@ -96,10 +96,7 @@ def main() -> None:
     print("slowest ops:")
     for name, sec in per_op.most_common(args.top):
         print(f"  {sec:>7.3f} s  {op_kind[name]:<18} {name:<36} {defs[name].split(' = ', 1)[1][:80]}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
