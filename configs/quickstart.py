@@ -1,5 +1,5 @@
 """The README quickstart: a ~7M-parameter phi-shaped model on the embedded stdlib corpus, on a 2-core CPU in
-about 7 minutes (including building the corpus once).
+about 7 minutes (measured times and losses: docs/PERFORMANCE.md, "The quickstart").
 
 The phi-1.5 optimizer (AdamW 0.9/0.98, eps 1e-7, weight decay 0.1, constant learning rate) at a learning rate
 suited to a small model and a few hundred steps.
@@ -14,7 +14,7 @@ def get_config():
     c.dtype = "float32"  # bf16 is no faster on CPU
     c.seq_len = 256
     c.batch_size = 16
-    c.total_steps = 150  # ~600k tokens: about 6 minutes on 2 CPU cores, val loss 9.0 -> ~4
+    c.total_steps = 150  # 614k tokens
     c.learning_rate = 2e-3
     c.log_every = 10
     c.eval_every = 50

@@ -5,12 +5,12 @@ import os
 import statistics
 import time
 
-import jax
-
 
 def median_seconds(fn, *args, warmup: int = 3, iters: int = 10) -> float:
     """Median seconds per call of `fn(*args)` over `iters` calls, after `warmup` calls (the first compiles); each
     call is ended by block_until_ready, so asynchronous dispatch is not mistaken for speed."""
+    import jax  # here, not at the top: tools such as plan_memory.py configure JAX before importing it
+
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []

@@ -10,7 +10,6 @@ On CPU: Pallas only runs in interpret mode there, so timings mean nothing; it ru
 
 import argparse
 import functools
-import json
 import logging
 import platform
 import sys
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_timing.py
-from _timing import median_seconds
+from _timing import median_seconds, write_json
 
 from phi_jax.kernels.dense import BlockSizes, dense_reference, fused_dense
 from phi_jax.kernels.dense_math import apply_activation
@@ -138,8 +137,7 @@ def main(argv=None):
             print(f"{r['layer']:9} {r['m']:>6} {r['k']:>5} {r['n']:>5} {r['fused_fwd_tflops']:>10.1f} "
                   f"{r['xla_fwd_tflops']:>8.1f} {r['fused_fwd_bwd_tflops']:>10.1f} {r['xla_fwd_bwd_tflops']:>8.1f}")
         result = dict(meta, mode="benchmark", dtype=args.dtype, block_sizes=args.blocks, rows=rows)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -12,7 +12,6 @@ times every weight matrix, one jitted program). Peak memory is the process's max
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import this chec
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # and the tools' own helpers
 
 import numpy as np
+from _timing import median_seconds, write_json
 
 
 def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
@@ -48,7 +48,6 @@ def weight_read_ms(model, batch: int) -> float:
     and the lm_head), in one jitted program: the floor this machine's XLA:CPU matmuls allow."""
     import jax
     import jax.numpy as jnp
-    from _timing import median_seconds
 
     kernels = [w for path, w in jax.tree_util.tree_leaves_with_path(model.layer_states())
                if "kernel" in jax.tree_util.keystr(path)]
@@ -181,7 +180,7 @@ def main(argv=None) -> dict:
         print(f"{row['preset']:<11} prefill {row['prefill_len']} tokens: {row['prefill_tokens_per_s']:.0f} tok/s "
               f"(transformers {row['transformers_prefill_tokens_per_s']:.0f} tok/s); "
               f"maxrss {row['maxrss_mib_so_far']:.0f} MiB")
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     return report
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import this checkout's phi_jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # and the tools' own helpers
 
-from _timing import median_seconds
+from _timing import median_seconds, write_json
 
 from phi_jax.kernels.flash_attention import attention_reference, flash_attention
 
@@ -137,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         report["results"][name] = rows = KERNELS[name](args)
         _print_table(name, rows)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(args.out, report)
     print(f"\nwrote {args.out}")
 
 

@@ -4,12 +4,12 @@
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
-from pathlib import Path
+
+from _timing import write_json
 
 from phi_jax.data.default import ensure_default_dataset
 from phi_jax.data.loader import make_dataset
@@ -47,8 +47,7 @@ def main(argv=None) -> None:
               "machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
               "results": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(a.out, result)
     print(f"{'seq_len':>8} {'batch':>6} {'packing':>8} {'tokens/s':>12} {'ms/batch':>9}")
     for r in rows:
         print(f"{r['seq_len']:>8} {r['batch']:>6} {r['packing']!s:>8} {r['tokens_per_sec']:>12,} "

@@ -11,10 +11,11 @@ within tens of percent; the parameter/optimizer bytes are exact.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
+
+from _timing import write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,10 +91,7 @@ def main(argv=None) -> dict:
     verdict = "fits" if report["fits"] else "does NOT fit"
     print(f"  -> {verdict} in {args.device_memory_gib:g} GiB per device")
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.out)
+        write_json(args.out, report)
     return report
 
 
