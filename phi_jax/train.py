@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from phi_jax import distributed
+from phi_jax import distributed, host_memory
 from phi_jax.checkpoint import Checkpointer
 from phi_jax.config import PhiConfig
 from phi_jax.data.loader import make_dataset, make_eval_batches
@@ -247,6 +247,7 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; settings go in --config.KEY=VALUE.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    log.info("host memory: %s", host_memory.status())
     distributed.maybe_initialize()
     c = _CONFIG.value
     workdir = _WORKDIR.value or f"runs/{c.model}"

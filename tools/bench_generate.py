@@ -129,12 +129,13 @@ def main(argv=None) -> dict:
 
     from phi_jax import save_pretrained
     from phi_jax.config import PhiConfig
+    from phi_jax.host_memory import status
     from phi_jax.model import init_model
 
     bandwidth = copy_bandwidth()
     report = {"command": " ".join([sys.executable, *sys.argv]), "machine": {
         "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-        "jax": jax.__version__, "device": str(jax.devices()[0].device_kind)},
+        "jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "host_memory": status()},
         "copy_bandwidth_gb_s": bandwidth / 1e9, "results": []}
     for preset in args.presets.split(","):
         cfg = PhiConfig.preset(preset)
@@ -185,4 +186,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from phi_jax.host_memory import ensure_huge_pages
+
+    ensure_huge_pages()  # measure what `python -m phi_jax.train` runs: malloc on transparent huge pages
     main()

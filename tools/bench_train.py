@@ -85,6 +85,7 @@ def main() -> None:
     import jax
 
     from phi_jax.flops import measured_matmul_peak, peak_flops_per_device
+    from phi_jax.host_memory import status
 
     models = args.models.split(",")
     per_model = lambda s: [int(x) for x in s.split(",")] * (len(models) if "," not in s else 1)
@@ -102,7 +103,7 @@ def main() -> None:
     result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "jax": jax.__version__,
               "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
               "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-              "matmul_ceiling_flops_per_sec": ceiling, "results": rows}
+              "matmul_ceiling_flops_per_sec": ceiling, "host_memory": status(), "results": rows}
     print(f"{'model':<12}{'params':>10}{'seq x batch':>14}{'tokens/s':>12}{'GFLOP/s':>10}{'of ceiling':>12}"
           f"{'fc1 matmul GFLOP/s':>20}{'of it':>8}")
     for r in rows:
@@ -115,4 +116,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from phi_jax.host_memory import ensure_huge_pages
+
+    ensure_huge_pages()  # measure what `python -m phi_jax.train` runs: malloc on transparent huge pages
     main()

@@ -61,6 +61,8 @@ def main() -> None:
     from bench_train import setup
     from jax.profiler import ProfileData
 
+    from phi_jax.host_memory import status
+
     cfg, step_fn, state, batch = setup(args.model, args.seq_len, args.batch, args.dtype, args.remat)
     defs = hlo_instructions(step_fn.lower(state, batch).compile().as_text())
     for _ in range(2):  # compile, then one warm step
@@ -85,7 +87,8 @@ def main() -> None:
         kinds[op_kind[name]] += sec
     total = sum(kinds.values())
     result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "jax": jax.__version__,
-              "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "model": args.model,
+              "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "host_memory": status(),
+              "model": args.model,
               "seq_len": args.seq_len, "batch": args.batch, "traced_step_sec": step_sec,
               "op_seconds_by_kind": dict(kinds.most_common()),
               "slowest_ops": [{"op": n, "kind": op_kind[n], "sec": s, "hlo": defs[n][:200]}
@@ -100,4 +103,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from phi_jax.host_memory import ensure_huge_pages
+
+    ensure_huge_pages()  # measure what `python -m phi_jax.train` runs: malloc on transparent huge pages
     main()
