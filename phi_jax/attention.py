@@ -41,6 +41,7 @@ def _scores(q, k, mask):
     return jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
 
 
+@jax.named_scope("xla_attention")  # tools/profile_train.py finds attention's ops by this name
 def _xla_attention_fwd(q, k, v, mask):
     logits = _scores(q, k, mask)
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, N, T, 1]
@@ -49,6 +50,7 @@ def _xla_attention_fwd(q, k, v, mask):
     return out, (q, k, v, mask, out, lse)
 
 
+@jax.named_scope("xla_attention")
 def _xla_attention_bwd(residuals, d_out):
     """FlashAttention-2's backward, unblocked: the probabilities are recomputed from q, k and the saved
     log-sum-exp instead of being saved for every layer, and the softmax gradient's row sum is taken over

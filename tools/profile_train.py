@@ -4,7 +4,7 @@
 
 Traces one step (after a compile and a warm-up step) with jax.profiler, matches each traced op to its instruction
 in the compiled HLO, and sums op time into: matmuls of the linear layers, attention's matmuls, attention's other
-ops (masking, softmax and their gradients: the [batch, heads, seq, seq] tensors), everything else (norms,
+ops (masking, softmax and their gradients: the ops of the XLA attention's named scope), everything else (norms,
 activations, the loss, the optimizer, the layer scan's bookkeeping), and executor control. Op times are summed
 over threads, so on a multi-core CPU the total can exceed the step's wall time.
 """
@@ -33,13 +33,11 @@ def hlo_instructions(hlo_text: str) -> dict[str, str]:
     return defs
 
 
-def kind_of(line: str, seq_len: int, head_dim: int) -> str:
-    """The kind of an op from its HLO line: attention's tensors end in [..., seq, seq] (scores) or, per head,
-    [..., seq, head_dim] / [..., head_dim, seq]."""
-    shape = line.split(" = ", 1)[1].split(" ", 1)[0]
-    if shape.startswith("("):
+def kind_of(line: str) -> str:
+    """The kind of an op from its HLO line; phi_jax's XLA attention names its ops' scope `xla_attention`."""
+    if line.split(" = ", 1)[1].startswith("("):
         return "control"  # while loops and tuples: the layer scan and gradient accumulation
-    attention = any(f",{a},{b}]" in shape for a, b in ((seq_len, seq_len), (seq_len, head_dim), (head_dim, seq_len)))
+    attention = "/xla_attention/" in line
     is_matmul = 'dot_general"' in line or " dot(" in line
     return f"{'attention' if attention else 'linear'} matmuls" if is_matmul else (
         "attention other" if attention else "other")
@@ -63,7 +61,7 @@ def main() -> None:
 
     from phi_jax.host_memory import status
 
-    cfg, step_fn, state, batch = setup(args.model, args.seq_len, args.batch, args.dtype, args.remat)
+    _, step_fn, state, batch = setup(args.model, args.seq_len, args.batch, args.dtype, args.remat)
     defs = hlo_instructions(step_fn.lower(state, batch).compile().as_text())
     for _ in range(2):  # compile, then one warm step
         state, m = step_fn(state, batch)
@@ -82,7 +80,7 @@ def main() -> None:
                     if event.name in defs:  # XLA ops only: runtime events enclose them and would count twice
                         per_op[event.name] += event.duration_ns / 1e9
     kinds: collections.Counter = collections.Counter()
-    op_kind = {name: kind_of(defs[name], args.seq_len, cfg.head_dim) for name in per_op}
+    op_kind = {name: kind_of(defs[name]) for name in per_op}
     for name, sec in per_op.items():
         kinds[op_kind[name]] += sec
     total = sum(kinds.values())
