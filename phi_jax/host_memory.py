@@ -3,11 +3,11 @@
 XLA:CPU allocates the temporaries of each run of an executable (gigabytes for a training step) in one malloc,
 which glibc serves from a fresh mmap and returns with munmap. Every step then page-faults its working set back in,
 4 KiB at a time, and runs its matmuls on 4 KiB pages: a phi-100m step (512 x 8 tokens) took 1.5M page faults and
-6 s of system time on the 2-core development machine. glibc's tunable `glibc.malloc.hugetlb=1` makes malloc
+5 s of system time on the 2-core development machine. glibc's tunable `glibc.malloc.hugetlb=1` makes malloc
 madvise its memory for transparent huge pages, which cut that to a few thousand faults and made training steps
-7-20% faster (docs/PERFORMANCE.md). glibc reads tunables only when a process starts, so phi_jax's command-line
-entry points re-execute themselves once, before importing JAX, with the tunable added. `PHI_JAX_HUGE_PAGES=0`
-leaves the allocator alone.
+2-25% faster in back-to-back runs (docs/PERFORMANCE.md). glibc reads tunables only when a process starts, so
+phi_jax's command-line entry points re-execute themselves once, before importing JAX, with the tunable added.
+`PHI_JAX_HUGE_PAGES=0` leaves the allocator alone.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import sys
 import time
 
@@ -55,17 +56,22 @@ def bench_model(name: str, seq_len: int, batch: int, steps: int, dtype: str, rem
     jax.block_until_ready(m)
     compile_sec = time.perf_counter() - start
     times = []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         start = time.perf_counter()
         state, m = step_fn(state, b)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     step_time = float(np.median(times))
     tps = batch * seq_len / step_time
     fpt = flops_per_token(cfg, seq_len)
     return {"model": name, "parameters": cfg.num_params(), "seq_len": seq_len, "batch": batch, "dtype": dtype,
             "remat": remat, "compile_sec": round(compile_sec, 2), "step_sec_median": step_time,
-            "step_sec_min": min(times), "tokens_per_sec": tps, "flops_per_token": fpt,
+            "step_sec_min": min(times), "tokens_per_sec": tps,
+            # host memory's cost (phi_jax/host_memory.py): page faults and kernel time per step
+            "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / steps,
+            "system_sec_per_step": (after.ru_stime - usage.ru_stime) / steps, "flops_per_token": fpt,
             "achieved_flops_per_sec": tps * fpt,
             # the model's own fc1 shape: a tighter CPU ceiling than a square matmul
             "model_shaped_matmul_flops_per_sec": matmul_flops_per_sec(batch * seq_len, cfg.hidden_size,
@@ -105,13 +111,13 @@ def main() -> None:
               "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "matmul_ceiling_flops_per_sec": ceiling, "host_memory": status(), "results": rows}
     print(f"{'model':<12}{'params':>10}{'seq x batch':>14}{'tokens/s':>12}{'GFLOP/s':>10}{'of ceiling':>12}"
-          f"{'fc1 matmul GFLOP/s':>20}{'of it':>8}")
+          f"{'fc1 matmul GFLOP/s':>20}{'of it':>8}{'faults/step':>13}")
     for r in rows:
         print(f"{r['model']:<12}{r['parameters'] / 1e6:>9.1f}M{r['seq_len']:>8} x {r['batch']:<3}"
               f"{r['tokens_per_sec']:>12.0f}{r['achieved_flops_per_sec'] / 1e9:>10.1f}"
               f"{r['mfu_vs_measured_matmul']:>11.1%}{r['model_shaped_matmul_flops_per_sec'] / 1e9:>20.1f}"
-              f"{r['mfu_vs_model_shaped_matmul']:>8.1%}")
-    print(f"matmul ceiling (jitted float32 2048^3): {ceiling / 1e9:.1f} GFLOP/s")
+              f"{r['mfu_vs_model_shaped_matmul']:>8.1%}{r['page_faults_per_step']:>13.0f}")
+    print(f"matmul ceiling (jitted float32 2048^3): {ceiling / 1e9:.1f} GFLOP/s; host memory: {status()}")
     write_json(args.out, result)
 
 
