@@ -63,16 +63,19 @@ def plan(environ: Mapping[str, str], mode: str | None, glibc: tuple[int, int] | 
     return True, f"re-executing with GLIBC_TUNABLES={TUNABLE}=1"
 
 
+def _plan_here() -> tuple[bool, str]:
+    return plan(os.environ, thp_mode(), glibc_version())
+
+
 def status() -> str:
     """What to log about host memory in this process."""
-    return plan(os.environ, thp_mode(), glibc_version())[1]
+    return _plan_here()[1]
 
 
 def ensure_huge_pages() -> None:
     """Re-executes this process (same interpreter, same arguments) with glibc's malloc on transparent huge pages,
     where that applies; otherwise returns. Call it first thing in a command-line entry point, before JAX starts."""
-    reexec, _ = plan(os.environ, thp_mode(), glibc_version())
-    if not reexec:
+    if not _plan_here()[0]:
         return
     tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), f"{TUNABLE}=1") if t)
     sys.stdout.flush()
