@@ -1,4 +1,4 @@
-"""Command-line entry points report a user's mistake as one line, not a traceback."""
+"""Command-line entry points: CPU hosts' malloc on huge pages first, and a user's mistake as one line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueErro
 
 
 def run(main: Callable[[], object]) -> None:
-    """Calls `main()`; a bad path, an existing output or an invalid value exits with status 1 and its message."""
+    """Calls `main()`; a bad path, an existing output or an invalid value exits with status 1 and its message.
+
+    Before anything else, a CPU host's process restarts once with glibc's malloc on huge pages (host_memory.py)."""
+    from phi_jax.host_memory import ensure_huge_pages
+
+    ensure_huge_pages()
     try:
         main()
     except USER_ERRORS as e:

@@ -6,12 +6,15 @@ which glibc serves from a fresh mmap and returns with munmap. Every step then pa
 5 s of system time on the 2-core development machine. glibc's tunable `glibc.malloc.hugetlb=1` makes malloc
 madvise its memory for transparent huge pages, which cut that to a few thousand faults and made training steps
 2-25% faster in back-to-back runs (docs/PERFORMANCE.md). glibc reads tunables only when a process starts, so
-phi_jax's command-line entry points re-execute themselves once, before importing JAX, with the tunable added.
-`PHI_JAX_HUGE_PAGES=0` leaves the allocator alone.
+phi_jax's command-line entry points call `ensure_huge_pages()` first thing, which re-executes the process once with
+the tunable added. It applies to CPU hosts only: where an accelerator runtime is installed (and JAX_PLATFORMS does
+not pin the CPU), the host's malloc is left alone. `PHI_JAX_HUGE_PAGES=0` leaves it alone everywhere.
+Importing phi_jax never does any of this.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -21,7 +24,8 @@ TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "PHI_JAX_HUGE_PAGES"  # "0": never re-execute
 _REEXECUTED = "PHI_JAX_HUGE_PAGES_REEXECUTED"  # set in the re-executed process: never twice
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
-ENTRY_POINTS = ("phi_jax.train", "phi_jax.generate", "phi_jax.evaluate")
+# Installed JAX accelerator runtimes (module names); their hosts keep step temporaries in device memory.
+ACCELERATOR_RUNTIMES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "jax_rocm60_plugin")
 
 
 def thp_mode(path: str = THP_SETTING) -> str | None:
@@ -43,11 +47,22 @@ def glibc_version() -> tuple[int, int] | None:
     return tuple(int(x) for x in version.split(".")[:2]) if name == "glibc" else None
 
 
-def plan(environ: Mapping[str, str], mode: str | None, glibc: tuple[int, int] | None) -> tuple[bool, str]:
+def accelerator_runtime(environ: Mapping[str, str]) -> str | None:
+    """The installed accelerator runtime JAX may use, unless JAX_PLATFORMS pins the CPU; None on a CPU host."""
+    if environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return None
+    return next((m for m in ACCELERATOR_RUNTIMES if importlib.util.find_spec(m) is not None), None)
+
+
+def plan(environ: Mapping[str, str], mode: str | None, glibc: tuple[int, int] | None,
+         accelerator: str | None = None) -> tuple[bool, str]:
     """(whether to re-execute with the tunable, what to log about host memory)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
     if environ.get(OPT_OUT) == "0":
         return False, f"malloc left as it is ({OPT_OUT}=0)"
+    if accelerator:
+        return False, (f"malloc left as it is (accelerator runtime {accelerator} installed; huge pages are for "
+                       "XLA:CPU, set JAX_PLATFORMS=cpu to train on the CPU with them)")
     if mode == "always":
         return False, "transparent huge pages: on (the kernel's mode is 'always')"
     if mode != "madvise":
@@ -64,7 +79,7 @@ def plan(environ: Mapping[str, str], mode: str | None, glibc: tuple[int, int] | 
 
 
 def _plan_here() -> tuple[bool, str]:
-    return plan(os.environ, thp_mode(), glibc_version())
+    return plan(os.environ, thp_mode(), glibc_version(), accelerator_runtime(os.environ))
 
 
 def status() -> str:
@@ -74,7 +89,8 @@ def status() -> str:
 
 def ensure_huge_pages() -> None:
     """Re-executes this process (same interpreter, same arguments) with glibc's malloc on transparent huge pages,
-    where that applies; otherwise returns. Call it first thing in a command-line entry point, before JAX starts."""
+    where that applies; otherwise returns. Call it first thing in a command-line entry point, before JAX starts
+    (phi_jax.cli.run and train's `__main__` do)."""
     if not _plan_here()[0]:
         return
     tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), f"{TUNABLE}=1") if t)
@@ -82,15 +98,3 @@ def ensure_huge_pages() -> None:
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables, _REEXECUTED: "1"})
 
-
-def launched_as_entry_point(argv: list[str]) -> bool:
-    """Whether the interpreter's own arguments run one of phi_jax's command-line modules (`python -m ...`)."""
-    args = iter(argv[1:])
-    for a in args:
-        if a in ("-X", "-W"):  # options whose value is the next argument
-            next(args, None)
-        elif a.startswith("-m"):
-            return (a[2:] or next(args, "")) in ENTRY_POINTS
-        elif a == "-c" or not a.startswith("-"):  # a command or a script
-            return False
-    return False

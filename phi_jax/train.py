@@ -263,4 +263,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.ensure_huge_pages()  # a CPU host restarts once with malloc on huge pages; see host_memory.py
     app.run(main)

@@ -29,8 +29,10 @@ def make_shards(root: Path) -> Path:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """A CPU-only environment for a subprocess. It skips the entry points' huge-page restart, which would import
+    JAX twice in every subprocess (test_host_memory.py tests the restart itself)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PHI_JAX_", "XLA_FLAGS"))}
-    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+    return {**env, "JAX_PLATFORMS": "cpu", "PHI_JAX_HUGE_PAGES": "0", **extra}
 
 
 def train_cmd(workdir: Path, *flags: str) -> list[str]:

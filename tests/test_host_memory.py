@@ -34,17 +34,10 @@ def test_plan(environ, mode, glibc, reexec, says):
     assert says in message
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["python", "-m", "phi_jax.train", "--config=configs/phi15.py"], True),
-    (["python", "-mphi_jax.generate", "--model=x"], True),
-    (["python", "-X", "dev", "-W", "error", "-m", "phi_jax.evaluate"], True),
-    (["python", "-m", "pytest", "-m", "phi_jax.train"], False),
-    (["python", "tools/bench_train.py", "-m", "phi_jax.train"], False),
-    (["python", "-c", "import phi_jax", "-m", "phi_jax.train"], False),
-    (["python"], False),
-])
-def test_launched_as_entry_point(argv, expected):
-    assert host_memory.launched_as_entry_point(argv) == expected
+def test_plan_leaves_accelerator_hosts_alone():
+    decision, message = host_memory.plan({}, "madvise", GLIBC, accelerator="libtpu")
+    assert not decision and "accelerator runtime libtpu installed" in message
+    assert host_memory.accelerator_runtime({"JAX_PLATFORMS": "cpu"}) is None
 
 
 PROBE = textwrap.dedent("""
@@ -67,6 +60,8 @@ def test_reexecuted_process_allocates_on_huge_pages(tmp_path, opt_out):
     script.write_text(PROBE)
     env = clean_env(**({"PHI_JAX_HUGE_PAGES": "0"} if opt_out else {}))
     env.pop("GLIBC_TUNABLES", None)
+    if not opt_out:
+        env.pop("PHI_JAX_HUGE_PAGES")
     out = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.split()
     tunables, huge_mib = out[0], int(out[1])
@@ -76,10 +71,18 @@ def test_reexecuted_process_allocates_on_huge_pages(tmp_path, opt_out):
         assert tunables == "glibc.malloc.hugetlb=1" and huge_mib >= 200, out
 
 
-def test_importing_phi_jax_does_not_import_jax():
-    """The entry points restart themselves from phi_jax/__init__.py; that must come before JAX's import cost."""
-    code = "import sys, phi_jax; assert 'jax' not in sys.modules; phi_jax.PhiConfig; assert 'jax' in sys.modules"
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), check=True)
+def test_importing_phi_jax_never_restarts_the_process():
+    """Only an entry point's `__main__` may re-execute; importing the package and its entry-point modules, even in a
+    process whose arguments name an entry point, must not."""
+    code = ("import os, sys\n"
+            "def refuse(*args): raise AssertionError('import re-executed the process')\n"
+            "os.execve = os.execv = refuse\n"
+            "sys.orig_argv[:] = [sys.executable, '-m', 'phi_jax.train']\n"
+            "import phi_jax, phi_jax.train, phi_jax.generate, phi_jax.evaluate\n"
+            "assert phi_jax.PhiConfig is phi_jax.config.PhiConfig\n")
+    env = clean_env()
+    env.pop("PHI_JAX_HUGE_PAGES", None)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
 
 
 @needs_thp
@@ -87,6 +90,7 @@ def test_train_entry_point_runs_with_the_tunable(tmp_path):
     """`python -m phi_jax.train` as users run it: its log says the tunable reached the process."""
     env = clean_env()
     env.pop("GLIBC_TUNABLES", None)
+    env.pop("PHI_JAX_HUGE_PAGES")
     r = subprocess.run(train_cmd(tmp_path / "run", "--config.data.path=/nonexistent/shards"), cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "does not exist" in r.stderr, r.stderr[-2000:]
