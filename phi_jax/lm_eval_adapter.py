@@ -16,9 +16,14 @@ import json
 import sys
 
 import numpy as np
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
+except ModuleNotFoundError as e:  # lm-eval is an optional dependency (requirements-dev.txt pins it)
+    raise ModuleNotFoundError(f"The LM Evaluation Harness adapter needs lm-eval ({e}): pip install lm-eval==0.4.13"
+                              ) from e
 
 from phi_jax import generate as gen
 from phi_jax.evaluate import token_logprobs
@@ -41,6 +46,16 @@ class PhiJaxLM(LM):
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or model.cfg.max_position_embeddings)
         self._device = "jax"
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PhiJaxLM:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> PhiJaxLM:
+        """model_args win over lm-eval's own --batch_size and --device, which its CLI always passes as well."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     @property
     def eot_token_id(self) -> int:

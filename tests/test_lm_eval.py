@@ -1,6 +1,8 @@
 """The lm-eval adapter: a local multiple-choice task through the harness equals scoring the choices directly."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -42,14 +44,8 @@ def _direct_loglik(model, tok, context, continuation):
     return float(sum(logp[i, ids[i + 1]] for i in range(len(ids) - 1 - n, len(ids) - 1)))
 
 
-def test_multiple_choice_accuracy_matches_direct_scoring(model, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    from phi_jax.lm_eval_adapter import PhiJaxLM
-
+def write_mc_task(tmp_path) -> list[dict]:
+    """A 12-question multiple-choice task `tiny_mc` in tmp_path (lm-eval's include_path); returns its documents."""
     rng = np.random.default_rng(0)
     words = ["cat", "dog", "tree", "river", "blue", "seven", "python", "stone"]
     docs = [{"question": f"Q{i}: which word comes next after {words[i % 8]}?",
@@ -72,6 +68,18 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """)
+    return docs
+
+
+def test_multiple_choice_accuracy_matches_direct_scoring(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from phi_jax.lm_eval_adapter import PhiJaxLM
+
+    docs = write_mc_task(tmp_path)
     tok = ByteTokenizer()
     lm = PhiJaxLM(model=model, tokenizer=tok, batch_size=4)
     out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)))
@@ -115,3 +123,31 @@ def test_loglikelihood_truncates_long_contexts_and_greedy_flag(model):
     reqs = [Instance(request_type="loglikelihood", doc={}, arguments=(long_ctx, "yz"), idx=0)]
     (logp, _), = lm.loglikelihood(reqs)
     assert logp == pytest.approx(_direct_loglik(model, tok, "x" * 62, "yz"), abs=1e-4)
+
+
+def test_cli_as_the_readme_runs_it(model, tmp_path):
+    """`python -m phi_jax.lm_eval_adapter --model_args path=DIR,batch_size=4 --tasks T`: lm-eval's CLI passes its own
+    batch_size too; model_args must win, and the accuracy must equal the same model scored in this process."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from runs import ROOT, clean_env, documents
+
+    from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+    from phi_jax.hf import save_pretrained
+    from phi_jax.lm_eval_adapter import PhiJaxLM
+
+    (tmp_path / "tasks").mkdir()
+    write_mc_task(tmp_path / "tasks")
+    sp = train_sentencepiece(documents(5), tmp_path / "sp", vocab_size=512)
+    save_pretrained(model, tmp_path / "hf")
+    env = clean_env(HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf_cache"))
+    r = subprocess.run([sys.executable, "-m", "phi_jax.lm_eval_adapter", "--model_args",
+                        f"path={tmp_path / 'hf'},tokenizer={sp},batch_size=4", "--tasks", "tiny_mc",
+                        "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cli_acc = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())["results"]["tiny_mc"]["acc,none"]
+    lm = PhiJaxLM(model=model, tokenizer=load_tokenizer(sp), batch_size=4)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc"],
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    assert cli_acc == pytest.approx(out["results"]["tiny_mc"]["acc,none"])
