@@ -174,7 +174,11 @@ def forward(q, k, v, segment_ids, *, sm_scale: float, causal: bool, blocks, inte
 
 # ---------------------------------------------------------------------------------------------------- backward
 def _dkv_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: int, block_k: int):
-    """One key block; loops over query blocks (FA-2 Alg. 2 outer loop): dV = P^T dO, dK = scale * dS^T Q."""
+    """One key block; loops over query blocks (FA-2 Alg. 2 outer loop): dV = P^T dO, dK = scale * dS^T Q.
+
+    Works on transposed scores [block_k, block_q] (k q^T), as the Triton FA-2 tutorial does, so P^T and dS^T
+    feed the dV and dK matmuls as computed, without a transpose through shared memory.
+    """
     if has_seg:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, bounds_ref, seg_ref, dk_ref, dv_ref = refs
     else:
@@ -182,7 +186,6 @@ def _dkv_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
     k_start = pl.program_id(0) * block_k
     k, v = k_ref[...], v_ref[...]                                     # [block_k, H]
     k_seg = _seg_slice(seg_ref, k_start, block_k)
-    k_seg = None if k_seg is None else k_seg[None, :]
     scale = sm_scale * LOG2E
 
     def step(qi, carry, masked: bool):
@@ -192,15 +195,20 @@ def _dkv_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
         do = do_ref[pl.ds(q_start, block_q), :]
         lse2 = lse_ref[pl.ds(q_start, block_q)] * LOG2E
         delta = delta_ref[pl.ds(q_start, block_q)]
-        p = jnp.exp2(_dot(q, k, (1, 1)) * scale - lse2[:, None])     # recomputed P, exact softmax
+        p_t = jnp.exp2(_dot(k, q, (1, 1)) * scale - lse2[None, :])   # recomputed P^T [block_k, block_q]
         if masked:
             q_seg = _seg_slice(seg_ref, q_start, block_q)
-            mask = make_mask(q_start, k_start, block_q, block_k, causal=causal,
-                             q_seg=None if q_seg is None else q_seg[:, None], k_seg=k_seg)
-            p = jnp.where(mask, p, 0.0)
-        dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
-        ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
-        dk = dk + _dot(ds.astype(q.dtype), q, (0, 0))
+            mask_t = make_mask(k_start, q_start, block_k, block_q, causal=False,
+                               q_seg=None if k_seg is None else k_seg[:, None],
+                               k_seg=None if q_seg is None else q_seg[None, :])
+            if causal:   # key position <= query position, rows are keys here
+                k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_k, block_q), 0)
+                q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_k, block_q), 1)
+                mask_t = (k_pos <= q_pos) if mask_t is None else mask_t & (k_pos <= q_pos)
+            p_t = jnp.where(mask_t, p_t, 0.0)
+        dv = dv + _dot(p_t.astype(do.dtype), do, (1, 0))
+        ds_t = p_t * (_dot(v, do, (1, 1)) - delta[None, :])
+        dk = dk + _dot(ds_t.astype(q.dtype), q, (1, 0))
         return dk, dv
 
     zeros = jnp.zeros(k_ref.shape, jnp.float32)
