@@ -80,14 +80,13 @@ def _attention_kernels(seq: int = 2048, heads: int = 32, head_dim: int = 64) -> 
     return out
 
 
-def _dense_kernels(tokens: int = 4096, d: int = 2048, mlp: int = 8192) -> dict[str, Kernel]:
+def _dense_kernels(tokens: int = 4096, d: int = 2048, mlp: int = 8192, blocks=None) -> dict[str, Kernel]:
     import jax
     import jax.numpy as jnp
 
     from phi_jax.kernels import dense
-    from phi_jax.kernels.dense import BlockSizes
 
-    blocks = BlockSizes.default("gpu")
+    blocks = blocks or dense.BlockSizes.default("gpu")
     out = {}
     for layer, (k, n, act) in {"fc1": (d, mlp, "gelu_new"), "fc2": (mlp, d, None)}.items():
         x = jax.ShapeDtypeStruct((tokens, k), jnp.bfloat16)
@@ -274,7 +273,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     import triton
-
     from _timing import write_json
 
     kernels = phi15_kernels()
