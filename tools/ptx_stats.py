@@ -230,25 +230,37 @@ def has_wgmma(ptx: str) -> bool:
 # ---------------------------------------------------------------------------------------------------- report
 def kernel_stats(kernels: dict[str, Kernel], archs: list[str]) -> list[dict]:
     """One row per (kernel, arch): registers, spills, shared memory and its limit, wgmma, loops."""
+    old_cache = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="ptx_stats_") as workdir:
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(workdir, "triton_cache")   # no shared ~/.triton writes
+        try:
+            rows = _compile_all(kernels, archs, workdir)
+        finally:
+            if old_cache is None:
+                os.environ.pop("TRITON_CACHE_DIR")
+            else:
+                os.environ["TRITON_CACHE_DIR"] = old_cache
+    return rows
+
+
+def _compile_all(kernels: dict[str, Kernel], archs: list[str], workdir: str) -> list[dict]:
     rows = []
     lowered: dict[int, dict[str, TritonCall]] = {}
-    with tempfile.TemporaryDirectory(prefix="ptx_stats_") as workdir:
-        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(workdir, "triton_cache"))
-        for name, kern in kernels.items():
-            fn, args = kern.build()
-            key = id(kern.build)
-            if key not in lowered:
-                lowered[key] = triton_calls(fn, args)
-            call = lowered[key][kern.call]
-            threads = 32 * call.num_warps
-            per_thread = kern.tile[0] * kern.tile[1] / threads
-            for arch in archs:
-                ptx, shared = compile_ptx(call, arch, workdir)
-                row = {"kernel": name, "pallas_call": call.name, "arch": arch, "num_warps": call.num_warps,
-                       "num_stages": call.num_stages, "tile": list(kern.tile), **ptxas_stats(ptx, arch, workdir),
-                       "shared_bytes": shared, "shared_limit_bytes": SHARED_LIMIT[arch], "wgmma": has_wgmma(ptx)}
-                row["loops"] = [{**lp, "per_element": round(lp["instructions"] / per_thread, 2)} for lp in loops(ptx)]
-                rows.append(row)
+    for name, kern in kernels.items():
+        fn, args = kern.build()
+        key = id(kern.build)
+        if key not in lowered:
+            lowered[key] = triton_calls(fn, args)
+        call = lowered[key][kern.call]
+        threads = 32 * call.num_warps
+        per_thread = kern.tile[0] * kern.tile[1] / threads
+        for arch in archs:
+            ptx, shared = compile_ptx(call, arch, workdir)
+            row = {"kernel": name, "pallas_call": call.name, "arch": arch, "num_warps": call.num_warps,
+                   "num_stages": call.num_stages, "tile": list(kern.tile), **ptxas_stats(ptx, arch, workdir),
+                   "shared_bytes": shared, "shared_limit_bytes": SHARED_LIMIT[arch], "wgmma": has_wgmma(ptx)}
+            row["loops"] = [{**lp, "per_element": round(lp["instructions"] / per_thread, 2)} for lp in loops(ptx)]
+            rows.append(row)
     return rows
 
 
