@@ -227,3 +227,59 @@ def test_lowers_for_accelerator(monkeypatch, backend, platform, head_dim, dtype)
         lowering_platforms=(platform,)).as_text()
     for name in ("fwd", "dkv", "dq"):
         assert f"flash_attention_{name}_{backend}" in text
+
+
+# ------------------------------------------------------------------- GPU loops: unmasked interior, masked rest
+def _documents(lengths, batch=1):
+    """Segment ids for documents of the given lengths laid end to end; ids may repeat (non-contiguous)."""
+    ids = np.concatenate([np.full(n, i) for i, n in lengths])
+    return jnp.asarray(np.tile(ids, (batch, 1)), jnp.int32)
+
+
+DOCS = {  # (segment id, length) runs
+    "long-documents": [(0, 100), (1, 130), (2, 26)],      # interior blocks exist inside each long document
+    "repeated-id": [(0, 64), (1, 64), (0, 128)],          # id 0 again after id 1: interior run is not unique
+}
+
+
+@pytest.mark.parametrize("docs", list(DOCS))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("per_key_block", [False, True])
+def test_loop_bounds_cover_every_visible_block(docs, causal, per_key_block):
+    """[lo, hi) holds every block with a visible pair; [ulo, uhi) only blocks whose mask is all-true (checked
+    against the [S, S] mask); some blocks take the unmasked loop and some the masked one."""
+    from phi_jax.kernels.flash_attention_gpu import loop_bounds
+
+    seg = _documents(DOCS[docs])
+    seq, bq, bk = seg.shape[1], 32, 64
+    mask = np.asarray(seg[0][:, None] == seg[0][None, :])
+    if causal:
+        mask = mask & np.tril(np.ones((seq, seq), bool))
+    blocks = mask.reshape(seq // bq, bq, seq // bk, bk).transpose(0, 2, 1, 3)   # [nq, nk, bq, bk]
+    any_vis, all_vis = blocks.any((2, 3)), blocks.all((2, 3))
+    if per_key_block:
+        any_vis, all_vis = any_vis.T, all_vis.T
+    bounds = np.asarray(loop_bounds(seg, seq, block_q=bq, block_k=bk, causal=causal, per_key_block=per_key_block))
+    interior_used = masked_used = 0
+    for row, (lo, ulo, uhi, hi) in enumerate(bounds[0]):
+        assert lo <= ulo <= uhi <= hi
+        visited = set(range(lo, hi))
+        assert set(np.flatnonzero(any_vis[row])) <= visited, (row, lo, hi)
+        assert all(all_vis[row, j] for j in range(ulo, uhi)), (row, ulo, uhi)
+        interior_used += uhi - ulo
+        masked_used += (ulo - lo) + (hi - uhi)
+    assert interior_used and masked_used
+
+
+@pytest.mark.parametrize("docs", list(DOCS))
+def test_gpu_kernel_interior_and_masked_loops(docs):
+    """Outputs and grads vs the reference where both loops run: long packed documents, and a repeated id."""
+    q, k, v, ct, _ = _inputs(4, 1, 256, 2, 64, jnp.float32, False)
+    seg = _documents(DOCS[docs])
+    blocks = BlockSizes(block_q=32, block_k=64, block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32)
+    kernel = functools.partial(flash_attention, segment_ids=seg, causal=True, block_sizes=blocks, backend="gpu")
+    out, grads = _fwd_and_grads(kernel, q, k, v, ct)
+    ref_out, ref_grads = _fwd_and_grads(functools.partial(attention_reference, segment_ids=seg, causal=True),
+                                        q, k, v, ct)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=name)

@@ -3,12 +3,16 @@
 Forward: one kernel, fp32 accumulation, bias add + gelu_new in fp32 on the accumulator, one cast on store.
 Backward (`jax.custom_vjp`): the forward saves x, w and the pre-activation z = x @ w + b (only when the
 activation is gelu_new; stored in x.dtype). Saving z costs one [M, N] activation but avoids a third matmul
-in the backward pass, the same trade XLA makes when it autodiffs the unfused layer. Two kernels then run:
+in the backward pass, the same trade XLA makes when it autodiffs the unfused layer. The backward forms
+dz = dy * gelu_new'(z) once, in one XLA elementwise pass (fp32 math, stored in x.dtype), then runs two plain
+GEMM kernels:
 
-  dx = dz @ w.T                      (dz = dy * gelu_new'(z) computed tile by tile in the kernel prologue)
-  dw = x.T @ dz, db = sum_m dz       (the same prologue; db is reduced from the fp32 dz in the same loop)
+  dx = dz @ w.T
+  dw = x.T @ dz, db = sum_m dz       (db accumulated in fp32 in the same loop)
 
-so dz never goes to HBM. Lowerings: `dense_gpu` (Triton) and `dense_tpu` (Mosaic); on CPU either one runs
+Forming dz inside the GEMMs instead (an earlier design) recomputed gelu_new'(z) in every k-step of both
+loops, spilled registers and needed 208 KiB of shared memory for fc1's dw (docs/KERNELS.md has the figures).
+Lowerings: `dense_gpu` (Triton) and `dense_tpu` (Mosaic); on CPU either one runs
 in Pallas interpret mode. Shapes that are not block multiples are zero-padded here and sliced back (zero
 rows/columns of x and w contribute nothing; padded dy is zero, so padded dz is zero too).
 """
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from phi_jax.kernels import dense_gpu, dense_tpu
-from phi_jax.kernels.dense_math import apply_activation, gelu_new
+from phi_jax.kernels.dense_math import activation_grad, apply_activation, gelu_new
 
 __all__ = ["BlockSizes", "dense_reference", "fused_dense", "gelu_new"]
 
@@ -50,9 +54,9 @@ class BlockSizes:
             # 512^2 tiles: bf16 inputs double-buffered + fp32 accumulator ~ 4 MiB of VMEM, inside the
             # 16 MiB scoped default of v5e and the 32 MiB of v4/v5p/v6e (Pallas TPU matmul guide).
             return cls(block_m=512, block_n=512, block_k=512)
-        # 128x128 output tile, 64-wide K steps, 4 warps, 3 pipeline stages: the standard Triton fp16/bf16
-        # configuration for Ampere/Hopper (~96 KiB shared memory with 3 stages of bf16 tiles).
-        return cls(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3)
+        # 128x128 output tile, 64-wide K steps, 3 pipeline stages (the standard Triton bf16 matmul tile) on
+        # 8 warps: with 4 the forward spills registers on sm_80 and sm_90a (tools/ptx_stats.py; docs/KERNELS.md).
+        return cls(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
 def dense_reference(x: jax.Array, w: jax.Array, b: jax.Array, activation: str | None = None) -> jax.Array:
@@ -158,9 +162,14 @@ def _fwd(x, w, b, cfg: _Config):
 
 def _bwd(cfg: _Config, res, dy):
     x, w, z = res
-    z = dy if z is None else z  # without an activation the kernels never read z
-    dx = cfg.lowering.backward_dx(dy, z, w, **cfg.kwargs())
-    dw, db = cfg.lowering.backward_dw(x, dy, z, **cfg.kwargs())
+    dz = dy
+    if z is not None:
+        # dz = dy * act'(z) once, in one XLA elementwise pass (fp32 math, stored in the compute dtype), so the
+        # kernels below are plain GEMMs: no activation math in every k-step of the dx and dw loops.
+        dz = activation_grad(dy.astype(jnp.float32), z.astype(jnp.float32), cfg.activation).astype(dy.dtype)
+    plain = dataclasses.replace(cfg, activation=None).kwargs()
+    dx = cfg.lowering.backward_dx(dz, dz, w, **plain)  # z is not read without an activation
+    dw, db = cfg.lowering.backward_dw(x, dz, dz, **plain)
     return dx, dw, db
 
 

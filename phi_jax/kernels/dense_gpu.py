@@ -6,8 +6,10 @@ Each program owns one [block_rows, block_cols] output tile and walks the contrac
 dimension; the loop slices `block_k`-wide pieces out of them with `pl.ds`, which the Triton lowering turns
 into pointer arithmetic, so only the [block, block] tiles are ever loaded.
 
-Callers (phi_jax.kernels.dense) pass shapes already padded to block multiples and blocks that are powers
-of two >= 16 (Triton needs power-of-two tensor sizes for loads, stores and `tl.dot`).
+The backward kernels can form dz = dy * act'(z) in their prologue, but phi_jax.kernels.dense calls them with
+activation=None on a dz it formed once (recomputing act'(z) per k-step cost ~100 PTX instructions per element
+and spilled; docs/KERNELS.md). Callers (phi_jax.kernels.dense) pass shapes already padded to block multiples
+and blocks that are powers of two >= 16 (Triton needs power-of-two tensor sizes for loads, stores and `tl.dot`).
 """
 
 import functools

@@ -54,17 +54,19 @@ class BlockSizes:
     def default(cls, backend: str, head_dim: int = 64) -> BlockSizes:
         """Starting points, not tuned on hardware (no GPU/TPU was available when they were chosen).
 
-        GPU: a 128x64 forward tile keeps q (128 x H) resident and streams 64-row k/v tiles, the FA-2/Triton
-        tutorial shape for H <= 64 on A100/H100; larger heads halve block_k and use 8 warps to bound registers.
-        The backward holds more tiles live (q, k, v, dO, P, dS), hence 64x64 (32 key rows for H > 128).
+        GPU, H <= 64: 128x128 forward tiles and 64x128 (dK/dV) / 128x64 (dQ) backward tiles on 8 warps, picked
+        by compiling candidates with tools/ptx_stats.py (fewest PTX instructions per score, no spills on sm_80
+        and sm_90a; not timed). Larger heads halve block_k and use 8 warps to bound registers; the backward
+        holds more tiles live (q, k, v, dO, P, dS), hence 64x64 (32 key rows for H > 128).
         TPU: the MXU is 128- or 256-wide; bigger blocks amortise the ~0.35 us grid-step overhead and VMEM
         (16-128 MiB) easily holds 512-row k/v tiles at H = 64.
         """
         if backend == "tpu":
             return cls(block_q=256, block_k=512, block_q_dkv=256, block_k_dkv=256, block_q_dq=256, block_k_dq=256)
         if backend == "gpu":
-            if head_dim <= 64:
-                return cls(block_q=128, block_k=64, num_warps=4, num_warps_bwd=4, num_stages=3)
+            if head_dim <= 64:   # chosen from tools/ptx_stats.py: no spills on sm_80/sm_90a (docs/KERNELS.md)
+                return cls(block_q=128, block_k=128, block_q_dkv=64, block_k_dkv=128, block_q_dq=128,
+                           block_k_dq=64, num_warps=8, num_warps_bwd=8, num_stages=2)
             if head_dim <= 128:
                 return cls(block_q=128, block_k=32, num_warps=8, num_warps_bwd=8, num_stages=2)
             return cls(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=32, block_q_dq=32, block_k_dq=32,
