@@ -12,6 +12,7 @@ import os
 import grain
 import numpy as np
 
+from phi_jax.data.mixture import Interleave, integer_proportions
 from phi_jax.data.shards import SplitReader, read_metadata
 
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -105,7 +106,7 @@ def _examples(data_dir: str | os.PathLike, split: str, seq_len: int, packing: bo
         raise ValueError(f"{seq_len=} must be positive.")
     reader = SplitReader(data_dir, split, read_metadata(data_dir))
     examples = PackedRows(reader, seq_len) if packing else Windows(reader, seq_len)
-    if len(examples) < batch_size:
+    if len(examples) < max(batch_size, 1):
         raise ValueError(f"The {split} split of {data_dir} has {reader.num_tokens} tokens: {len(examples)} "
                          f"{'packed rows' if packing else 'windows'} of {seq_len=}, fewer than one batch of "
                          f"{batch_size}. Use a smaller seq_len or batch size, or more data.")
@@ -121,10 +122,7 @@ def make_dataset(data_dir: str | os.PathLike, *, split: str = "train", seq_len: 
     and process p takes every process_count-th one from p: the processes' batches at a step are disjoint and together
     form the single-process batch of that step.
     """
-    if global_batch_size % process_count:
-        raise ValueError(f"{global_batch_size=} is not divisible by {process_count=}: choose a multiple.")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"{process_index=} must be in [0, {process_count=}).")
+    _check_batching(global_batch_size, process_index, process_count)
     examples = _examples(data_dir, split, seq_len, packing, global_batch_size)
     ds = grain.MapDataset.source(examples)
     if shuffle:
@@ -132,9 +130,44 @@ def make_dataset(data_dir: str | os.PathLike, *, split: str = "train", seq_len: 
     ds = ds[:len(examples) // global_batch_size * global_batch_size]
     ds = ds[process_index::process_count]
     ds = ds.repeat(num_epochs).batch(global_batch_size // process_count, drop_remainder=True)
+    return ds.to_iter_dataset(_read_options(prefetch))
+
+
+def _check_batching(global_batch_size: int, process_index: int, process_count: int) -> None:
+    if global_batch_size % process_count:
+        raise ValueError(f"{global_batch_size=} is not divisible by {process_count=}: choose a multiple.")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"{process_index=} must be in [0, {process_count=}).")
+
+
+def _read_options(prefetch: bool) -> grain.ReadOptions:
     # Threads keep the order (and so the checkpointed state) deterministic; processes would not pay off here.
-    read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4) if prefetch else grain.ReadOptions(num_threads=0)
-    return ds.to_iter_dataset(read)
+    return grain.ReadOptions(num_threads=2, prefetch_buffer_size=4) if prefetch else grain.ReadOptions(num_threads=0)
+
+
+def source_seed(seed: int, source: int) -> int:
+    """Each source's own shuffle seed, so equal-sized sources are not shuffled alike."""
+    return int(np.random.SeedSequence([seed % 2**32, source]).generate_state(1)[0])
+
+
+def make_mixture_dataset(data_dirs: list[str | os.PathLike], weights: list[float], *, split: str = "train",
+                         seq_len: int, global_batch_size: int, seed: int, process_index: int = 0,
+                         process_count: int = 1, packing: bool = False, prefetch: bool = True) -> grain.IterDataset:
+    """This process's batches of a weighted mixture of shard directories (see phi_jax/data/mixture.py).
+
+    Global example i is `Interleave(weights)[i]` of the sources, each shuffled on its own and repeated endlessly;
+    process p takes every process_count-th example from p, as in `make_dataset`. The state is one index.
+    """
+    _check_batching(global_batch_size, process_index, process_count)
+    if len(data_dirs) != len(weights):
+        raise ValueError(f"{len(data_dirs)} sources but {len(weights)} weights: give one weight per source.")
+    parents = []
+    for s, d in enumerate(data_dirs):
+        examples = _examples(d, split, seq_len, packing, 1)
+        parents.append(grain.MapDataset.source(examples).shuffle(source_seed(seed, s)))
+    ds = grain.MapDataset.select_from_datasets(parents, Interleave(integer_proportions(weights)))
+    ds = ds[process_index::process_count].batch(global_batch_size // process_count, drop_remainder=True)
+    return ds.to_iter_dataset(_read_options(prefetch))
 
 
 def make_eval_batches(data_dir: str | os.PathLike, *, seq_len: int, batch_size: int, max_batches: int,
