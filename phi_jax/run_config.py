@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""  # where the embedded corpus is built; "" = ~/.cache/phi_jax
     # A mixture: data.path = "DIR1,DIR2,..." and one weight each, e.g. "0.8,0.2" (README: Mixtures)
     c.data.mixture_weights = ""
+    c.data.verify_checksums = True  # sha256 of every shard at start-up (sizes are always checked); off for speed
 
     c.init_from_hf = ""  # a Hugging Face phi directory to start from (fine-tuning)
 

@@ -5,8 +5,9 @@ import pytest
 
 from phi_jax.data.loader import KEYS, Windows, make_mixture_dataset
 from phi_jax.data.mixture import Interleave, integer_proportions, parse_paths, parse_weights
+from phi_jax.data.prepare import prepare_shards
 from phi_jax.data.setup import resolve_data
-from phi_jax.data.shards import SplitReader, prepare_shards
+from phi_jax.data.shards import SplitReader
 from phi_jax.run_config import base_config
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from phi_jax.data.default import ensure_default_dataset
 from phi_jax.data.loader import make_dataset, make_eval_batches, make_mixture_dataset
 from phi_jax.data.mixture import Interleave, integer_proportions, parse_paths, parse_weights, source_names
-from phi_jax.data.shards import check_compatible, read_metadata
+from phi_jax.data.shards import check_compatible, read_metadata, verify_checksums
 from phi_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -90,7 +90,7 @@ class DataSpec:
 def resolve_data(c) -> DataSpec:
     """The shards of `c.data.path` ("" = the embedded stdlib corpus, built on first use; "a,b" with
     `c.data.mixture_weights` = a weighted mixture) and the one tokenizer they all share."""
-    weights = parse_weights(c.data.mixture_weights) if c.data.get("mixture_weights") else []
+    weights = parse_weights(c.data.mixture_weights) if c.data.mixture_weights else []
     if c.data.path:
         paths = parse_paths(c.data.path)
     elif weights:
@@ -111,6 +111,9 @@ def resolve_data(c) -> DataSpec:
                              f"{metas[0]['tokenizer']['path']} (sha256 {metas[0]['tokenizer']['sha256'][:12]}), {p} "
                              f"with {m['tokenizer']['path']} (sha256 {m['tokenizer']['sha256'][:12]}). Prepare every "
                              "source with the same tokenizer (tools/prepare_data.py --tokenizer).")
+    if c.data.verify_checksums:  # sizes are checked at every open; this reads every byte once
+        for p, m in zip(paths, metas, strict=True):
+            verify_checksums(p, m)
     if c.data.tokenizer:
         tokenizer = load_tokenizer(Path(c.data.tokenizer).expanduser())
     else:
