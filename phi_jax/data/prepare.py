@@ -132,16 +132,15 @@ class _EmptySplit(ValueError):
 
 
 def _check_splits(documents: int, val_fraction: float, report: dict) -> None:
-    """Raises, before anything is written, when a split would be empty."""
+    """Raises, before anything is written, when the train split would be empty. (Validation cannot be: with
+    val_fraction > 0, document 0 is always a validation document.)"""
     val = sum(is_val(i, val_fraction) for i in range(documents))
-    train = documents - val
-    skipped = ", ".join(f"{v} {k.replace('_', ' ')} skipped" for k, v in report.items() if isinstance(v, int) and v)
-    where = f"The source gave {documents} documents ({skipped or 'none skipped'}): {train} train, {val} validation"
-    if train == 0:
-        raise _EmptySplit(f"{where} with val_fraction={val_fraction}; no training documents. Add documents, or set "
-                         "--val_fraction=0 to train on all of them.")
-    if val_fraction > 0 and val == 0:
-        raise _EmptySplit(f"{where}; the validation split is empty. Add documents or set --val_fraction=0.")
+    if documents - val == 0:
+        skipped = ", ".join(f"{v} {k.replace('_', ' ')} skipped" for k, v in report.items()
+                            if isinstance(v, int) and v)
+        raise _EmptySplit(f"The source gave {documents} documents ({skipped or 'none skipped'}): 0 train, {val} "
+                          f"validation with val_fraction={val_fraction}; no training documents. Add documents, or "
+                          "set --val_fraction=0 to train on all of them.")
 
 
 def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | os.PathLike, *,
