@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from phi_jax.data import default as default_mod
+from phi_jax.data import loader as loader_mod
 from phi_jax.data.corpus import file_documents, jsonl_documents, stdlib_documents, tfds_documents
-from phi_jax.data.loader import KEYS, PackedRows, make_dataset, make_eval_batches
+from phi_jax.data.loader import KEYS, PackedRows, make_dataset, make_eval_batches, pack_plan
 from phi_jax.data.prepare import prepare_shards
 from phi_jax.data.setup import resolve_data
 from phi_jax.data.shards import SplitReader, check_compatible, is_val, read_metadata
@@ -143,6 +144,37 @@ def test_packing_hand_example(tmp_path):
     assert tail["inputs"].tolist() == [ord(x) % 200 + 1 for x in "ijklmno"] + [e]
     assert tail["segment_ids"].tolist() == [1] * 8 and tail["positions"].tolist() == list(range(8))
     assert tail["loss_mask"].tolist() == [1] * 7 + [0]  # eos -> padding
+
+
+def _pack_plan_loop(lengths, seq_len):
+    """The reference: next-fit over every document's chunks, one at a time (the loop pack_plan vectorizes)."""
+    width, full, packed, fill = seq_len + 1, [], [], seq_len + 1
+    for d, length in enumerate(lengths.tolist()):
+        for s in range(0, length - 1, seq_len):
+            c = min(width, length - s)
+            if c == width:
+                full.append([(d, s, c)])
+                continue
+            if fill + c > width:
+                packed.append([])
+                fill = 0
+            packed[-1].append((d, s, c))
+            fill += c
+    rows = full + packed
+    chunks = np.asarray([c for r in rows for c in r], dtype=np.int64).reshape(-1, 3)
+    return np.cumsum([0] + [len(r) for r in rows]), chunks[:, 0], chunks[:, 1], chunks[:, 2]
+
+
+@pytest.mark.parametrize("block", [7, 1 << 22])
+def test_pack_plan_matches_the_reference_loop(monkeypatch, block):
+    monkeypatch.setattr(loader_mod, "_BLOCK", block)  # blocks of 7 documents: block edges everywhere
+    rng = np.random.default_rng(0)
+    cases = [(np.array([1, 1, 2, 9, 10, 17, 18, 19, 1]), 8), (np.array([], np.int64), 4), (np.array([1]), 4)]
+    cases += [(rng.integers(1, 3 * s + 5, int(rng.integers(1, 80))), s) for s in rng.integers(1, 20, 200)]
+    for lengths, seq_len in cases:
+        got, want = pack_plan(lengths, int(seq_len)), _pack_plan_loop(lengths, int(seq_len))
+        for g, w in zip(got, want, strict=True):
+            assert g.tolist() == w.tolist(), (lengths, seq_len)
 
 
 def test_packed_batches(tok, data_dir):
