@@ -190,6 +190,10 @@ def test_weights_parse_to_exact_integer_proportions():
     inter = Interleave((4, 1))
     assert [inter[i] for i in range(10)] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0),
                                              (0, 4), (0, 5), (0, 6), (0, 7), (1, 1)]
+    three = Interleave((3, 1, 16))  # every prefix stays within two examples of each source's share
+    counts = np.array([three.counts(k) for k in range(3000)])
+    assert np.abs(counts - np.arange(3000)[:, None] * np.array([3, 1, 16]) / 20).max() < 2
+    assert (counts.sum(1) == np.arange(3000)).all()
 
 
 def test_training_on_a_mixture_reports_each_source(tmp_path):

@@ -61,10 +61,11 @@ def integer_proportions(weights: list[float]) -> tuple[int, ...]:
 class Interleave:
     """A grain selection map: global index -> (source, index within that source), O(sources) per lookup.
 
-    Source s supplies p_s of every sum(p) examples: over any prefix of k examples its count is within about one of
-    k * p_s / sum(p), so the sources stay interleaved rather than in runs. Sources are peeled off one by one: of the k
-    first examples, source 0 takes k - floor(k * (P - p_0) / P), the rest are shared among the others the same way
-    (the rule grain's own `MapDataset.mix` uses; here the counts are also exposed for metrics).
+    Source s supplies p_s of every sum(p) examples: over any prefix of k examples its count is within two of
+    k * p_s / sum(p) (within one for two sources), so the sources stay interleaved rather than in runs. Sources
+    are peeled off one by one: of the k first examples, source 0 takes k - floor(k * (P - p_0) / P), the rest are
+    shared among the others the same way (the rule grain's own `MapDataset.mix` uses; here the counts are also
+    exposed for metrics).
     """
 
     def __init__(self, proportions: tuple[int, ...]):
