@@ -215,3 +215,15 @@ def test_training_on_a_mixture_reports_each_source(tmp_path):
     assert step2["tokens/code"] == 12 * 32 and step2["tokens/more"] == 4 * 32  # 2 steps x 8 sequences x 32 tokens
     assert step2["val_loss"] == pytest.approx(0.75 * step2["val_loss/code"] + 0.25 * step2["val_loss/more"])
     assert "val_loss/code" in rows[0] and "val_loss/more" in rows[0]  # step 0, before training
+
+
+def test_phi15_config_mixes_80_20_with_paths_as_overrides(sources):
+    from configs.phi15 import get_config
+
+    c = get_config()
+    assert c.data.mixture_weights == "0.8,0.2" and c.data.path == ""
+    with pytest.raises(ValueError, match="mixes 2 sources: give their shard directories"):
+        resolve_data(c)
+    c.seq_len, c.data.path = 8, f"{sources[0]},{sources[1]}"  # --config.data.path=TEXTBOOKS,PHI1_DATA
+    spec = resolve_data(c)
+    assert spec.weights == (0.8, 0.2) and spec.names == ["a", "b"]
