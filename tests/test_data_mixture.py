@@ -215,6 +215,8 @@ def test_training_on_a_mixture_reports_each_source(tmp_path):
     assert step2["tokens/code"] == 12 * 32 and step2["tokens/more"] == 4 * 32  # 2 steps x 8 sequences x 32 tokens
     assert step2["val_loss"] == pytest.approx(0.75 * step2["val_loss/code"] + 0.25 * step2["val_loss/more"])
     assert "val_loss/code" in rows[0] and "val_loss/more" in rows[0]  # step 0, before training
+    events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tensorboard").glob("events.*"))
+    assert all(tag in events for tag in (b"tokens/code", b"tokens/more", b"val_loss/code", b"val_loss/more"))
 
 
 def test_phi15_config_mixes_80_20_with_paths_as_overrides(sources):
