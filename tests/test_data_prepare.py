@@ -223,3 +223,16 @@ def test_metadata_cannot_point_outside_the_directory(whole, tmp_path, key):
     (d / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"outside.model.*outside the directory"):
         resolve_data(_config(d))
+
+
+def test_the_command_line_splits_and_merges(tok, tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    main = _prepare_cli()
+    base = ["--source=jsonl", f"--jsonl={path}", f"--tokenizer={tok.path}", "--docs_per_shard=20", "--workers=1"]
+    main([*base, f"--out={tmp_path / 'one'}"])
+    for t in (1, 0):
+        main([*base, f"--out={tmp_path / 'two'}", "--num_tasks=2", f"--task_index={t}"])
+    assert "run: python tools/prepare_data.py --merge" in capsys.readouterr().out
+    main(["--merge", f"--out={tmp_path / 'two'}"])
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
