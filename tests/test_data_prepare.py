@@ -92,14 +92,31 @@ def killed_after(n):
     raise KeyboardInterrupt  # what a kill leaves: the pieces finished so far, nothing else
 
 
+KILLED = """
+import json, os, signal, sys
+from phi_jax.data.prepare import prepare_shards
+from phi_jax.data.tokenizer import load_tokenizer
+docs, tok, out, n = json.load(open(sys.argv[1])), load_tokenizer(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+def killed():
+    yield from docs[:n]
+    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
+prepare_shards(killed(), tok, out, workers=1, val_fraction=0.1, docs_per_shard=20, source="docs")
+"""
+
+
 def test_a_killed_preparation_resumes_and_matches(tok, whole, tmp_path):
+    import subprocess
+    import sys
+
     out = tmp_path / "d"
-    with pytest.raises(KeyboardInterrupt):
-        prepare_shards(killed_after(70), tok, out, workers=1, **KW)
+    (tmp_path / "docs.json").write_text(json.dumps(DOCS))
+    r = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path / "docs.json"), str(tok.path), str(out), "70"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr[-2000:]
     work = work_dir(out)
     assert sorted(p.name for p in work.glob("piece-*.json")) == [f"piece-0000{i}.json" for i in range(3)]
     assert not out.exists()
-    (work / "train-00003.array_record").write_bytes(b"half a piece")  # killed in the middle of piece 3
+    (work / "train-00003.array_record").write_bytes(b"half a piece")  # as if killed in the middle of piece 3
     counting = CountingTokenizer(tok)
     prepare_shards(DOCS, counting, out, workers=1, **KW)
     assert counting.calls == len(DOCS) - 60  # pieces 0-2 were not tokenized again
