@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.packing = False  # True: whole documents packed with segment ids; False: fixed windows of the stream
     c.data.default_vocab_size = 8192  # SentencePiece vocabulary of the embedded corpus
     c.data.cache_dir = ""  # where the embedded corpus is built; "" = ~/.cache/phi_jax
+    # A mixture: data.path = "DIR1,DIR2,..." and one weight each, e.g. "0.8,0.2" (README: Mixtures)
+    c.data.mixture_weights = ""
+    c.data.verify_checksums = True  # sha256 of every shard at start-up (sizes are always checked); off for speed
 
     c.init_from_hf = ""  # a Hugging Face phi directory to start from (fine-tuning)
 

@@ -22,7 +22,6 @@ from ml_collections import config_flags
 from phi_jax import distributed, host_memory
 from phi_jax.checkpoint import Checkpointer
 from phi_jax.config import PhiConfig
-from phi_jax.data.loader import make_dataset, make_eval_batches
 from phi_jax.data.setup import resolve_data
 from phi_jax.flops import flops_per_token, peak_flops_per_device
 from phi_jax.metrics import MetricsWriter
@@ -122,10 +121,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
     log.info("model %s: %.1fM parameters; mesh %s; sharding %s; %d micro-batch(es) per step",
              c.model, cfg.num_params() / 1e6, dict(mesh.shape), c.sharding, accum)
 
-    dataset = make_dataset(data.path, split="train", seq_len=c.seq_len, global_batch_size=c.batch_size,
-                           seed=c.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-                           packing=c.data.packing)
-    data_iter = iter(dataset)
+    data_iter = iter(data.train_dataset(c, jax.process_index(), jax.process_count()))
     ckpt = Checkpointer(workdir, max_to_keep=c.keep_checkpoints)
     abstract, shardings = state_shardings(cfg, tx, mesh, param_rules, opt_rules, fp16)
     meta = {"model": cfg.to_dict(), "run": c.to_dict(), "data": data.identity()}
@@ -144,21 +140,24 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
 
     train_batch_sh, eval_batch_sh = batch_sharding(mesh, leading_dims=1), batch_sharding(mesh)
     step_fn, eval_fn = jit_steps(mesh, shardings, param_rules)
-    eval_batches = []
+    eval_batches = {}  # per source ("" for a single directory)
     if c.eval_every > 0 and c.eval_batches > 0:
-        eval_batches = make_eval_batches(data.path, seq_len=c.seq_len, batch_size=c.batch_size // accum,
-                                         max_batches=c.eval_batches)
+        eval_batches = data.eval_batches(c.seq_len, c.batch_size // accum, c.eval_batches)
 
-    def evaluate(state: TrainState) -> float:
-        total = tokens = 0.0
+    def evaluate(state: TrainState) -> dict[str, float]:
         per_process = c.batch_size // accum // jax.process_count()
-        for b in eval_batches:
-            local = {k: v[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
-                     for k, v in b.items()}
-            sh = {k: jax.make_array_from_process_local_data(eval_batch_sh, v, b[k].shape) for k, v in local.items()}
-            t, n = eval_fn(state, sh)
-            total, tokens = total + float(t), tokens + float(n)
-        return total / max(tokens, 1.0)
+        losses = {}
+        for name, batches in eval_batches.items():
+            total = tokens = 0.0
+            for b in batches:
+                local = {k: v[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+                         for k, v in b.items()}
+                sh = {k: jax.make_array_from_process_local_data(eval_batch_sh, v, b[k].shape)
+                      for k, v in local.items()}
+                t, n = eval_fn(state, sh)
+                total, tokens = total + float(t), tokens + float(n)
+            losses[name] = total / max(tokens, 1.0)
+        return data.val_metrics(losses)  # val_loss, and val_loss/<source> for a mixture
 
     def save(state: TrainState, step: int) -> None:
         if not bool(all_finite(state.params)):
@@ -179,7 +178,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
     preemption = Preemption()
     last: dict[str, float] = {}
     if start == 0 and eval_batches:
-        last = {"val_loss": evaluate(state)}
+        last = evaluate(state)
         writer.write(0, last)
     tick, tick_step = time.perf_counter(), start
     try:
@@ -202,6 +201,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
                 metrics.update(step_time=step_time, tokens_per_sec=tokens_per_sec,
                                mfu=tokens_per_sec * fpt / (peak * jax.device_count()),
                                eta_sec=step_time * (c.total_steps - step), total_skipped=float(state.total_skipped))
+                metrics.update(data.tokens_seen(step * c.batch_size, c.seq_len))  # tokens/<source> of a mixture
                 if metrics["skipped"]:
                     log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
                                 int(metrics["consecutive_skips"]))
@@ -212,8 +212,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
                                      f"(step {step}); stopping. Lower the learning rate, enable grad clipping, or "
                                      "check the data. The last checkpoint holds the last good state.")
             if eval_batches and (step % c.eval_every == 0 or step == c.total_steps):
-                last = {**last, "val_loss": evaluate(state)}
-                writer.write(step, {"val_loss": last["val_loss"]})
+                val = evaluate(state)
+                last = {**last, **val}
+                writer.write(step, val)
             if step % c.checkpoint_every == 0 or step == c.total_steps:
                 save(state, step)
     finally:

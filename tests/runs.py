@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from phi_jax.data.corpus import stdlib_files
-from phi_jax.data.shards import prepare_shards
+from phi_jax.data.prepare import prepare_shards
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ def documents(n: int) -> list[str]:
 def make_shards(root: Path) -> Path:
     """~150k tokens of stdlib source with a 512-piece SentencePiece model (fits the `tiny` model's embedding)."""
     sp = train_sentencepiece(documents(40), root / "sp512", vocab_size=512)
-    prepare_shards(documents(40), load_tokenizer(sp), root / "shards", val_fraction=0.1, num_shards=2, workers=1)
+    prepare_shards(documents(40), load_tokenizer(sp), root / "shards", val_fraction=0.1, docs_per_shard=20, workers=1)
     return root / "shards"
 
 

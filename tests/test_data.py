@@ -4,16 +4,18 @@ import itertools
 import json
 
 import grain
-import ml_collections
 import numpy as np
 import pytest
 
 from phi_jax.data import default as default_mod
+from phi_jax.data import loader as loader_mod
 from phi_jax.data.corpus import file_documents, jsonl_documents, stdlib_documents, tfds_documents
-from phi_jax.data.loader import KEYS, PackedRows, make_dataset, make_eval_batches
+from phi_jax.data.loader import KEYS, PackedRows, make_dataset, make_eval_batches, pack_plan
+from phi_jax.data.prepare import prepare_shards
 from phi_jax.data.setup import resolve_data
-from phi_jax.data.shards import SplitReader, check_compatible, is_val, prepare_shards, read_metadata
+from phi_jax.data.shards import SplitReader, check_compatible, is_val, read_metadata
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from phi_jax.run_config import base_config
 
 
 class CharTokenizer:
@@ -46,7 +48,7 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_dir(tok, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "d"
-    prepare_shards(DOCS, tok, out, val_fraction=0.1, num_shards=3, workers=1, source="test docs")
+    prepare_shards(DOCS, tok, out, val_fraction=0.1, docs_per_shard=30, workers=1, source="test docs")
     return out
 
 
@@ -74,17 +76,21 @@ def test_shards_round_trip(tok, data_dir):
 def test_metadata(tok, data_dir):
     meta = read_metadata(data_dir)
     train, val = encoded(tok, "train"), encoded(tok, "val")
-    assert meta["format_version"] == 1 and meta["dtype"] == "uint16" and meta["vocab_size"] == 400
+    assert meta["format_version"] == 2 and meta["dtype"] == "uint16" and meta["vocab_size"] == 400
     assert meta["tokenizer"] == tok.identity() and meta["source"] == "test docs"
     assert meta["splits"]["train"]["documents"] == len(train) and meta["splits"]["val"]["documents"] == len(val) == 9
     assert meta["splits"]["train"]["tokens"] == sum(map(len, train))
     assert meta["max_token_id"] == max(max(d) for d in train + val)
-    assert len(meta["splits"]["train"]["shards"]) == 3
+    assert len(meta["splits"]["train"]["shards"]) == len(meta["splits"]["val"]["shards"]) == 3  # 82 docs / 30
+    pieces = [range(p * 30, min(len(DOCS), p * 30 + 30)) for p in range(3)]  # shard p: documents of piece p
+    assert [s["records"] for s in meta["splits"]["val"]["shards"]] == [sum(is_val(i, 0.1) for i in r) for r in pieces]
+    assert [s["records"] for s in meta["splits"]["train"]["shards"]] == [sum(not is_val(i, 0.1) for i in r)
+                                                                         for r in pieces]
     assert (data_dir / meta["tokenizer_file"]).read_bytes() == tok.path.read_bytes()
 
 
 def test_prepare_is_deterministic_with_workers(tok, data_dir, tmp_path):
-    prepare_shards(DOCS, tok, tmp_path / "d", val_fraction=0.1, num_shards=3, workers=2, source="test docs")
+    prepare_shards(DOCS, tok, tmp_path / "d", val_fraction=0.1, docs_per_shard=30, workers=2, source="test docs")
     for f in sorted(data_dir.iterdir()):
         assert (tmp_path / "d" / f.name).read_bytes() == f.read_bytes(), f.name
 
@@ -138,6 +144,37 @@ def test_packing_hand_example(tmp_path):
     assert tail["inputs"].tolist() == [ord(x) % 200 + 1 for x in "ijklmno"] + [e]
     assert tail["segment_ids"].tolist() == [1] * 8 and tail["positions"].tolist() == list(range(8))
     assert tail["loss_mask"].tolist() == [1] * 7 + [0]  # eos -> padding
+
+
+def _pack_plan_loop(lengths, seq_len):
+    """The reference: next-fit over every document's chunks, one at a time (the loop pack_plan vectorizes)."""
+    width, full, packed, fill = seq_len + 1, [], [], seq_len + 1
+    for d, length in enumerate(lengths.tolist()):
+        for s in range(0, length - 1, seq_len):
+            c = min(width, length - s)
+            if c == width:
+                full.append([(d, s, c)])
+                continue
+            if fill + c > width:
+                packed.append([])
+                fill = 0
+            packed[-1].append((d, s, c))
+            fill += c
+    rows = full + packed
+    chunks = np.asarray([c for r in rows for c in r], dtype=np.int64).reshape(-1, 3)
+    return np.cumsum([0] + [len(r) for r in rows]), chunks[:, 0], chunks[:, 1], chunks[:, 2]
+
+
+@pytest.mark.parametrize("block", [7, 1 << 22])
+def test_pack_plan_matches_the_reference_loop(monkeypatch, block):
+    monkeypatch.setattr(loader_mod, "_BLOCK", block)  # blocks of 7 documents: block edges everywhere
+    rng = np.random.default_rng(0)
+    cases = [(np.array([1, 1, 2, 9, 10, 17, 18, 19, 1]), 8), (np.array([], np.int64), 4), (np.array([1]), 4)]
+    cases += [(rng.integers(1, 3 * s + 5, int(rng.integers(1, 80))), s) for s in rng.integers(1, 20, 200)]
+    for lengths, seq_len in cases:
+        got, want = pack_plan(lengths, int(seq_len)), _pack_plan_loop(lengths, int(seq_len))
+        for g, w in zip(got, want, strict=True):
+            assert g.tolist() == w.tolist(), (lengths, seq_len)
 
 
 def test_packed_batches(tok, data_dir):
@@ -251,10 +288,9 @@ def test_tokenizer_mismatch(tok, data_dir, tmp_path):
 
 
 def _config(path, tokenizer="", seq_len=16, cache_dir=""):
-    c = ml_collections.ConfigDict()
+    c = base_config()
     c.seq_len = seq_len
-    c.data = ml_collections.ConfigDict(dict(path=str(path), tokenizer=tokenizer, default_vocab_size=300,
-                                            cache_dir=str(cache_dir), packing=False))
+    c.data.update(path=str(path), tokenizer=tokenizer, default_vocab_size=300, cache_dir=str(cache_dir))
     return c
 
 
@@ -276,7 +312,7 @@ def test_resolve_data(tok, data_dir):
 
 
 def test_default_dataset_builds_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(default_mod, "stdlib_documents", lambda: iter(DOCS * 3))
+    monkeypatch.setattr(default_mod, "stdlib_documents", lambda report: iter(DOCS * 3))
     data_dir, tok_path = default_mod.ensure_default_dataset(tmp_path, vocab_size=300, workers=1)
     assert tok_path.is_file() and tok_path.parent == data_dir and data_dir.parent == tmp_path
     assert read_metadata(data_dir)["splits"]["train"]["documents"] > 0

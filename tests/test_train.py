@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from runs import ROOT, TINY_RUN, documents, losses, make_shards, metrics, run_cli
 
-from phi_jax.data.shards import prepare_shards
+from phi_jax.data.prepare import prepare_shards
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from phi_jax.run_config import base_config
 from phi_jax.train import train
@@ -110,7 +110,7 @@ def test_empty_data_dir_and_foreign_tokenizer(tmp_path, shards):
 
 def test_tokenizer_larger_than_the_embedding(tmp_path):
     sp = train_sentencepiece(documents(40), tmp_path / "sp1000", vocab_size=1000)
-    prepare_shards(documents(40), load_tokenizer(sp), tmp_path / "shards", val_fraction=0.1, num_shards=1, workers=1)
+    prepare_shards(documents(40), load_tokenizer(sp), tmp_path / "shards", val_fraction=0.1, workers=1)
     with pytest.raises(ValueError, match="1000"):
         train(config(tmp_path / "shards"), tmp_path / "run")
 

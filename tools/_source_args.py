@@ -2,7 +2,7 @@
 
 import argparse
 
-from phi_jax.data.corpus import SOURCES, documents
+from phi_jax.data.corpus import SOURCES, SkipReport, documents
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
@@ -13,11 +13,16 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tfds_data_dir", default=None, help="TFDS data_dir")
     p.add_argument("--tfds_split", default="train", help="TFDS split")
     p.add_argument("--text_field", default="text", help="record field holding the text (jsonl, tfds)")
+    p.add_argument("--strict", action="store_true", help="a binary or non-UTF-8 file is an error (default: skipped "
+                   "and counted)")
+    p.add_argument("--skip_bad_lines", action="store_true", help="skip and count malformed JSONL lines (default: an "
+                   "error naming file:line)")
 
 
-def source_documents(a: argparse.Namespace):
+def source_documents(a: argparse.Namespace, report: SkipReport | None = None):
     return documents(a.source, globs=a.glob, jsonl=a.jsonl, tfds_name=a.tfds_name, tfds_data_dir=a.tfds_data_dir,
-                     tfds_split=a.tfds_split, text_field=a.text_field)
+                     tfds_split=a.tfds_split, text_field=a.text_field, report=report, strict=a.strict,
+                     skip_bad_lines=a.skip_bad_lines)
 
 
 def describe(a: argparse.Namespace) -> str:

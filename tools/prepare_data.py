@@ -3,6 +3,15 @@
     python tools/prepare_data.py --source=files --glob='~/code/**/*.py' --tokenizer=tok.model --out=data/mycode
     python tools/prepare_data.py --source=jsonl --jsonl=corpus.jsonl --tokenizer=tokenizer.json --out=data/c
     python tools/prepare_data.py --source=tfds --tfds_name=my_ds --tfds_data_dir=~/tfds --tokenizer=t.model --out=d
+
+Across machines (a SLURM array, the hosts of a TPU pod; OUT on a filesystem they share), every task reads the same
+source and writes its share of the pieces, then one merge writes the metadata:
+
+    python tools/prepare_data.py ... --out=OUT --num_tasks=8 --task_index=$SLURM_ARRAY_TASK_ID
+    python tools/prepare_data.py --merge --out=OUT
+
+A killed run resumes where it stopped when run again with the same arguments (finished pieces are kept in
+.OUT.partial beside OUT); the shards are the same bytes whichever way they were made.
 """
 
 import argparse
@@ -13,25 +22,43 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _source_args import add_source_args, describe, source_documents
 
-from phi_jax.data.shards import prepare_shards
+from phi_jax.data.corpus import SkipReport
+from phi_jax.data.prepare import DOCS_PER_SHARD, merge_shards, prepare_shards
 from phi_jax.data.tokenizer import load_tokenizer
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
-    p.add_argument("--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json")
+    p.add_argument("--tokenizer", help="SentencePiece .model or Hugging Face tokenizer.json")
     p.add_argument("--out", required=True, help="output directory for the shards")
     p.add_argument("--val_fraction", type=float, default=0.01, help="fraction of documents held out for validation")
-    p.add_argument("--num_shards", type=int, default=4, help="train shard files")
+    p.add_argument("--docs_per_shard", type=int, default=DOCS_PER_SHARD,
+                   help="documents per piece of work (= per train shard file)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--num_tasks", type=int, default=1, help="machines sharing the work (then run --merge)")
+    p.add_argument("--task_index", type=int, default=0, help="this machine's task, in [0, num_tasks)")
+    p.add_argument("--merge", action="store_true", help="assemble the pieces of all tasks into --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    meta = prepare_shards(source_documents(a), load_tokenizer(a.tokenizer), a.out, val_fraction=a.val_fraction,
-                          num_shards=a.num_shards, workers=a.workers, overwrite=a.overwrite, source=describe(a))
+    if a.merge:
+        meta = merge_shards(a.out, overwrite=a.overwrite)
+    else:
+        if not a.tokenizer:
+            p.error("--tokenizer is required (except with --merge)")
+        report = SkipReport()
+        meta = prepare_shards(source_documents(a, report), load_tokenizer(a.tokenizer), a.out,
+                              val_fraction=a.val_fraction, docs_per_shard=a.docs_per_shard, workers=a.workers,
+                              overwrite=a.overwrite, source=describe(a), num_tasks=a.num_tasks,
+                              task_index=a.task_index, report=report)
+        print(f"source: {report.summary()}")
+        if meta is None:
+            print(f"task {a.task_index} of {a.num_tasks} done; when all are, run: python tools/prepare_data.py "
+                  f"--merge --out={a.out}")
+            return
     for split, info in meta["splits"].items():
-        print(f"{split}: {info['documents']} documents, {info['tokens']} tokens")
+        print(f"{split}: {info['documents']} documents, {info['tokens']} tokens in {len(info['shards'])} shards")
     print(f"wrote {Path(a.out).absolute()}; train with --config.data.path={a.out}")
 
 

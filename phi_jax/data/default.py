@@ -13,8 +13,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from phi_jax.data.corpus import stdlib_documents
-from phi_jax.data.shards import prepare_shards, read_metadata
+from phi_jax.data.corpus import SkipReport, stdlib_documents
+from phi_jax.data.prepare import prepare_shards
+from phi_jax.data.shards import FORMAT_VERSION, read_metadata
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
 log = logging.getLogger("phi_jax")
@@ -49,7 +50,7 @@ def ensure_default_dataset(cache_dir: str | os.PathLike | None = None, vocab_siz
                            workers: int | None = None) -> tuple[Path, Path]:
     """(shard directory, tokenizer path) of the stdlib corpus, building and caching it on first use (~1-2 min)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-sp{vocab_size}"
+    key = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-sp{vocab_size}-v{FORMAT_VERSION}"
     data_dir = cache_dir / key
     if not _complete(data_dir):
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,8 @@ def ensure_default_dataset(cache_dir: str | os.PathLike | None = None, vocab_siz
 def _build(cache_dir: Path, data_dir: Path, vocab_size: int, workers: int | None) -> None:
     log.info("building the embedded stdlib corpus in %s (once; about a minute)", data_dir)
     start = time.perf_counter()
-    docs = list(stdlib_documents())
+    report = SkipReport()
+    docs = list(stdlib_documents(report))
     if not docs:
         raise RuntimeError("Found no Python standard-library sources to build the default corpus from.")
     stride = max(1, sum(map(len, docs)) // SAMPLE_CHARS)
@@ -71,7 +73,8 @@ def _build(cache_dir: Path, data_dir: Path, vocab_size: int, workers: int | None
     try:
         model = train_sentencepiece(docs[::stride], tmp / f"stdlib-sp{vocab_size}", vocab_size)
         log.info("trained the tokenizer in %.1f s", time.perf_counter() - start)
-        prepare_shards(docs, load_tokenizer(model), tmp / "data", val_fraction=0.01, num_shards=4, workers=workers,
+        prepare_shards(docs, load_tokenizer(model), tmp / "data", val_fraction=0.01, docs_per_shard=500,
+                       workers=workers, report=report,
                        source=f"python {sys.version.split()[0]} standard library ({len(docs)} files)")
         try:
             os.rename(tmp / "data", data_dir)

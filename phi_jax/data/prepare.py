@@ -1,0 +1,301 @@
+"""Preparing token shards at any scale: pieces of documents tokenized in parallel, resumable, split across machines.
+
+The documents are cut, by index, into pieces of `docs_per_shard`; piece i holds documents
+[i * docs_per_shard, (i + 1) * docs_per_shard) and becomes train shard i (and val shard i when it holds validation
+documents). A piece is a pure function of its documents, so:
+- workers tokenize and write whole pieces in parallel (`workers`);
+- task t of `num_tasks` (a SLURM array, the hosts of a TPU pod) writes the pieces i with i % num_tasks == t, and
+  `merge_shards` assembles them, so any number of tasks gives the same bytes;
+- a killed run leaves its finished pieces in `.OUT.partial/` and the next run with the same settings skips them
+  (after checking that their documents have not changed).
+Memory stays bounded: a task holds at most 2 x workers pieces, and lengths live in per-piece numpy files.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from phi_jax.data.shards import FORMAT_VERSION, SPLITS, file_record, is_val, replace_dir, token_dtype
+from phi_jax.data.tokenizer import Tokenizer
+
+log = logging.getLogger("phi_jax")
+
+DOCS_PER_SHARD = 10_000
+_WRITER_OPTIONS = "group_size:1"  # group size 1 = cheap random access (grain's recommendation); zstd by default
+
+
+def work_dir(out_dir: Path) -> Path:
+    """Where the pieces of an unfinished preparation of `out_dir` live (beside it, hidden)."""
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _docs_sha256(docs: list[str]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(len(d).to_bytes(8, "little"))
+        h.update(d.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer: Tokenizer) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _write_piece_in_worker(*args) -> dict:
+    return write_piece(_worker_tokenizer, *args)
+
+
+def write_piece(tokenizer: Tokenizer, work: Path, piece: int, first_doc: int, docs: list[str],
+                val_fraction: float) -> dict:
+    """Tokenizes one piece into work/{train,val}-<piece>.array_record + lengths; returns (and writes) its manifest."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    vocab, eos = tokenizer.vocab_size, tokenizer.eos_id
+    dtype = token_dtype(vocab)
+    is_val_doc = [is_val(first_doc + j, val_fraction) for j in range(len(docs))]
+    manifest = {"piece": piece, "first_doc": first_doc, "documents": len(docs), "input_sha256": _docs_sha256(docs)}
+    for split in SPLITS:
+        chosen = [d for d, v in zip(docs, is_val_doc, strict=True) if v == (split == "val")]
+        name = f"{split}-{piece:05d}"
+        if not chosen:
+            manifest[split] = None
+            continue
+        lengths, max_id = np.zeros(len(chosen), np.int64), -1
+        writer = ArrayRecordWriter(str(work / f"{name}.array_record"), _WRITER_OPTIONS)
+        for j, text in enumerate(chosen):
+            tokens = np.asarray([*tokenizer.encode(text), eos], dtype=np.int64)
+            if tokens.min() < 0 or tokens.max() >= vocab:
+                bad = int(tokens.max()) if tokens.max() >= vocab else int(tokens.min())
+                raise ValueError(f"A document of piece {piece} has token id {bad} outside the tokenizer's "
+                                 f"vocab_size {vocab}: the tokenizer reports a wrong vocab_size.")
+            writer.write(tokens.astype(dtype).tobytes())
+            lengths[j], max_id = len(tokens), max(max_id, int(tokens.max()))
+        writer.close()
+        np.save(work / f"{name}-lengths.npy", lengths)
+        manifest[split] = {"shard": file_record(work, f"{name}.array_record", records=len(chosen)),
+                           "lengths": f"{name}-lengths.npy", "documents": len(chosen),
+                           "tokens": int(lengths.sum()), "max_token_id": max_id}
+    _write_json(work / f"piece-{piece:05d}.json", manifest)
+    return manifest
+
+
+def _pieces(documents: Iterable[str], docs_per_shard: int) -> Iterator[tuple[int, int, list[str]]]:
+    """(piece index, index of its first document, its documents) in order; the last piece may be short."""
+    piece, buf, first = 0, [], 0
+    for doc in documents:
+        buf.append(doc)
+        if len(buf) == docs_per_shard:
+            yield piece, first, buf
+            piece, first, buf = piece + 1, first + len(buf), []
+    if buf:
+        yield piece, first, buf
+
+
+def _load_done(work: Path, piece: int) -> dict | None:
+    """A finished piece's manifest, or None if it is missing or its files are not all there at their sizes."""
+    path = work / f"piece-{piece:05d}.json"
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    for split in SPLITS:
+        if (info := manifest[split]) is not None:
+            shard = work / info["shard"]["file"]
+            if not shard.is_file() or shard.stat().st_size != info["shard"]["bytes"]:
+                return None
+            if not (work / info["lengths"]).is_file():
+                return None
+    return manifest
+
+
+class _EmptySplit(ValueError):
+    pass
+
+
+def _check_splits(documents: int, val_fraction: float, report: dict) -> None:
+    """Raises, before anything is written, when the train split would be empty. (Validation cannot be: with
+    val_fraction > 0, document 0 is always a validation document.)"""
+    val = sum(is_val(i, val_fraction) for i in range(documents))
+    if documents - val == 0:
+        skipped = ", ".join(f"{v} {k.replace('_', ' ')} skipped" for k, v in report.items()
+                            if isinstance(v, int) and v)
+        raise _EmptySplit(f"The source gave {documents} documents ({skipped or 'none skipped'}): 0 train, {val} "
+                          f"validation with val_fraction={val_fraction}; no training documents. Add documents, or "
+                          "set --val_fraction=0 to train on all of them.")
+
+
+def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | os.PathLike, *,
+                   val_fraction: float = 0.01, docs_per_shard: int = DOCS_PER_SHARD, workers: int | None = None,
+                   overwrite: bool = False, source: str = "", num_tasks: int = 1, task_index: int = 0,
+                   report: dict | None = None) -> dict | None:
+    """Tokenizes `documents` (eos after each) into train/val ArrayRecord shards in `out_dir`; returns the metadata.
+
+    With num_tasks > 1 this task writes its share of the pieces and returns None; `merge_shards` then finishes.
+    `report` is the document source's count of what it skipped (corpus.SkipReport), recorded in the metadata.
+    """
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"{val_fraction=} must be in [0, 1).")
+    if docs_per_shard < 1:
+        raise ValueError(f"{docs_per_shard=} must be >= 1.")
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"{task_index=} must be in [0, {num_tasks=}).")
+    workers = workers or os.cpu_count() or 1
+    work = work_dir(out_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    params = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer.identity(), "eos_id": tokenizer.eos_id,
+              "val_fraction": val_fraction, "docs_per_shard": docs_per_shard, "source": source}
+    if (work / "params.json").is_file():
+        if (old := json.loads((work / "params.json").read_text())) != params:
+            raise ValueError(f"{work} holds an unfinished preparation with other settings ({old}); delete it to "
+                             "start over, or run with the same settings to resume it.")
+        log.info("resuming the preparation in %s", work)
+    else:
+        _write_json(work / "params.json", params)
+    if not (work / tokenizer.path.name).is_file():
+        shutil.copyfile(tokenizer.path, work / f"{tokenizer.path.name}.tmp")
+        os.replace(work / f"{tokenizer.path.name}.tmp", work / tokenizer.path.name)
+
+    documents, report = iter(documents), report if report is not None else {}
+    total, reused, written = 0, 0, 0
+    pool = None
+    if workers > 1:  # spawn, not fork: the caller may run JAX's threads, which a forked child would inherit mid-lock
+        pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker,
+                                                      (tokenizer,))
+    pending: set[concurrent.futures.Future] = set()
+    try:
+        for piece, first, docs in _pieces(documents, docs_per_shard):
+            total = first + len(docs)
+            if piece % num_tasks != task_index:
+                continue
+            if (done := _load_done(work, piece)) is not None:
+                if done["input_sha256"] != _docs_sha256(docs) or done["documents"] != len(docs):
+                    raise ValueError(f"The documents of piece {piece} differ from those the interrupted preparation "
+                                     f"in {work} tokenized: the source changed. Delete {work} to start over.")
+                reused += 1
+                continue
+            if pool is None:
+                write_piece(tokenizer, work, piece, first, docs, val_fraction)
+            else:
+                if len(pending) >= 2 * workers:  # bounded memory: at most 2 x workers pieces in flight
+                    finished, pending = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
+                    for f in finished:
+                        f.result()
+                pending.add(pool.submit(_write_piece_in_worker, work, piece, first, docs, val_fraction))
+            written += 1
+        _check_splits(total, val_fraction, report)
+        for f in concurrent.futures.as_completed(pending):
+            f.result()
+    except _EmptySplit:
+        if num_tasks == 1:  # nothing of this run is worth resuming
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    _write_json(work / f"task-{task_index:05d}-of-{num_tasks:05d}.json",
+                {"documents": total, "pieces": -(-total // docs_per_shard), "report": report})
+    log.info("task %d/%d: %d pieces written, %d reused from an interrupted run; %d documents in the source",
+             task_index, num_tasks, written, reused, total)
+    if num_tasks > 1:
+        return None
+    return merge_shards(out_dir, overwrite=overwrite)
+
+
+def merge_shards(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict:
+    """Assembles the pieces every task wrote into `out_dir` (train/val shards, lengths, metadata.json)."""
+    out_dir = Path(out_dir).absolute()
+    work = work_dir(out_dir)
+    if not (work / "params.json").is_file():
+        raise FileNotFoundError(f"{work} holds no prepared pieces: run tools/prepare_data.py for every task first.")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
+    params = json.loads((work / "params.json").read_text())
+    tasks = sorted(work.glob("task-*-of-*.json"))
+    if not tasks:
+        raise FileNotFoundError(f"No task of the preparation in {work} has finished: run them all, then merge.")
+    num_tasks = int(tasks[0].stem.split("-of-")[1])
+    records = {p.name: json.loads(p.read_text()) for p in tasks}
+    expected = {f"task-{t:05d}-of-{num_tasks:05d}.json" for t in range(num_tasks)}
+    if missing := sorted(expected - set(records)):
+        raise FileNotFoundError(f"{work}: tasks {missing} have not finished (or ran with another --num_tasks): run "
+                                "them, then merge.")
+    first = records[min(expected)]
+    for name in expected:
+        if (records[name]["documents"], records[name]["report"]) != (first["documents"], first["report"]):
+            raise ValueError(f"{work}: the tasks saw different sources ({name} counted {records[name]['documents']} "
+                             f"documents, another {first['documents']}): every task must read the same documents.")
+    manifests = [_load_done(work, i) for i in range(first["pieces"])]
+    if missing := [i for i, m in enumerate(manifests) if m is None]:
+        raise FileNotFoundError(f"{work}: pieces {missing[:10]} are missing or incomplete: re-run their tasks.")
+    _check_splits(first["documents"], params["val_fraction"], first["report"])
+
+    tok = params["tokenizer"]
+    merged = work / "merged"
+    shutil.rmtree(merged, ignore_errors=True)
+    merged.mkdir()
+    splits = {}
+    for split in SPLITS:
+        parts = [m[split] for m in manifests if m[split] is not None]
+        shards = []
+        for j, part in enumerate(parts):
+            name = f"{split}-{j:05d}-of-{len(parts):05d}.array_record"
+            _link(work / part["shard"]["file"], merged / name)
+            shards.append({**part["shard"], "file": name})
+        lengths_name = f"{split}-lengths.npy"
+        n = sum(p["documents"] for p in parts)
+        lengths = np.lib.format.open_memmap(merged / lengths_name, mode="w+", dtype=np.int64, shape=(n,))
+        at = 0
+        for part in parts:  # one piece at a time: memory stays bounded whatever the corpus size
+            piece_lengths = np.load(work / part["lengths"])
+            lengths[at:at + len(piece_lengths)] = piece_lengths
+            at += len(piece_lengths)
+        lengths.flush()
+        del lengths
+        splits[split] = {"documents": n, "tokens": sum(p["tokens"] for p in parts),
+                         "max_token_id": max([p["max_token_id"] for p in parts], default=-1),
+                         "shards": shards, "lengths": file_record(merged, lengths_name)}
+    shutil.copyfile(work / tok["path"], merged / tok["path"])
+    vocab = tok["vocab_size"]
+    meta = {"format_version": FORMAT_VERSION, "tokenizer": tok, "tokenizer_file": tok["path"], "vocab_size": vocab,
+            "eos_id": params["eos_id"], "dtype": token_dtype(vocab).name, "source": params["source"],
+            "val_fraction": params["val_fraction"], "docs_per_shard": params["docs_per_shard"],
+            "skipped": first["report"], "max_token_id": max(s["max_token_id"] for s in splits.values()),
+            "splits": splits}
+    (merged / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    replace_dir(merged, out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("wrote %s: %d train / %d val documents, %d / %d tokens", out_dir, splits["train"]["documents"],
+             splits["val"]["documents"], splits["train"]["tokens"], splits["val"]["tokens"])
+    return meta
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A hard link (the pieces stay until the merge is complete, so an interrupted merge can be re-run)."""
+    try:
+        os.link(src, dst)
+    except OSError as e:  # a filesystem without hard links (some FUSE mounts): copy, and say so
+        log.warning("cannot hard-link %s (%s): copying instead", src, e)
+        shutil.copyfile(src, dst)

@@ -1,0 +1,255 @@
+"""Preparation at scale and bad data: workers, resume after a kill, several tasks + merge, counted skips, shard
+integrity at open, directories that stay closed."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from phi_jax.data.corpus import SkipReport, file_documents, jsonl_documents
+from phi_jax.data.prepare import merge_shards, prepare_shards, work_dir
+from phi_jax.data.setup import resolve_data
+from phi_jax.data.shards import SplitReader, read_metadata, verify_checksums
+from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from phi_jax.run_config import base_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [f"class C{i}:\n    x = {'y' * (i % 17)}\n" * (1 + i % 4) for i in range(130)]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return load_tokenizer(train_sentencepiece(DOCS, tmp_path_factory.mktemp("tok") / "sp", 300))
+
+
+def _prepare_cli():
+    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "tools" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def _tokens(d: Path) -> dict[str, list[list[int]]]:
+    readers = {s: SplitReader(d, s) for s in ("train", "val")}
+    return {s: [r.document(i).tolist() for i in range(len(r))] for s, r in readers.items()}
+
+
+KW = dict(val_fraction=0.1, docs_per_shard=20, source="docs")
+
+
+@pytest.fixture(scope="module")
+def whole(tok, tmp_path_factory):
+    """The uninterrupted single-task reference."""
+    out = tmp_path_factory.mktemp("whole") / "d"
+    prepare_shards(DOCS, tok, out, workers=1, **KW)
+    return out
+
+
+def test_three_tasks_then_merge_equal_one_task_token_for_token(tok, whole, tmp_path):
+    out = tmp_path / "d"
+    for t in (2, 0):
+        assert prepare_shards(DOCS, tok, out, workers=1, num_tasks=3, task_index=t, **KW) is None
+    with pytest.raises(FileNotFoundError, match=r"tasks \['task-00001-of-00003.json'\] have not finished"):
+        merge_shards(out)
+    prepare_shards(DOCS, tok, out, workers=2, num_tasks=3, task_index=1, **KW)
+    meta = merge_shards(out)
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(DOCS)
+    assert _tokens(out) == _tokens(whole)
+    assert _files(out) == _files(whole)  # every byte, metadata.json included
+    assert not work_dir(out).exists()
+    assert len(meta["splits"]["train"]["shards"]) == 7  # 130 documents in pieces of 20
+
+
+def test_tasks_that_read_different_sources_do_not_merge(tok, tmp_path):
+    out = tmp_path / "d"
+    prepare_shards(DOCS, tok, out, workers=1, num_tasks=2, task_index=0, **KW)
+    prepare_shards(DOCS[:-1], tok, out, workers=1, num_tasks=2, task_index=1, **KW)
+    with pytest.raises(ValueError, match="the tasks saw different sources"):
+        merge_shards(out)
+
+
+class CountingTokenizer:
+    """Counts encode calls of a real tokenizer (in-process, workers=1)."""
+
+    def __init__(self, tok):
+        self.tok, self.calls = tok, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def encode(self, text):
+        self.calls += 1
+        return self.tok.encode(text)
+
+
+def killed_after(n):
+    yield from DOCS[:n]
+    raise KeyboardInterrupt  # what a kill leaves: the pieces finished so far, nothing else
+
+
+KILLED = """
+import json, os, signal, sys
+from phi_jax.data.prepare import prepare_shards
+from phi_jax.data.tokenizer import load_tokenizer
+docs, tok, out, n = json.load(open(sys.argv[1])), load_tokenizer(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+def killed():
+    yield from docs[:n]
+    os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
+prepare_shards(killed(), tok, out, workers=1, val_fraction=0.1, docs_per_shard=20, source="docs")
+"""
+
+
+def test_a_killed_preparation_resumes_and_matches(tok, whole, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "d"
+    (tmp_path / "docs.json").write_text(json.dumps(DOCS))
+    r = subprocess.run([sys.executable, "-c", KILLED, str(tmp_path / "docs.json"), str(tok.path), str(out), "70"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == -9, r.stderr[-2000:]
+    work = work_dir(out)
+    assert sorted(p.name for p in work.glob("piece-*.json")) == [f"piece-0000{i}.json" for i in range(3)]
+    assert not out.exists()
+    (work / "train-00003.array_record").write_bytes(b"half a piece")  # as if killed in the middle of piece 3
+    counting = CountingTokenizer(tok)
+    prepare_shards(DOCS, counting, out, workers=1, **KW)
+    assert counting.calls == len(DOCS) - 60  # pieces 0-2 were not tokenized again
+    assert _files(out) == _files(whole) and not work.exists()
+
+
+def test_resume_refuses_changed_settings_or_documents(tok, tmp_path):
+    out = tmp_path / "d"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_shards(killed_after(45), tok, out, workers=1, **KW)
+    with pytest.raises(ValueError, match="other settings"):
+        prepare_shards(DOCS, tok, out, workers=1, **{**KW, "docs_per_shard": 10})
+    with pytest.raises(ValueError, match=r"documents of piece 0 differ .* the source changed"):
+        prepare_shards(["changed", *DOCS[1:]], tok, out, workers=1, **KW)
+
+
+def test_binary_and_non_utf8_files_are_counted_or_strict_errors(tok, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(22):
+        (src / f"good{i:02d}.py").write_text(DOCS[i])
+    (src / "bin1.py").write_bytes(b"\x00\x01\x02binary")
+    (src / "bin2.py").write_bytes(bytes(range(256)))
+    (src / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    main = _prepare_cli()
+    base = ["--source=files", f"--glob={src}/*.py", f"--tokenizer={tok.path}", "--val_fraction=0.1", "--workers=1"]
+    main([*base, f"--out={tmp_path / 'd'}"])
+    meta = read_metadata(tmp_path / "d")
+    assert meta["skipped"]["binary_files"] == 2 and meta["skipped"]["non_utf8_files"] == 1
+    assert any("latin1.py: not UTF-8 at byte 3" in e for e in meta["skipped"]["examples"])
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 22
+    with pytest.raises(ValueError, match=r"bin1.py: a NUL byte at offset 0 .* drop --strict"):
+        main([*base, f"--out={tmp_path / 'strict'}", "--strict"])
+    assert not (tmp_path / "strict").exists()
+    report = SkipReport()
+    assert len(list(file_documents(f"{src}/*.py", report))) == 22 and report["binary_files"] == 2
+
+
+def test_a_split_left_empty_is_an_error_before_anything_is_written(tok, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"bin{i}.py").write_bytes(b"\x00" * 10)
+    (src / "good.py").write_text(DOCS[0])
+    main = _prepare_cli()
+    with pytest.raises(ValueError, match=r"gave 1 documents \(3 binary files skipped\): 0 train, 1 validation .*"
+                                         r"--val_fraction=0"):
+        main(["--source=files", f"--glob={src}/*.py", f"--tokenizer={tok.path}", f"--out={tmp_path / 'd'}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no partial work
+    with pytest.raises(ValueError, match=r"gave 0 documents \(none skipped\): 0 train, 0 validation"):
+        prepare_shards([], tok, tmp_path / "v", workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_malformed_jsonl_line_names_file_and_line(tok, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "thr\n{"text": 4}\n[1]\n{"text": "five"}\n')
+    main = _prepare_cli()
+    base = ["--source=jsonl", f"--jsonl={path}", f"--tokenizer={tok.path}", "--val_fraction=0.3", "--workers=2"]
+    with pytest.raises(ValueError, match=r"c.jsonl:3: Invalid control character.* pass --skip_bad_lines"):
+        main([*base, f"--out={tmp_path / 'd'}"])
+    main([*base, f"--out={tmp_path / 'd'}", "--skip_bad_lines"])
+    meta = read_metadata(tmp_path / "d")
+    assert meta["skipped"]["bad_lines"] == 3
+    assert [e.split(": ")[0][-9:] for e in meta["skipped"]["examples"]] == ["c.jsonl:3", "c.jsonl:4", "c.jsonl:5"]
+    assert "field 'text' is int, not a string" in meta["skipped"]["examples"][1]
+    report = SkipReport()
+    assert list(jsonl_documents(str(path), report=report, skip_bad_lines=True)) == ["one", "two", "five"]
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _config(path):
+    c = base_config()
+    c.seq_len, c.data.path = 8, str(path)
+    return c
+
+
+def test_corrupted_or_truncated_shards_are_found_at_open(whole, tmp_path):
+    d = _copy(whole, tmp_path / "flip")
+    meta = read_metadata(d)
+    shard = d / meta["splits"]["train"]["shards"][2]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one bit pattern changed
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"train-00002-of-00007.array_record does not match the sha256"):
+        resolve_data(_config(d))
+    d = _copy(whole, tmp_path / "cut")
+    shard = d / "val-00001-of-00007.array_record"
+    shard.write_bytes(shard.read_bytes()[:-5])
+    with pytest.raises(ValueError, match=r"val-00001-of-00007.array_record is \d+ bytes but metadata.json records"):
+        read_metadata(d)
+    d = _copy(whole, tmp_path / "records")  # a valid shard with its size and sha256, but the wrong record count
+    meta = json.loads((d / "metadata.json").read_text())
+    first, last = meta["splits"]["train"]["shards"][0], meta["splits"]["train"]["shards"][-1]
+    (d / first["file"]).write_bytes((d / last["file"]).read_bytes())
+    first.update(bytes=last["bytes"], sha256=last["sha256"])
+    (d / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"train-00000-of-00007.array_record holds \d+ records but metadata.json "
+                                         r"records 18"):
+        verify_checksums(d, read_metadata(d))
+    verify_checksums(whole, read_metadata(whole))
+
+
+@pytest.mark.parametrize("key", ["tokenizer_file", "shard", "lengths"])
+def test_metadata_cannot_point_outside_the_directory(whole, tmp_path, key):
+    d = _copy(whole, tmp_path / "d")
+    (tmp_path / "outside.model").write_bytes((d / read_metadata(d)["tokenizer_file"]).read_bytes())
+    meta = json.loads((d / "metadata.json").read_text())
+    if key == "tokenizer_file":
+        meta["tokenizer_file"] = "../outside.model"
+    elif key == "shard":
+        meta["splits"]["train"]["shards"][0]["file"] = str(tmp_path / "outside.model")
+    else:
+        meta["splits"]["val"]["lengths"]["file"] = "sub/../../outside.model"
+    (d / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"outside.model.*outside the directory"):
+        resolve_data(_config(d))
+
+
+def test_the_command_line_splits_and_merges(tok, tmp_path, capsys):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    main = _prepare_cli()
+    base = ["--source=jsonl", f"--jsonl={path}", f"--tokenizer={tok.path}", "--docs_per_shard=20", "--workers=1"]
+    main([*base, f"--out={tmp_path / 'one'}"])
+    for t in (1, 0):
+        main([*base, f"--out={tmp_path / 'two'}", "--num_tasks=2", f"--task_index={t}"])
+    assert "run: python tools/prepare_data.py --merge" in capsys.readouterr().out
+    main(["--merge", f"--out={tmp_path / 'two'}"])
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
