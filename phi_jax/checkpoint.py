@@ -41,6 +41,10 @@ class Checkpointer:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
+    def has_data_state(self, step: int) -> bool:
+        """Whether the checkpoint holds a data-iterator position (tools/import_hf.py's step 0 does not)."""
+        return (self.directory / str(step) / "data").exists()
+
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
@@ -55,7 +59,7 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restores into `abstract_state` (ShapeDtypeStructs with shardings) and, if given, the data iterator."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None and (self.directory / str(step) / "data").exists():
+        if data_iterator is not None and self.has_data_state(step):
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         elif data_iterator is not None:  # e.g. made by tools/import_hf.py: fine-tuning starts at the first batch
             log.info("checkpoint %d holds no data-iterator state; the data starts from the beginning", step)
