@@ -9,8 +9,9 @@ USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueErro
 
 
 def run(main: Callable[[], object]) -> None:
-    """Calls `main()`; a bad path, an existing output or an invalid value exits with status 1 and its message."""
+    """Calls `main()`; a bad path, an existing output, an invalid value or a failed write exits with status 1 and its
+    message."""
     try:
         main()
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, OSError) as e:  # OSError: disk full, a size limit, permissions (outputs are atomic)
         sys.exit(f"error: {e}")

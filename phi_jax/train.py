@@ -19,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from phi_jax import distributed, host_memory, memory_check, restart, validate
-from phi_jax.checkpoint import Checkpointer
+from phi_jax.checkpoint import Checkpointer, CheckpointWriteError
 from phi_jax.config import PhiConfig
 from phi_jax.data.loader import make_dataset, make_eval_batches
 from phi_jax.data.setup import resolve_data
@@ -248,17 +248,29 @@ def define_flags() -> None:
     _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go (default runs/<model>).")
 
 
+def _without_orbax_tracebacks(record: logging.LogRecord) -> bool:
+    """orbax logs a failed background write with a traceback from each of its threads; phi_jax reports the error
+    itself (CheckpointWriteError), so orbax's records keep only their first line."""
+    if "orbax" in record.pathname and record.exc_info:
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; settings go in --config.KEY=VALUE.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("absl").addFilter(_without_orbax_tracebacks)
     log.info("host memory: %s", host_memory.status())
     distributed.maybe_initialize()
     c = _CONFIG.value
     workdir = _WORKDIR.value or f"runs/{c.model}"
     try:
         train(c, workdir)
+    except CheckpointWriteError as e:
+        log.error("%s", e)
+        sys.exit(1)
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteError) as e:
         log.error("%s", e)
         sys.exit(1)
