@@ -113,7 +113,10 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, preemption: Preemption) 
     train_batch_sh, eval_batch_sh = batch_sharding(mesh, leading_dims=1), batch_sharding(mesh)
     step_fn, eval_fn = jit_steps(mesh, shardings, param_rules)
     memory_check.check_state_fits(target, target.params)  # before compiling or allocating anything
-    first = next(iter(dataset))  # the batch's keys, shapes and dtypes (a fresh iterator: data_iter stays put)
+    first = next(iter(dataset), None)  # the batch's keys, shapes and dtypes (a fresh iterator: data_iter stays put)
+    if first is None:
+        raise ValueError(f"The train split of {data.path} holds less than one global batch (batch_size={c.batch_size}"
+                         f" x seq_len={c.seq_len} tokens): lower --config.batch_size or --config.seq_len, or add data.")
     abstract_batch = {k: jax.ShapeDtypeStruct((accum, c.batch_size // accum, *v.shape[1:]), v.dtype,
                                               sharding=train_batch_sh) for k, v in first.items()}
     log.info("compiling the train step")
