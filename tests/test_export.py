@@ -144,3 +144,37 @@ def test_import_hf_round_trip(exported, tmp_path):
     assert ckpt.read_meta(0)["model"] == model.cfg.to_dict()
     ckpt.close()
     assert glob.glob(str(wd / "checkpoints" / "0" / "state" / "*"))
+
+
+def test_overwrite_replaces_only_an_empty_dir_or_a_previous_export(workdir, tmp_path, capsys):
+    import stat
+
+    tool = _tool("export_hf")
+    previous = tool.export(str(workdir), str(tmp_path / "model"), step=10)
+    replaced = tool.export(str(workdir), str(previous), step=20, overwrite=True)  # a previous export: replaced
+    from phi_jax.hf import from_pretrained
+
+    np.testing.assert_array_equal(np.asarray(from_pretrained(replaced).embed_tokens[...]),
+                                  np.asarray(load_model(workdir, 20)[0].embed_tokens[...]))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(replaced.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in replaced.iterdir()} == {0o666 & ~umask}
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's own file")
+    with pytest.raises(FileExistsError, match=r"mine is not a phi_jax export \(notes.txt\); overwriting replaces only"):
+        tool.export(str(workdir), str(mine), overwrite=True)
+    (replaced / "my_eval.json").write_text("{}")  # a file added to a previous export is a user's too
+    with pytest.raises(FileExistsError, match=r"holds files the previous export did not write \(my_eval.json\)"):
+        tool.export(str(workdir), str(replaced), overwrite=True)
+    assert (mine / "notes.txt").read_text() == "a user's own file" and (replaced / "my_eval.json").exists()
+    (tmp_path / "empty").mkdir()
+    tool.export(str(workdir), str(tmp_path / "empty"), overwrite=True)  # an empty directory: replaced
+    assert (tmp_path / "empty" / "model.safetensors").exists()
+
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    assert "previous export" in " ".join(capsys.readouterr().out.split())
+

@@ -89,6 +89,21 @@ def test_sharded_and_low_precision_exports(tmp_path):
         assert json.loads((out / "config.json").read_text())["dtype"] == dtype
 
 
+def test_shard_names_must_stay_inside_the_directory(tmp_path):
+    model = phi_jax.from_pretrained(make_hf_phi(tmp_path / "hf"))
+    sharded = phi_jax.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=64 * 1024)
+    index_file = sharded / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    first = next(iter(index["weight_map"]))
+    shard = sharded / index["weight_map"][first]
+    shard.rename(tmp_path / "outside.safetensors")  # a shard that resolves outside the directory still exists
+    for name in ("../outside.safetensors", str(tmp_path / "outside.safetensors")):
+        index["weight_map"] = {k: (name if v == shard.name else v) for k, v in index["weight_map"].items()}
+        index_file.write_text(json.dumps(index))
+        with pytest.raises(ValueError, match=r"names shard files outside .*a shard name must be a file inside"):
+            phi_jax.from_pretrained(sharded)
+
+
 def test_transformers_4x_config_form():
     """4.x files carry partial_rotary_factor and rope_theta at the top level; 5.x nests them."""
     v4 = {"model_type": "phi", "vocab_size": 512, "hidden_size": 160, "intermediate_size": 320,

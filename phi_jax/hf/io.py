@@ -179,6 +179,8 @@ def save_pretrained(model: Phi, out_dir: str | os.PathLike, dtype: str = "float3
         files = sorted(p.name for p in tmp.iterdir())
         (tmp / MANIFEST).write_text(json.dumps({"written_by": "phi_jax.hf.save_pretrained", "files": files},
                                                indent=2) + "\n")
+        for f in tmp.iterdir():  # safetensors writes its files owner-only
+            f.chmod(0o666 & ~_umask())
         if out_dir.exists():  # overwrite=True: swap, keeping the old copy until the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
