@@ -32,17 +32,12 @@ def _source(names):
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
-    import sentencepiece as spm
+    """The tokenizer the project trains (phi_jax.data.tokenizer.train_sentencepiece, as tools/train_tokenizer.py and
+    the embedded corpus use it), not a hand-configured one."""
+    from phi_jax.data.tokenizer import train_sentencepiece
 
-    out = tmp_path_factory.mktemp("tok")
-    texts = [t[i:i + 4000] for t in _source(sorted(p.name for p in STDLIB.glob("*.py"))[:30])
-             for i in range(0, len(t), 4000)]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(out / "sp"), vocab_size=512, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["\n"], eos_piece="<|endoftext|>",
-        max_sentence_length=16384, character_coverage=1.0, minloglevel=2)
-    return out / "sp.model"
+    return train_sentencepiece(_source(sorted(p.name for p in STDLIB.glob("*.py"))[:30]),
+                               tmp_path_factory.mktemp("tok") / "sp", vocab_size=512)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +92,23 @@ def test_transformers_loads_same_logits_and_greedy_text(workdir, exported, sp_mo
     with torch.no_grad():
         out = ref.generate(torch.tensor([hf_tok.encode(prompt)]), max_new_tokens=12, min_new_tokens=12,
                            do_sample=False, pad_token_id=0)
-    assert hf_tok.decode(out[0, len(ids):]) == ours_text
+    new = out[0, len(ids):].tolist()
+    assert tok.decode(new) == ours_text  # transformers generated the very tokens phi_jax did
+    if "\ufffd" not in ours_text:  # invalid UTF-8 byte runs decode differently: see the xfail below
+        assert hf_tok.decode(new) == ours_text
+
+
+@pytest.mark.xfail(strict=True, reason="tokenizers' ByteFallback decoder replaces a whole run of byte pieces with "
+                   "U+FFFD when the run is not valid UTF-8; SentencePiece keeps its valid bytes (e.g. <0x47><0x90>"
+                   "<0x47>: 'G\ufffdG' vs three U+FFFD). Only text a model generates can hold such runs.")
+def test_invalid_byte_runs_decode_like_sentencepiece(exported, sp_model):
+    import sentencepiece as spm
+    import transformers
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
+    ids = [sp.piece_to_id(p) for p in ("<0x47>", "<0x90>", "<0x47>")]
+    assert hf_tok.decode(ids) == sp.decode(ids)
 
 
 def test_hf_tokenizer_encodes_like_sentencepiece(exported, sp_model):
