@@ -88,6 +88,48 @@ def test_legacy_layouts_give_identical_logits(layout, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def _phi15_md_keys(layout: str, n: int) -> dict[str, str]:
+    """2023 key -> native key, for n layers, with the names /work/shared/reference/phi15.md lists (written out here,
+    independently of hf_reference.to_legacy). "Wqkv" is q, k, v stacked along dim 0 (handled by the caller)."""
+    if layout == "mixformer":  # `layers.0.wte.weight`; `layers.{1..n}.*`; `layers.{n+1}.ln.*`, `layers.{n+1}.linear.*`
+        keys = {"layers.0.wte.weight": "model.embed_tokens.weight"}
+        block, final_ln, head = (lambda i: f"layers.{i + 1}"), f"layers.{n + 1}.ln", f"layers.{n + 1}.linear"
+    else:  # `transformer.embd.wte.weight`, `transformer.h.N.*`, `lm_head.ln`, `lm_head.linear`
+        keys = {"transformer.embd.wte.weight": "model.embed_tokens.weight"}
+        block, final_ln, head = (lambda i: f"transformer.h.{i}"), "lm_head.ln", "lm_head.linear"
+    for i in range(n):
+        for kind in ("weight", "bias"):
+            keys[f"{block(i)}.ln.{kind}"] = f"model.layers.{i}.input_layernorm.{kind}"
+            keys[f"{block(i)}.mixer.Wqkv.{kind}"] = f"model.layers.{i}.self_attn.{{q,k,v}}_proj.{kind}"
+            keys[f"{block(i)}.mixer.out_proj.{kind}"] = f"model.layers.{i}.self_attn.dense.{kind}"
+            keys[f"{block(i)}.mlp.fc1.{kind}"] = f"model.layers.{i}.mlp.fc1.{kind}"
+            keys[f"{block(i)}.mlp.fc2.{kind}"] = f"model.layers.{i}.mlp.fc2.{kind}"
+    for kind in ("weight", "bias"):
+        keys[f"{final_ln}.{kind}"] = f"model.final_layernorm.{kind}"
+        keys[f"{head}.{kind}"] = f"lm_head.{kind}"
+    return keys
+
+
+@pytest.mark.parametrize("layout", ["mixformer", "remote_code"])
+def test_2023_layouts_with_the_reference_key_names(layout, tmp_path):
+    """A 2023 checkpoint written from the reference's key list (not the tests' converter) loads to the native
+    model's logits; the converter the other tests use writes exactly those keys."""
+    native = make_hf_phi(tmp_path / "native", initializer_range=INIT_STD, **SHAPES["phi15_like"])
+    n = SHAPES["phi15_like"]["num_hidden_layers"]
+    t = load_file(native / "model.safetensors")
+    keys = _phi15_md_keys(layout, n)
+    fixture = {old: (np.concatenate([t[new.replace("{q,k,v}", p)] for p in "qkv"]) if "{q,k,v}" in new else t[new])
+               for old, new in keys.items()}
+    legacy = to_legacy(native, tmp_path / "converted", layout)
+    assert set(load_file(legacy / "model.safetensors")) == set(keys)
+    (tmp_path / "fixture").mkdir()
+    save_file(fixture, tmp_path / "fixture" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "fixture" / "config.json").write_text((legacy / "config.json").read_text())
+    ids = _ids(512, batch=1)
+    np.testing.assert_array_equal(np.asarray(phi_jax.from_pretrained(tmp_path / "fixture")(ids)),
+                                  np.asarray(phi_jax.from_pretrained(native)(ids)))
+
+
 def test_sharded_and_low_precision_exports(tmp_path):
     import transformers
 
