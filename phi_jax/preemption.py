@@ -39,8 +39,8 @@ class Preemption:
         self._previous_fd = signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
         threading.Thread(target=self._watch, name="phi_jax-preemption", daemon=True).start()
 
-    def _handler(self, signum, frame):
-        if not self.requested:
+    def _handler(self, signum, frame):  # (before the first step, the watching thread exits the process instead)
+        if not self.requested and not self._immediate:
             log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
         self.requested = True
 
