@@ -18,7 +18,8 @@ NOT_IDENTITY = {"data.cache_dir"}  # where the embedded corpus is built, not wha
 
 
 def _plain(x: Any) -> Any:
-    return json.loads(json.dumps(x))  # tuples -> lists, as a checkpoint's JSON holds them
+    # tuples -> lists, as a checkpoint's JSON holds them; a ConfigDict inside a list becomes a dict
+    return json.loads(json.dumps(x, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o)))
 
 
 def identity(run: dict, data: dict) -> dict[str, Any]:

@@ -12,9 +12,8 @@ from typing import Any
 
 import ml_collections
 
-from phi_jax.config import PRESETS
-
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
+from phi_jax.config import ATTENTION_IMPLS, DENSE_IMPLS, DTYPES, PRESETS, REMAT_POLICIES
+from phi_jax.sharding import STRATEGIES
 
 
 def _one_of(*choices) -> tuple[Callable[[Any], bool], str]:
@@ -40,11 +39,11 @@ NON_NEGATIVE = _at_least(0)
 # key -> (type, (predicate, what it must be)). Every key of base_config() has a rule (tests/test_config_validation.py).
 RULES: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], str]]] = {
     "model": (str, _one_of(*sorted(PRESETS))),
-    "dtype": (str, _one_of(*DTYPE_NAMES)),
-    "param_dtype": (str, _one_of(*DTYPE_NAMES)),
-    "attention_impl": (str, _one_of("auto", "xla", "pallas", "cudnn")),
-    "dense_impl": (str, _one_of("auto", "xla", "pallas")),
-    "remat": (str, _one_of("none", "full", "save_dots")),
+    "dtype": (str, _one_of(*DTYPES)),
+    "param_dtype": (str, _one_of(*DTYPES)),
+    "attention_impl": (str, _one_of(*ATTENTION_IMPLS)),
+    "dense_impl": (str, _one_of(*DENSE_IMPLS)),
+    "remat": (str, _one_of(*REMAT_POLICIES)),
     "seed": (int, NON_NEGATIVE),
     "seq_len": (int, POSITIVE),
     "batch_size": (int, POSITIVE),
@@ -75,7 +74,7 @@ RULES: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], str
     "mesh.fsdp": (int, (_mesh_axis, "-1 (the devices left) or >= 1")),
     "mesh.tensor": (int, (_mesh_axis, "-1 (the devices left) or >= 1")),
     "mesh.dcn_data": (int, POSITIVE),
-    "sharding": (str, _one_of("dp", "zero1", "fsdp")),
+    "sharding": (str, _one_of(*STRATEGIES)),
 }
 
 
