@@ -19,6 +19,10 @@ from phi_jax.config import PhiConfig, architecture_diff
 log = logging.getLogger("phi_jax")
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, file-size limit, ...); the previous ones are intact."""
+
+
 class Checkpointer:
     def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = Path(workdir).absolute() / "checkpoints"
@@ -28,6 +32,16 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._failed = False
+
+    def _write_failed(self, e: Exception) -> CheckpointWriteError:
+        self._failed = True
+        complete = [s for s in self.manager.all_steps() if (self.directory / str(s)).is_dir()]
+        kept = f"the newest complete checkpoint, step {max(complete)}, is intact" if complete else \
+            "no earlier checkpoint exists"
+        return CheckpointWriteError(f"Writing a checkpoint to {self.directory} failed; {kept}. Free space (or raise "
+                                    "the quota / file-size limit) and run the same command again to resume. Cause: "
+                                    + " ".join(str(e).split()))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -39,7 +53,14 @@ class Checkpointer:
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        try:  # an asynchronous write's failure surfaces here (at the next save) or in wait()/close()
+            self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+        except Exception as e:
+            raise self._write_failed(e) from e
+
+    def has_data_state(self, step: int) -> bool:
+        """Whether the checkpoint holds a data-iterator position (tools/import_hf.py's step 0 does not)."""
+        return (self.directory / str(step) / "data").exists()
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -55,18 +76,28 @@ class Checkpointer:
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restores into `abstract_state` (ShapeDtypeStructs with shardings) and, if given, the data iterator."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None and (self.directory / str(step) / "data").exists():
+        if data_iterator is not None and self.has_data_state(step):
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         elif data_iterator is not None:  # e.g. made by tools/import_hf.py: fine-tuning starts at the first batch
             log.info("checkpoint %d holds no data-iterator state; the data starts from the beginning", step)
         return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_failed(e) from e
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last asynchronous write (so it is durable), then releases the manager."""
+        reported = self._failed
+        try:
+            self.wait()
+        except CheckpointWriteError:
+            if not reported:  # a failure already raised from save() is not raised a second time
+                raise
+        finally:
+            self.manager.close()
 
 
 def _checkpoint_steps(workdir: str | os.PathLike) -> tuple[Checkpointer, list[int]]:

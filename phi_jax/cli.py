@@ -9,7 +9,8 @@ USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueErro
 
 
 def run(main: Callable[[], object]) -> None:
-    """Calls `main()`; a bad path, an existing output or an invalid value exits with status 1 and its message.
+    """Calls `main()`; a bad path, an existing output, an invalid value or a failed write exits with status 1 and its
+    message.
 
     Before anything else, a CPU host's process restarts once with glibc's malloc on huge pages (host_memory.py)."""
     from phi_jax.host_memory import ensure_huge_pages
@@ -17,5 +18,5 @@ def run(main: Callable[[], object]) -> None:
     ensure_huge_pages()
     try:
         main()
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, OSError) as e:  # OSError: disk full, a size limit, permissions (outputs are atomic)
         sys.exit(f"error: {e}")

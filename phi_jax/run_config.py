@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 100
     c.keep_checkpoints = 3
     c.peak_flops_per_device = 0.0  # for MFU; 0 = from the device kind (measured matmul peak on CPU)
+    # A restart refuses changes that would silently corrupt the run (data, seq_len, batch_size, seed: see
+    # docs/RELIABILITY.md); list the ones you mean here, comma-separated, e.g. "data.path,seed".
+    c.allow_changes = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # token shards from tools/prepare_data.py; "" = the embedded stdlib corpus (built once, cached)

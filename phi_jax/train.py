@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -19,20 +18,19 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from phi_jax import distributed, host_memory
-from phi_jax.checkpoint import Checkpointer
+from phi_jax import distributed, host_memory, memory_check, restart, validate
+from phi_jax.checkpoint import Checkpointer, CheckpointWriteError
 from phi_jax.config import PhiConfig
 from phi_jax.data.setup import resolve_data
 from phi_jax.flops import flops_per_token, peak_flops_per_device
 from phi_jax.metrics import MetricsWriter
-from phi_jax.optim import make_optimizer
+from phi_jax.optim import LossScale, make_optimizer
+from phi_jax.preemption import PREEMPTED_EXIT_CODE, Preemption
 from phi_jax.sharding import batch_sharding, make_mesh, strategy_rules
 from phi_jax.train_state import TrainState, create_train_state, state_shardings
 from phi_jax.train_step import jit_steps
 
 log = logging.getLogger("phi_jax")
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was written on SIGTERM/SIGINT; run the same command again
 
 
 class NonFiniteError(RuntimeError):
@@ -54,19 +52,7 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> PhiConfig:
 
 def accumulation_steps(c: ml_collections.ConfigDict, mesh) -> int:
     """Micro-batches per optimizer step; every division must be exact."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if c.batch_size % shards:
-        raise ValueError(f"batch_size={c.batch_size} is not divisible by the {shards} data-parallel devices "
-                         "(mesh data x fsdp); choose a multiple.")
-    if c.batch_size % jax.process_count():
-        raise ValueError(f"batch_size={c.batch_size} is not divisible by the {jax.process_count()} processes.")
-    if c.micro_batch_per_device <= 0:
-        return 1
-    micro = c.micro_batch_per_device * shards
-    if c.batch_size % micro:
-        raise ValueError(f"batch_size={c.batch_size} is not a multiple of micro_batch_per_device x data-parallel "
-                         f"devices = {c.micro_batch_per_device} x {shards}; adjust either.")
-    return c.batch_size // micro
+    return validate.accumulation_steps(c, mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
 
 
 def global_batch(local: dict[str, np.ndarray], accum: int, sharding) -> dict[str, jax.Array]:
@@ -79,41 +65,28 @@ def global_batch(local: dict[str, np.ndarray], accum: int, sharding) -> dict[str
     return out
 
 
-class Preemption:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """True when any process was signalled (processes must stop at the same step)."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-
-        return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
-
-
 @jax.jit
 def all_finite(params) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
 
 
 def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
-    """Runs (or resumes) training; returns the last logged metrics."""
-    workdir = Path(workdir)
+    """Runs (or resumes) training; returns the last logged metrics. A SIGTERM/SIGINT exits with status 75."""
+    preemption = Preemption()
+    try:
+        return _train(c, Path(workdir), preemption)
+    finally:
+        preemption.close()
+
+
+def _train(c: ml_collections.ConfigDict, workdir: Path, preemption: Preemption) -> dict[str, float]:
+    validate.check_values(c)  # every key's type and range, before anything is read, built or compiled
+    mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, dcn_data=c.mesh.dcn_data)
+    accum = accumulation_steps(c, mesh)
     workdir.mkdir(parents=True, exist_ok=True)
     data = resolve_data(c)  # builds the embedded corpus on first use; checks shards against the tokenizer
     cfg = model_config(c, data.tokenizer.vocab_size)
     data.check_model_vocab(cfg.vocab_size)
-    mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, dcn_data=c.mesh.dcn_data)
-    accum = accumulation_steps(c, mesh)
     param_rules, opt_rules = strategy_rules(c.sharding)
     tx = make_optimizer(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
                         warmup_steps=c.warmup_steps, grad_clip_norm=c.grad_clip_norm)
@@ -121,16 +94,38 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
     log.info("model %s: %.1fM parameters; mesh %s; sharding %s; %d micro-batch(es) per step",
              c.model, cfg.num_params() / 1e6, dict(mesh.shape), c.sharding, accum)
 
-    data_iter = iter(data.train_dataset(c, jax.process_index(), jax.process_count()))
+    dataset = data.train_dataset(c, jax.process_index(), jax.process_count())
+    data_iter = iter(dataset)
     ckpt = Checkpointer(workdir, max_to_keep=c.keep_checkpoints)
     abstract, shardings = state_shardings(cfg, tx, mesh, param_rules, opt_rules, fp16)
     meta = {"model": cfg.to_dict(), "run": c.to_dict(), "data": data.identity()}
 
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     latest = ckpt.latest_step()
     if latest is not None:
-        ckpt.check_architecture(latest, cfg)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        saved_meta = ckpt.check_architecture(latest, cfg)
+        if ckpt.has_data_state(latest):  # a data position to keep: the data must be the same
+            restart.check_restart(saved_meta, c, data.identity(), str(ckpt.directory / str(latest)))
+
+    train_batch_sh, eval_batch_sh = batch_sharding(mesh, leading_dims=1), batch_sharding(mesh)
+    step_fn, eval_fn = jit_steps(mesh, shardings, param_rules)
+    memory_check.check_state_fits(target, target.params)  # before compiling or allocating anything
+    first = next(iter(dataset), None)  # the batch's keys, shapes and dtypes (a fresh iterator: data_iter stays put)
+    if first is None:
+        raise ValueError(f"The train split of {data.path} holds less than one global batch (batch_size={c.batch_size}"
+                         f" x seq_len={c.seq_len} tokens): lower --config.batch_size or --config.seq_len, or add data.")
+    abstract_batch = {k: jax.ShapeDtypeStruct((accum, c.batch_size // accum, *v.shape[1:]), v.dtype,
+                                              sharding=train_batch_sh) for k, v in first.items()}
+    log.info("compiling the train step")
+    compiled_step = step_fn.lower(target, abstract_batch).compile()
+    memory_check.check_compiled_fits(compiled_step)  # still before allocating the state
+
+    if latest is not None:
         state = ckpt.restore(latest, target, data_iter)
+        if restart.loss_scale_reset(saved_meta, c):
+            log.warning("dtype changed from %s to %s: the loss scale starts afresh", saved_meta["run"]["dtype"],
+                        c.dtype)
+            state = state.replace(loss_scale=jax.device_put(LossScale.create(dynamic=fp16), shardings.loss_scale))
         log.info("resumed from %s at step %d", ckpt.directory, latest)
     else:
         state = create_train_state(cfg, tx, mesh, seed=c.seed, fp16_loss_scale=fp16, rules=param_rules,
@@ -138,8 +133,6 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
         if c.init_from_hf:
             state = _load_hf_params(state, c, cfg, shardings)
 
-    train_batch_sh, eval_batch_sh = batch_sharding(mesh, leading_dims=1), batch_sharding(mesh)
-    step_fn, eval_fn = jit_steps(mesh, shardings, param_rules)
     eval_batches = {}  # per source ("" for a single directory)
     if c.eval_every > 0 and c.eval_batches > 0:
         eval_batches = data.eval_batches(c.seq_len, c.batch_size // accum, c.eval_batches)
@@ -175,7 +168,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
     log.info("%.3g FLOPs/token (causal attention counted); peak %.3g FLOP/s per device (%s)", fpt, peak,
              peak_source)
     writer = MetricsWriter(workdir, c.total_steps, start)
-    preemption = Preemption()
+    saved_step = start if latest is not None else None  # the step the newest durable checkpoint holds
     last: dict[str, float] = {}
     if start == 0 and eval_batches:
         last = evaluate(state)
@@ -184,13 +177,17 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
     try:
         for step in range(start + 1, c.total_steps + 1):
             if preemption.agreed():
-                save(state, step - 1)
-                ckpt.close()
+                if saved_step != step - 1:  # a signal on a checkpoint step: that step is already being saved
+                    save(state, step - 1)
+                ckpt.close()  # waits for the asynchronous write: the checkpoint is durable
                 log.warning("preempted: checkpoint of step %d is durable; exiting with %d", step - 1,
                             PREEMPTED_EXIT_CODE)
                 sys.exit(PREEMPTED_EXIT_CODE)
             batch = global_batch(next(data_iter), accum, train_batch_sh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = compiled_step(state, batch)
+            if step == start + 1:
+                jax.block_until_ready(metrics)
+                preemption.trained()  # from now on a signal checkpoints at the next step boundary
             writer.advance()
             if step % c.log_every == 0 or step == c.total_steps or step == start + 1:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -217,6 +214,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
                 writer.write(step, val)
             if step % c.checkpoint_every == 0 or step == c.total_steps:
                 save(state, step)
+                saved_step = step
     finally:
         writer.close()
         ckpt.close()
@@ -238,9 +236,29 @@ def _load_hf_params(state: TrainState, c, cfg: PhiConfig, shardings: TrainState)
     return state.replace(params=params)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "A configs/*.py run config.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go (default runs/<model>).")
+def _one_line(e: BaseException) -> str:
+    """ml_collections' messages hold quoted newlines ("'x'\\nDid you mean ..."): one readable line."""
+    return " ".join(str(e).replace("\\n", " ").replace("\\", "").replace("'", "").split())
+
+
+def define_flags() -> None:
+    """--config and --workdir. ml_collections reads the --config.KEY overrides while defining --config, so a
+    misspelt key is reported here, in one line with its "did you mean" hint."""
+    global _CONFIG, _WORKDIR
+    try:
+        _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "A configs/*.py run config.",
+                                                  lock_config=True)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        sys.exit(f"error: unknown or invalid --config key: {_one_line(e)}")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go (default runs/<model>).")
+
+
+def _without_orbax_tracebacks(record: logging.LogRecord) -> bool:
+    """orbax logs a failed background write with a traceback from each of its threads; phi_jax reports the error
+    itself (CheckpointWriteError), so orbax's records keep only their first line."""
+    if "orbax" in record.pathname and record.exc_info:
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def main(argv) -> None:
@@ -248,12 +266,16 @@ def main(argv) -> None:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; settings go in --config.KEY=VALUE.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("absl").addFilter(_without_orbax_tracebacks)
     log.info("host memory: %s", host_memory.status())
     distributed.maybe_initialize()
     c = _CONFIG.value
     workdir = _WORKDIR.value or f"runs/{c.model}"
     try:
         train(c, workdir)
+    except CheckpointWriteError as e:
+        log.error("%s", e)
+        sys.exit(1)
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteError) as e:
         log.error("%s", e)
         sys.exit(1)
@@ -263,6 +285,17 @@ def main(argv) -> None:
         sys.exit(1)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad --config (a misspelt key, a wrong type, a missing file) reported in one line."""
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.keys()  # the file loads lazily: load it now, so that its errors are reported here
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        sys.exit(f"error: {_one_line(e)}")
+    return rest
+
+
 if __name__ == "__main__":
     host_memory.ensure_huge_pages()  # a CPU host restarts once with malloc on huge pages; see host_memory.py
-    app.run(main)
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -32,17 +32,12 @@ def _source(names):
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
-    import sentencepiece as spm
+    """The tokenizer the project trains (phi_jax.data.tokenizer.train_sentencepiece, as tools/train_tokenizer.py and
+    the embedded corpus use it), not a hand-configured one."""
+    from phi_jax.data.tokenizer import train_sentencepiece
 
-    out = tmp_path_factory.mktemp("tok")
-    texts = [t[i:i + 4000] for t in _source(sorted(p.name for p in STDLIB.glob("*.py"))[:30])
-             for i in range(0, len(t), 4000)]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(out / "sp"), vocab_size=512, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["\n"], eos_piece="<|endoftext|>",
-        max_sentence_length=16384, character_coverage=1.0, minloglevel=2)
-    return out / "sp.model"
+    return train_sentencepiece(_source(sorted(p.name for p in STDLIB.glob("*.py"))[:30]),
+                               tmp_path_factory.mktemp("tok") / "sp", vocab_size=512)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +92,23 @@ def test_transformers_loads_same_logits_and_greedy_text(workdir, exported, sp_mo
     with torch.no_grad():
         out = ref.generate(torch.tensor([hf_tok.encode(prompt)]), max_new_tokens=12, min_new_tokens=12,
                            do_sample=False, pad_token_id=0)
-    assert hf_tok.decode(out[0, len(ids):]) == ours_text
+    new = out[0, len(ids):].tolist()
+    assert tok.decode(new) == ours_text  # transformers generated the very tokens phi_jax did
+    if "\ufffd" not in ours_text:  # invalid UTF-8 byte runs decode differently: see the xfail below
+        assert hf_tok.decode(new) == ours_text
+
+
+@pytest.mark.xfail(strict=True, reason="tokenizers' ByteFallback decoder replaces a whole run of byte pieces with "
+                   "U+FFFD when the run is not valid UTF-8; SentencePiece keeps its valid bytes (e.g. <0x47><0x90>"
+                   "<0x47>: 'G\ufffdG' vs three U+FFFD). Only text a model generates can hold such runs.")
+def test_invalid_byte_runs_decode_like_sentencepiece(exported, sp_model):
+    import sentencepiece as spm
+    import transformers
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
+    ids = [sp.piece_to_id(p) for p in ("<0x47>", "<0x90>", "<0x47>")]
+    assert hf_tok.decode(ids) == sp.decode(ids)
 
 
 def test_hf_tokenizer_encodes_like_sentencepiece(exported, sp_model):
@@ -144,3 +155,37 @@ def test_import_hf_round_trip(exported, tmp_path):
     assert ckpt.read_meta(0)["model"] == model.cfg.to_dict()
     ckpt.close()
     assert glob.glob(str(wd / "checkpoints" / "0" / "state" / "*"))
+
+
+def test_overwrite_replaces_only_an_empty_dir_or_a_previous_export(workdir, tmp_path, capsys):
+    import stat
+
+    tool = _tool("export_hf")
+    previous = tool.export(str(workdir), str(tmp_path / "model"), step=10)
+    replaced = tool.export(str(workdir), str(previous), step=20, overwrite=True)  # a previous export: replaced
+    from phi_jax.hf import from_pretrained
+
+    np.testing.assert_array_equal(np.asarray(from_pretrained(replaced).embed_tokens[...]),
+                                  np.asarray(load_model(workdir, 20)[0].embed_tokens[...]))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(replaced.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in replaced.iterdir()} == {0o666 & ~umask}
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's own file")
+    with pytest.raises(FileExistsError, match=r"mine is not a phi_jax export \(notes.txt\); overwriting replaces only"):
+        tool.export(str(workdir), str(mine), overwrite=True)
+    (replaced / "my_eval.json").write_text("{}")  # a file added to a previous export is a user's too
+    with pytest.raises(FileExistsError, match=r"holds files the previous export did not write \(my_eval.json\)"):
+        tool.export(str(workdir), str(replaced), overwrite=True)
+    assert (mine / "notes.txt").read_text() == "a user's own file" and (replaced / "my_eval.json").exists()
+    (tmp_path / "empty").mkdir()
+    tool.export(str(workdir), str(tmp_path / "empty"), overwrite=True)  # an empty directory: replaced
+    assert (tmp_path / "empty" / "model.safetensors").exists()
+
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    assert "previous export" in " ".join(capsys.readouterr().out.split())
+

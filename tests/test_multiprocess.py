@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from runs import ROOT, TINY_RUN, clean_env, losses, make_shards, run_cli, train_cmd
+from runs import ROOT, TINY_RUN, clean_env, losses, make_shards, metrics, run_cli, train_cmd
 
 pytestmark = pytest.mark.multiprocess
 
@@ -40,7 +40,8 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path, shards)
         assert sorted(got) == [1, 2, 3, 4]
         np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(expected)],
                                    rtol=1e-5, err_msg=name)
-        assert not (tmp_path / name / "metrics.jsonl.1").exists()  # only process 0 writes metrics
+        rows = [r["step"] for r in metrics(tmp_path / name) if "loss" in r]
+        assert rows == [1, 2, 3, 4], rows  # only process 0 writes metrics: each step once, not once per process
         assert sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import errno
-import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import pytest
 from runs import ROOT, TINY_RUN, clean_env, losses, make_shards, metrics, run_cli, train_cmd
@@ -27,12 +25,17 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
-    """Losses of an uninterrupted run of STEPS steps."""
+def reference_workdir(shards, tmp_path_factory):
+    """An uninterrupted run of STEPS steps."""
     workdir = tmp_path_factory.mktemp("reference")
     result = run_cli(workdir, *flags(shards, 4))
     assert result.returncode == 0, result.stderr[-3000:]
-    return losses(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_workdir):
+    return losses(reference_workdir)
 
 
 def flags(shards: Path, checkpoint_every: int) -> list[str]:
@@ -66,41 +69,74 @@ def finish_and_compare(workdir: Path, shards: Path, reference: dict) -> subproce
     return result
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
-                         ids=["SIGTERM", "SIGINT"])
-def test_preemption_signal_checkpoints_and_exits_75(tmp_path, shards, reference, sig):
-    proc = start(tmp_path, shards, checkpoint_every=1000)  # no periodic checkpoint: only the signal's
+@pytest.mark.parametrize("sig,checkpoint_every", [
+    (signal.SIGTERM, 1000),  # no periodic checkpoint: only the signal's
+    (signal.SIGTERM, 1),  # every step ends in a checkpoint: the signal lands on a checkpoint step
+    pytest.param(signal.SIGINT, 1000, marks=pytest.mark.slow),
+], ids=["SIGTERM", "SIGTERM-on-a-checkpoint-step", "SIGINT"])
+def test_preemption_signal_checkpoints_and_exits_75(tmp_path, shards, reference, sig, checkpoint_every):
+    proc = start(tmp_path, shards, checkpoint_every=checkpoint_every)
     wait_for(lambda: logged_steps(tmp_path) >= 3, proc)
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == train_module.PREEMPTED_EXIT_CODE, proc.stderr.read()[-3000:]
     saved = Checkpointer(tmp_path).all_steps()
-    assert len(saved) == 1 and 3 <= saved[0] < STEPS
+    assert 3 <= saved[-1] < STEPS
+    assert len(saved) == 1 if checkpoint_every > STEPS else saved == list(range(saved[-1] - 2, saved[-1] + 1))
     result = finish_and_compare(tmp_path, shards, reference)
-    assert f"resumed from {tmp_path / 'checkpoints'} at step {saved[0]}" in result.stderr
+    assert f"resumed from {tmp_path / 'checkpoints'} at step {saved[-1]}" in result.stderr
 
 
-def test_sigkill_at_any_moment_resumes_from_the_newest_complete_checkpoint(tmp_path, shards, reference):
-    """kill -9 while checkpoints are being written every 2 steps (as soon as a temporary checkpoint directory
-    appears, or after step 5), then restart: the run resumes from a complete checkpoint and matches bitwise."""
-    proc = start(tmp_path, shards, checkpoint_every=2)
+def test_sigterm_while_compiling_exits_75_within_seconds(tmp_path, shards):
+    """Before the first step finishes there is nothing new to save: a SIGTERM that lands inside XLA's compilation
+    of the step (which keeps Python's signal handlers from running until it returns) ends the run at once."""
+    stderr = tmp_path / "stderr.txt"
+    cmd = train_cmd(tmp_path / "run", f"--config.data.path={shards}", *TINY_RUN, "--config.model=quickstart",
+                    "--config.remat=full")  # a step whose compilation takes ~15 s on a 2-core CPU
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 120
+        while "compiling the train step" not in stderr.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()[-3000:]
+            time.sleep(0.05)
+        time.sleep(1.5)  # into XLA's compilation
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = stderr.read_text()
+    assert code == train_module.PREEMPTED_EXIT_CODE, log[-3000:]
+    assert elapsed < 5, elapsed
+    assert "memory check: the compiled train step" not in log  # the signal landed before compilation finished
+    assert "received SIGTERM before the first step finished: nothing new to checkpoint" in log
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or logged_steps(tmp_path / "run") == 0
+    assert Checkpointer(tmp_path / "run").all_steps() == []
+
+
+def test_sigkill_inside_a_checkpoint_write_resumes_from_the_newest_complete_checkpoint(tmp_path, shards, reference):
+    """kill -9 while a checkpoint is being written, shown by its temporary directory: the process is stopped
+    (SIGSTOP) when one appears and killed only if it is still there, then the run restarts from a complete
+    checkpoint, reports the partial one, and matches the uninterrupted run bit for bit."""
+    proc = start(tmp_path, shards, checkpoint_every=1)
     ckpts = tmp_path / "checkpoints"
-    writing = lambda: ckpts.is_dir() and any("tmp" in p.name for p in ckpts.iterdir())
-    wait_for(lambda: logged_steps(tmp_path) >= 3 and (writing() or logged_steps(tmp_path) >= 5), proc)
+    partial = lambda: sorted(p.name for p in ckpts.iterdir() if "tmp" in p.name) if ckpts.is_dir() else []
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint write was caught"
+        if logged_steps(tmp_path) >= 2 and partial():
+            proc.send_signal(signal.SIGSTOP)
+            if caught := partial():
+                break
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    finish_and_compare(tmp_path, shards, reference)
-
-
-def test_an_incomplete_checkpoint_is_reported_and_never_loaded(tmp_path, shards, reference):
-    result = run_cli(tmp_path, *flags(shards, 4), "--config.total_steps=8")
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpts = tmp_path / "checkpoints"
-    partial = ckpts / "10.orbax-checkpoint-tmp-1234"  # what a crash during the write of step 10 leaves
-    shutil.copytree(ckpts / "8", partial)
-    shutil.rmtree(partial / "state")
+    assert partial() == caught  # the kill landed inside that write
     result = finish_and_compare(tmp_path, shards, reference)
-    assert "ignoring incomplete checkpoint(s) ['10.orbax-checkpoint-tmp-1234']" in result.stderr
-    assert "at step 8" in result.stderr
+    assert f"ignoring incomplete checkpoint(s) {caught}" in result.stderr
 
 
 def config(shards: Path, **kw):
@@ -140,26 +176,6 @@ def test_consecutive_skips_stop_the_run(tmp_path, shards, monkeypatch):
         train_module.train(config(shards, checkpoint_every=1000, max_consecutive_skips=3), tmp_path)
 
 
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, shards, monkeypatch):
-    c = config(shards, checkpoint_every=2)
-    save = Checkpointer.save
-
-    def failing_save(self, step, *args):
-        if step == 4:
-            (self.directory / "4.orbax-checkpoint-tmp-99").mkdir()  # a half-written directory
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return save(self, step, *args)
-
-    monkeypatch.setattr(Checkpointer, "save", failing_save)
-    with pytest.raises(OSError, match="No space left"):
-        train_module.train(c, tmp_path)
-    monkeypatch.undo()
-    ckpt = Checkpointer(tmp_path)
-    assert ckpt.all_steps() == [2]
-    c.total_steps = 2  # the intact checkpoint restores, and resuming from it needs no more steps
-    assert jax.tree.leaves(train_module.train(c, tmp_path)) is not None
-
-
 def test_disk_error_reported_by_the_cli(tmp_path, shards):
     (tmp_path / "run").write_text("a file where the workdir should be")
     result = run_cli(tmp_path / "run", *flags(shards, 4), timeout=120)
@@ -167,26 +183,47 @@ def test_disk_error_reported_by_the_cli(tmp_path, shards):
     assert "exists" in result.stderr or "Not a directory" in result.stderr
 
 
-def test_export_failing_mid_write_leaves_the_previous_export_intact(tmp_path, monkeypatch):
-    from phi_jax.config import PhiConfig
-    from phi_jax.hf import io as hf_io
-    from phi_jax.hf import save_pretrained
-    from phi_jax.model import init_model
 
-    model = init_model(PhiConfig.preset("tiny"))
+
+def limit_file_size(nbytes: int, cmd: list[str]) -> list[str]:
+    """`cmd` run in a process that may not write a file larger than `nbytes` (the OS refuses: EFBIG)."""
+    limit = (f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({nbytes}, {nbytes})); "
+             "os.execv(sys.argv[1], sys.argv[1:])")
+    return [sys.executable, "-c", limit, *cmd]
+
+
+def test_file_size_limit_during_an_async_checkpoint_keeps_the_previous_one(tmp_path, shards, reference):
+    """A real OS limit (RLIMIT_FSIZE, as a full disk or a quota would) makes the asynchronous write of step 8 fail:
+    a one-line error, exit status 1, checkpoint 4 intact; the failed write's directory is reported and never loaded
+    on the restart, and resuming from step 4 matches the uninterrupted run."""
+    first = run_cli(tmp_path, *flags(shards, 4), "--config.total_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    limited = subprocess.run(limit_file_size(256 * 1024, train_cmd(tmp_path, *flags(shards, 4))), cwd=ROOT,
+                             env=clean_env(), capture_output=True, text=True, timeout=300)  # the state is ~2 MB
+    assert limited.returncode == 1, limited.stderr[-3000:]
+    error = limited.stderr.strip().splitlines()[-1]  # (orbax's and tensorstore's threads may print their own)
+    assert "Writing a checkpoint to" in error and "File too large" in error, limited.stderr[-3000:]
+    assert "the newest complete checkpoint, step 4, is intact" in error
+    partial = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if "tmp" in p.name)
+    assert partial == ["8.orbax-checkpoint-tmp"]  # the failed write's directory: an incomplete checkpoint
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == ["4"]
+    result = finish_and_compare(tmp_path, shards, reference)  # resumes from 4, never from the partial 8
+    assert f"ignoring incomplete checkpoint(s) {partial}" in result.stderr and "at step 4" in result.stderr
+
+
+def test_file_size_limit_during_an_export_keeps_the_previous_export(tmp_path, reference_workdir):
     out = tmp_path / "export"
-    save_pretrained(model, out)
+    cmd = [sys.executable, "tools/export_hf.py", f"--workdir={reference_workdir}", f"--out={out}"]
+    assert subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, timeout=300).returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-
-    def disk_full(tensors, path, metadata=None):
-        Path(path).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(hf_io, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        save_pretrained(model, out, overwrite=True)
-    with pytest.raises(OSError, match="No space left"):
-        save_pretrained(model, tmp_path / "new")
+    assert "model.safetensors" in before and "tokenizer.json" in before
+    for target in (out, tmp_path / "new"):
+        result = subprocess.run(limit_file_size(64 * 1024, [*cmd[:-1], f"--out={target}", "--overwrite"]), cwd=ROOT,
+                                env=clean_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "File too large" in last, result.stderr[-3000:]
+        assert ("the previous export is intact" if target == out else "nothing was written") in last
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary directory left behind

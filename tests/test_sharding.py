@@ -38,17 +38,18 @@ def run(mesh, strategy: str, steps=STEPS, state=None, data=None):
     if state is None:
         state = create_train_state(CFG, tx, mesh, seed=0, rules=rules, opt_rules=opt_rules)
     step_fn, _ = jit_steps(mesh, shardings, rules)
-    losses = []
+    losses, grad_norms = [], []
     for b in data or batches(steps):
         state, m = step_fn(state, b)
         losses.append(float(m["loss"]))
-    return state, losses
+        grad_norms.append(float(m["grad_norm"]))
+    return state, losses, grad_norms
 
 
 @pytest.fixture(scope="module")
 def reference():
-    state, losses = run(make_mesh(devices=jax.devices()[:1]), "dp")
-    return jax.tree.map(np.asarray, state.params), losses
+    state, losses, grad_norms = run(make_mesh(devices=jax.devices()[:1]), "dp")
+    return jax.tree.map(np.asarray, state.params), losses, grad_norms
 
 
 # Every strategy with and without tensor parallelism runs by default; the other combinations are marked slow.
@@ -61,9 +62,12 @@ CASES = [("dp", (8, 1, 1), ()), ("dp", (2, 2, 2), (slow,)), ("zero1", (8, 1, 1),
 @pytest.mark.parametrize("strategy,shape", [pytest.param(s, m, marks=k, id=f"{s}-{'x'.join(map(str, m))}")
                                             for s, m, k in CASES])
 def test_sharded_training_matches_one_device(reference, strategy, shape):
-    ref_params, ref_losses = reference
-    state, losses = run(make_mesh(*shape), strategy)
+    """Losses, parameters and gradient norms. Adam's update is ~lr*sign(g): blind to a gradient's scale (a sum
+    where a mean belongs, a missing 1/devices), so the gradient norms, which are not, are compared too."""
+    ref_params, ref_losses, ref_grad_norms = reference
+    state, losses, grad_norms = run(make_mesh(*shape), strategy)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    np.testing.assert_allclose(grad_norms, ref_grad_norms, rtol=2e-5)
     assert losses[-1] < losses[0]
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref_params), jax.tree.leaves(state.params),
                             strict=True):
@@ -107,10 +111,10 @@ def test_mesh_sizes_are_checked():
 
 def test_checkpoint_from_8_devices_restores_onto_4(tmp_path, reference):
     """Save after 2 steps on a 2x2x2 FSDP mesh, restore on a 4-device mesh, take the 3rd step there."""
-    _, ref_losses = reference
+    _, ref_losses, _ = reference
     data = batches(STEPS)
     mesh8 = make_mesh(2, 2, 2)
-    state, first = run(mesh8, "fsdp", data=data[:2])
+    state, first, _ = run(mesh8, "fsdp", data=data[:2])
     ckpt = Checkpointer(tmp_path, async_save=False)
     ckpt.save(2, state, None, {"model": CFG.to_dict()})
     ckpt.close()
@@ -121,5 +125,5 @@ def test_checkpoint_from_8_devices_restores_onto_4(tmp_path, reference):
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     restored = Checkpointer(tmp_path).restore(2, target)
     assert restored.params["layers"]["attn"]["qkv"]["kernel"].sharding.mesh.devices.size == 4
-    _, last = run(mesh4, "fsdp", state=restored, data=data[2:])
+    _, last, _ = run(mesh4, "fsdp", state=restored, data=data[2:])
     np.testing.assert_allclose(first + last, ref_losses, rtol=2e-5)

@@ -1,5 +1,7 @@
 """The pure train step: learning, exact gradient accumulation, non-finite skipping and fp16 loss scaling."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,9 +114,21 @@ def test_loss_scale_grows_after_a_run_of_good_steps():
 
 
 def test_weight_decay_skips_biases_and_norms():
-    state = new_state(lr=0.0, weight_decay=0.5)  # lr 0: any change would come from decay alone
+    """One real step with and without weight decay: AdamW's decoupled decay moves each decayed parameter by exactly
+    -lr * wd * p and leaves biases and norms where the gradient alone puts them."""
     from phi_jax.optim import decay_mask
 
-    mask = decay_mask(state.params)
+    lr, wd = 1e-2, 0.5
+    before = new_state(lr=lr, weight_decay=wd)
+    mask = decay_mask(before.params)
     assert mask["layers"]["mlp"]["fc1"]["kernel"] and mask["embed_tokens"]
     assert not mask["layers"]["mlp"]["fc1"]["bias"] and not mask["final_layernorm"]["scale"]
+    p0 = jax.tree.map(np.asarray, before.params)
+    decayed, _ = step_fn(before, synthetic_batch(8, 1))
+    plain, _ = step_fn(new_state(lr=lr, weight_decay=0.0), synthetic_batch(8, 1))
+    get = lambda tree, path: np.asarray(functools.reduce(lambda t, k: t[k.key], path, tree))
+    for path, m in jax.tree_util.tree_leaves_with_path(mask):
+        delta = get(decayed.params, path) - get(plain.params, path)
+        expected = -lr * wd * get(p0, path) if m else np.zeros_like(delta)
+        np.testing.assert_allclose(delta, expected, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+        assert not m or np.abs(expected).max() > 100 * 1e-7  # the decay is far above the tolerance

@@ -5,7 +5,8 @@
 Weights, config.json and generation_config.json come from phi_jax.hf.save_pretrained; the run's tokenizer is
 carried as tokenizer.json (a SentencePiece model is converted, see phi_jax/hf/tokenizer.py) with
 tokenizer_config.json and special_tokens_map.json, so AutoTokenizer loads it too. Everything is written to a
-temporary directory and renamed at the end; an existing --out is refused unless --overwrite.
+temporary directory and renamed at the end. An existing --out is refused unless --overwrite, which replaces only an
+empty directory or a previous export (recognised by the phi_jax_export.json it lists its files in).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
            tokenizer: str | None = None) -> Path:
     from phi_jax.checkpoint import load_model
     from phi_jax.hf import save_pretrained
+    from phi_jax.hf.io import check_replaceable
     from phi_jax.hf.tokenizer import hf_tokenizer_files
 
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose a new --out or pass --overwrite.")
+    if Path(out).exists():
+        check_replaceable(Path(out))  # before the (slow) load: --overwrite never replaces a user's own files
     model, meta, step = load_model(workdir, step, dtype="float32", param_dtype="float32")
     tokenizer = tokenizer or meta.get("data", {}).get("tokenizer_path")
     extra = {}
@@ -45,7 +49,9 @@ def main(argv=None) -> None:
     p.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--tokenizer", default=None, help="default: the tokenizer recorded in the checkpoint")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is empty or a previous export (which lists its files in "
+                        "phi_jax_export.json); a directory holding anything else is refused, never deleted")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     out = export(args.workdir, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite,

@@ -14,7 +14,7 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from phi_jax.config import DTYPES, PhiConfig
@@ -25,6 +25,7 @@ from phi_jax.model import Phi, abstract_model
 log = logging.getLogger("phi_jax")
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+MANIFEST = "phi_jax_export.json"  # marks a directory save_pretrained wrote, so that overwrite may replace it
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -40,6 +41,10 @@ class SafetensorsDir:
         index = path / INDEX_FILE
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
+            root = path.resolve()
+            if outside := sorted({f for f in weight_map.values() if not (root / f).resolve().is_relative_to(root)}):
+                raise ValueError(f"{index} names shard files outside {path}: {outside[:5]}; a shard name must be a "
+                                 "file inside the model's directory.")
             files = {path / f for f in weight_map.values()}
             if missing := sorted(str(f.name) for f in files if not f.exists()):
                 raise FileNotFoundError(f"{index} names shard files that are not in {path}: {missing}.")
@@ -107,25 +112,53 @@ def _shard(tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> list[dict
     return shards
 
 
+def check_replaceable(out_dir: Path) -> None:
+    """overwrite=True replaces only an empty directory or a previous export: never a user's own files."""
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory; choose another output path.")
+    entries = {p.name for p in out_dir.iterdir()}
+    if not entries:
+        return
+    owned = set()
+    if (out_dir / MANIFEST).is_file():
+        owned = {MANIFEST, *json.loads((out_dir / MANIFEST).read_text()).get("files", [])}
+    if foreign := sorted(entries - owned):
+        what = "is not a phi_jax export" if not owned else "holds files the previous export did not write"
+        raise FileExistsError(f"{out_dir} {what} ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
+                              "overwriting replaces only an empty directory or a previous export. Move those files "
+                              "or choose another output directory.")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_pretrained(model: Phi, out_dir: str | os.PathLike, dtype: str = "float32", *,
                     max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False,
                     extra_files: Mapping[str, str | bytes] | None = None) -> Path:
     """Writes a native PhiForCausalLM directory that `transformers` loads with no missing or unexpected weights.
 
     Everything is written to a temporary directory beside `out_dir` and renamed at the end, so a failure never
-    leaves a half-written model. `extra_files` (name -> content) adds e.g. tokenizer files.
+    leaves a half-written model. `extra_files` (name -> content) adds e.g. tokenizer files. A manifest
+    (phi_jax_export.json) lists the files written: `overwrite=True` replaces only an empty directory or such an
+    export, never a directory holding anything else. The files get the permissions the umask gives new files.
     """
     if dtype not in NUMPY_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(NUMPY_DTYPES)}.")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose a new directory or pass overwrite=True.")
+    if out_dir.exists():
+        check_replaceable(out_dir)
     cfg = model.cfg
     params = {p: np.asarray(jax.device_get(v[...])) for p, v in param_paths(model).items()}
     tensors = {k: t.astype(NUMPY_DTYPES[dtype]) for k, t in mapping.ours_to_hf(cfg, params).items()}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would keep the export from everyone else
     try:
         shards = _shard(tensors, max_shard_bytes)
         if len(shards) == 1:
@@ -143,6 +176,11 @@ def save_pretrained(model: Phi, out_dir: str | os.PathLike, dtype: str = "float3
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / MANIFEST).write_text(json.dumps({"written_by": "phi_jax.hf.save_pretrained", "files": files},
+                                               indent=2) + "\n")
+        for f in tmp.iterdir():  # safetensors writes its files owner-only
+            f.chmod(0o666 & ~_umask())
         if out_dir.exists():  # overwrite=True: swap, keeping the old copy until the new one is in place
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
@@ -150,6 +188,11 @@ def save_pretrained(model: Phi, out_dir: str | os.PathLike, dtype: str = "float3
             shutil.rmtree(old)
         else:
             os.replace(tmp, out_dir)
+    except (OSError, SafetensorError) as e:  # disk full, a file-size limit, ... (safetensors wraps the OS error)
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = "the previous export is intact" if out_dir.exists() else "nothing was written"
+        raise OSError(f"Writing {out_dir} failed ({e}); {kept}. Free space (or raise the quota / file-size limit) "
+                      "and retry.") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,67 @@
+"""Checked restarts: a resumed run keeps its data identity (phi_jax/restart.py); safe changes pass."""
+
+from __future__ import annotations
+
+import pytest
+from runs import make_shards, metrics
+
+from phi_jax import restart
+from phi_jax.checkpoint import Checkpointer
+from phi_jax.run_config import base_config
+from phi_jax.train import train
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("data"))
+
+
+def config(shards, **overrides):
+    c = base_config()
+    c.model, c.seq_len, c.batch_size, c.total_steps, c.eval_every, c.log_every = "tiny", 32, 8, 2, 0, 1
+    c.checkpoint_every = 2
+    c.data.path = str(shards)
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def test_corrupting_changes_are_refused_safe_ones_pass_and_fp16_gets_a_fresh_loss_scale(tmp_path, shards):
+    train(config(shards), tmp_path)  # float32, 2 steps, checkpoint 2 with its data position
+    with pytest.raises(ValueError, match=r"batch_size: 8 -> 16; data.packing: False -> True; seed: 0 -> 1; "
+                                         r"seq_len: 32 -> 16\. .*allow_changes=batch_size,data.packing,seed,seq_len"):
+        train(config(shards, seq_len=16, batch_size=16, seed=1, **{"data.packing": True}), tmp_path)
+    with pytest.raises(ValueError, match=r"allow_changes names \['sede'\], which a restart does not check"):
+        train(config(shards, seed=1, allow_changes="sede"), tmp_path)
+    assert Checkpointer(tmp_path).all_steps() == [2]  # nothing was written by the refused restarts
+
+    # Allowed with --config.allow_changes, together with the safe changes: learning rate, total_steps, cadences,
+    # mesh and micro-batch (2 micro-batches of 4 per step on a 4 x 2 mesh), and float16 compute.
+    safe = dict(seed=1, allow_changes="seed", learning_rate=1e-4, total_steps=3, log_every=1, checkpoint_every=3,
+                micro_batch_per_device=1, dtype="float16",
+                **{"mesh.data": 4, "mesh.fsdp": 1, "mesh.tensor": 2, "data.verify_checksums": False})
+    train(config(shards, **safe), tmp_path)
+    step3 = [r for r in metrics(tmp_path) if r.get("step") == 3 and "loss" in r][-1]
+    assert step3["loss_scale"] == 2.0**15  # fp16's initial dynamic scale, not the fp32 run's static 1
+
+
+def test_the_identity_covers_every_data_key_including_later_ones():
+    """Keys under c.data (the mixture's weights, and any added later) are part of the identity without listing
+    them."""
+    run = base_config().to_dict()
+    run["data"]["mixture_weights"] = "0.5,0.5"
+    saved = {"run": run, "data": {"path": "/shards", "tokenizer": {"sha256": "x"}}}
+    c = base_config()
+    c.data.mixture_weights = "0.7,0.3"
+    with pytest.raises(ValueError, match=r"data.mixture_weights: .* -> .*allow_changes=data.mixture_weights"):
+        restart.check_restart(saved, c, {"path": "/shards", "tokenizer": {"sha256": "x"}}, "here")
+    with pytest.raises(ValueError, match=r"data.path: '/shards' -> '/other'; data.tokenizer: .*"):
+        restart.check_restart(saved, base_config(), {"path": "/other", "tokenizer": {"sha256": "y"}}, "here")
+    c.allow_changes = "data.mixture_weights"
+    restart.check_restart(saved, c, {"path": "/shards", "tokenizer": {"sha256": "x"}}, "here")
+    assert "data.cache_dir" not in restart.identity(run, {})  # where the corpus is built, not what it holds
+    assert "data.verify_checksums" not in restart.identity(run, {})  # how the shards are checked, not what they are
