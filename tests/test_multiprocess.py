@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -44,31 +42,3 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path, shards)
         assert rows == [1, 2, 3, 4], rows  # only process 0 writes metrics: each step once, not once per process
         assert sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
 
-
-def test_a_dead_peer_stops_the_survivor_within_a_bounded_time(tmp_path, shards):
-    """Kill process 1 with SIGKILL mid-run: process 0 must exit (non-zero) instead of hanging in a collective."""
-    from tools.launch_local import free_port
-
-    port = free_port()
-    flags = [f"--config.data.path={shards}", *TINY_RUN, "--config.total_steps=100000", "--config.checkpoint_every=2"]
-    procs = []
-    for rank in range(2):
-        env = clean_env(PHI_JAX_COORDINATOR=f"127.0.0.1:{port}", PHI_JAX_NUM_PROCESSES="2",
-                        PHI_JAX_PROCESS_ID=str(rank), PHI_JAX_NUM_CPU_DEVICES="1", PHI_JAX_HEARTBEAT_TIMEOUT="5")
-        procs.append(subprocess.Popen(train_cmd(tmp_path / "run", *flags), cwd=ROOT, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    try:
-        deadline = time.monotonic() + 180
-        while not (tmp_path / "run" / "checkpoints" / "2").exists():  # training is under way
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), procs[0].stderr.read()
-            time.sleep(0.5)
-        procs[1].send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        code = procs[0].wait(timeout=120)
-        elapsed = time.monotonic() - killed_at
-        assert code != 0
-        assert elapsed < 60, elapsed  # heartbeat timeout 5 s, plus detection and shutdown
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
