@@ -41,7 +41,7 @@ TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
 ATTENTION_CASES = ((64, 2048, True), (64, 2048, False), (80, 999, True), (128, 999, False))
 # The phi-1.5 step as configs/phi15.py shards it (FSDP over 8 chips, bf16, remat save_dots), at a micro-batch
 # that fits v5e's 16 GiB (docs/PERFORMANCE.md's memory table).
-STEP_TOPOLOGY, STEP_MICRO_BATCH, V5E_HBM_GIB = "v5e:2x4", 1, 16.0
+STEP_TOPOLOGY, STEP_MICRO_BATCH, V5E_HBM_GIB = "v5e:2x4", 2, 16.0
 
 # flash_attention and fused_dense refuse to compile a lowering for a platform other than the default backend
 # (a guard against running TPU code on CPU); here the TPU compiler is the target, so the guard is lifted.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # and the tools' own h
 from _timing import write_json
 
 # What libtpu needs to compile for a TPU topology on a host without one (set before JAX starts).
+# ALLOW_MULTIPLE_LIBTPU_LOAD: without it, a second process that loads libtpu (a test beside a memory plan) fails on
+# libtpu's lockfile.
 DEVICELESS_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-                      "TPU_ACCELERATOR_TYPE": "v5litepod-4"}
+                      "TPU_ACCELERATOR_TYPE": "v5litepod-4", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 GIB = 2.0**30
 
 
@@ -70,8 +73,8 @@ def tpu_devices(topology: str) -> list:
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as e:
-        raise SystemExit(f"--topology={topology!r} is not a TPU topology libtpu knows ({str(e).splitlines()[0]}); "
-                         "use names such as v4:2x2x1, v5e:2x4, v5e:4x4, v5p:2x2x1, v6e:2x4.") from e
+        raise SystemExit(f"libtpu cannot describe --topology={topology!r}: {str(e).splitlines()[0]} (names look like "
+                         "v4:2x2x1, v5e:2x4, v5e:4x4, v5p:2x2x1, v6e:2x4).") from e
 
 
 def abstract_step_inputs(cfg, mesh, sharding: str, micro_batch: int, accum: int, seq_len: int):
@@ -133,28 +136,41 @@ def _shard_bytes(abstract, sharding) -> int:
     return math.prod(sharding.shard_shape(abstract.shape)) * abstract.dtype.itemsize
 
 
-def largest_micro_batch(compile_at, start: int = 1) -> tuple[int, dict]:
-    """(largest micro-batch that fits, {micro-batch: result}): from `start` (a guess), doubling up or halving down
-    to bracket the answer, then bisection. Each probe is one compile; 0 means not even micro-batch 1 fits."""
+def _oom_excess_gib(result: dict) -> float | None:
+    """How far over HBM an out-of-memory verdict is, from the compiler's "... (X G) exceeds available HBM (Y G)"."""
+    found = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", result.get("compiler_message", ""))
+    return float(found[1]) - float(found[2]) if found else None
+
+
+def largest_micro_batch(compile_at, start: int) -> tuple[int, dict]:
+    """(largest micro-batch that fits, {micro-batch: result}); 0 if not even 1 fits.
+
+    A compile that fits takes minutes, one that runs out of memory seconds, so the search starts from an
+    overestimate `start` and walks down: the compiler's own "required X G exceeds available Y G" at two
+    micro-batches gives the memory per sequence, and the next probe is the largest micro-batch that this line
+    predicts to fit. An underestimate is doubled until it does not fit."""
     results = {}
 
     def fits(mb):
         results[mb] = compile_at(mb)
         return results[mb]["fits"]
 
-    if fits(start):
-        lo, hi = start, start * 2
-        while fits(hi):
-            lo, hi = hi, hi * 2
-    else:
-        lo, hi = start // 2, start
-        while lo and not fits(lo):
-            lo, hi = lo // 2, lo
-        if not lo:
-            return 0, results
+    lo, hi = 0, start
+    while fits(hi):  # an underestimate: go up
+        lo, hi = hi, hi * 2
     while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        over = _oom_excess_gib(results[hi])
+        above = [m for m in results if m > hi and not results[m]["fits"]]
+        guess = hi - 1
+        if over is not None and above and _oom_excess_gib(results[min(above)]) is not None:
+            per_seq = (_oom_excess_gib(results[min(above)]) - over) / (min(above) - hi)
+            if per_seq > 0:
+                guess = hi - max(1, math.ceil(over / per_seq))
+        guess = max(lo + 1, min(guess, hi - 1))
+        if fits(guess):
+            lo = guess
+        else:
+            hi = guess
     return lo, results
 
 
