@@ -134,7 +134,9 @@ def _kernel(impl: str, platform: str):
         return lambda q, k, v, seg: splash_attention(q, k, v, seg, interpret=platform == "cpu")
     from phi_jax.kernels.flash_attention import flash_attention
 
-    return lambda q, k, v, seg: flash_attention(q, k, v, seg, causal=True)
+    backend = None if platform == "cpu" else platform  # the platform's lowering; on CPU the interpreted default
+    return lambda q, k, v, seg: flash_attention(q, k, v, seg, causal=True, backend=backend,
+                                                interpret=platform == "cpu")
 
 
 def _per_shard(fn, q, k, v, segment_ids):

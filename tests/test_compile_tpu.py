@@ -64,3 +64,23 @@ def test_phi15_train_step_fits_v5e_hbm(records):
     assert 0 < peak <= r["hbm_gib"], f"{name}: {peak:.2f} GiB per chip > {r['hbm_gib']} GiB HBM"
     # FSDP over 8 chips: each holds 1/8 of the fp32 parameters and Adam moments (12 bytes x 1.42B parameters).
     assert abs(r["result"]["per_device_gib"]["train_state (params + optimizer)"] - 12 * 1.418e9 / 8 / 2**30) < 0.1
+
+
+@pytest.mark.parametrize("start", [1, 2, 3, 8, 40])
+def test_largest_micro_batch_search(start):
+    """plan_memory's search finds the boundary from any first guess, using the compiler's own OOM figures
+    (message format as libtpu 0.0.42 prints it), with one fitting compile when the guess is high."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from plan_memory import largest_micro_batch
+
+    def compile_at(mb):  # 3.8 GiB + 4.4 GiB per sequence against 15.75 GiB: micro-batch 2 is the largest
+        need = 3.8 + 4.4 * mb
+        if need <= 15.75:
+            return {"fits": True}
+        return {"fits": False, "compiler_message": "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                f"required for HLO temporaries ({need:.2f}G) exceeds available HBM (15.75G)."}
+
+    best, probes = largest_micro_batch(compile_at, start)
+    assert best == 2 and probes[2]["fits"] and not probes[3]["fits"]
+    if start > 2:
+        assert sum(r["fits"] for r in probes.values()) == 1, sorted(probes)
