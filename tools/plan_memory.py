@@ -114,10 +114,14 @@ def compile_step(cfg, mesh, sharding: str, micro_batch: int, accum: int = 1, seq
         return {"fits": False, "compile_sec": round(time.perf_counter() - start, 1),
                 "compiler_message": _oom_lines(str(e))}
     mem = compiled.memory_analysis()
+    # Which Pallas kernels the program runs (their named scopes survive into the compiled HLO's metadata).
+    kernels = sorted(set(re.findall(r'op_name="[^"]*?(\w*splash\w*|flash_attention_\w+|fused_dense_\w+)',
+                                    compiled.as_text())))
     state_bytes = sum(_shard_bytes(a, sh) for a, sh in
                       zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True))
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-    return {"fits": True, "compile_sec": round(time.perf_counter() - start, 1), "per_device_gib": {
+    return {"fits": True, "compile_sec": round(time.perf_counter() - start, 1), "pallas_kernels": kernels,
+            "per_device_gib": {
         "train_state (params + optimizer)": state_bytes / GIB,
         "arguments": mem.argument_size_in_bytes / GIB, "outputs": mem.output_size_in_bytes / GIB,
         "aliased (donated)": mem.alias_size_in_bytes / GIB, "temporaries": mem.temp_size_in_bytes / GIB,
@@ -181,6 +185,7 @@ def _print(result: dict, header: str) -> None:
         return
     for name, value in result["per_device_gib"].items():
         print(f"  {name:<34} {value:8.2f} GiB")
+    print(f"  Pallas kernels: {', '.join(result['pallas_kernels']) or 'none'}")
     print(f"  (compiled in {result['compile_sec']:.0f} s)")
 
 
