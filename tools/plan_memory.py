@@ -71,7 +71,9 @@ def tpu_devices(topology: str) -> list:
     from jax.experimental import topologies
 
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+        # v4 and v5p run one device per chip (megacore) but describe both cores; JAX meshes take the first.
+        return [d for d in devices if getattr(d, "core_on_chip", 0) == 0]
     except Exception as e:
         raise SystemExit(f"libtpu cannot describe --topology={topology!r}: {str(e).splitlines()[0]} (names look like "
                          "v4:2x2x1, v5e:2x4, v5e:4x4, v5p:2x2x1, v6e:2x4).") from e
