@@ -2,9 +2,9 @@
 
 `xla` is plain jnp (fp32 logits and softmax); `pallas` is phi_jax's FlashAttention-2 kernel; `splash` is JAX's
 Pallas TPU kernel (phi_jax.kernels.splash_attention); `cudnn` is jax.nn.dot_product_attention's cuDNN path.
-`auto` takes the measured-safe default of the platform the computation runs on (docs/KERNELS.md says why):
-TPU -> splash, GPU -> cudnn for bf16/fp16 and xla for fp32, CPU -> xla. The path that runs is logged once, and
-a path that cannot run is an error, never a silent fallback.
+`auto` takes the safe default of the platform the computation runs on (docs/KERNELS.md says why and what would
+change it): TPU -> splash, GPU -> cudnn for bf16/fp16 and xla for fp32, CPU -> xla. The path that runs is logged
+once, and a path that cannot run is an error, never a silent fallback.
 """
 
 from __future__ import annotations

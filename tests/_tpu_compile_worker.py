@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from plan_memory import DEVICELESS_TPU_ENV, compile_step, tpu_devices  # noqa: E402
+from plan_memory import AVAILABLE_HBM_GIB, DEVICELESS_TPU_ENV, compile_step, tpu_devices  # noqa: E402
 
 os.environ.update(DEVICELESS_TPU_ENV)
 os.environ["JAX_PLATFORMS"] = "cpu"  # the host backend; TPU programs are compiled for topology devices
@@ -41,7 +41,7 @@ TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
 ATTENTION_CASES = ((64, 2048, True), (64, 2048, False), (80, 999, True), (128, 999, False))
 # The phi-1.5 step as configs/phi15.py shards it (FSDP over 8 chips, bf16, remat save_dots), at a micro-batch
 # that fits v5e's 16 GiB (docs/PERFORMANCE.md's memory table).
-STEP_TOPOLOGY, STEP_MICRO_BATCH, V5E_HBM_GIB = "v5e:2x4", 2, 16.0
+STEP_TOPOLOGY, STEP_MICRO_BATCH = "v5e:2x4", 2
 
 # flash_attention and fused_dense refuse to compile a lowering for a platform other than the default backend
 # (a guard against running TPU code on CPU); here the TPU compiler is the target, so the guard is lifted.
@@ -134,10 +134,11 @@ def step_check(records: list) -> None:
     name = (f"{STEP_TOPOLOGY} phi-1.5 train step, configs/phi15.py ({c.sharding}, mesh {dict(mesh.shape)}, "
             f"{c.dtype}, remat {c.remat}), micro-batch {STEP_MICRO_BATCH} x {c.seq_len}")
     try:
-        result = compile_step(cfg, mesh, c.sharding, STEP_MICRO_BATCH, 1, c.seq_len)
-        record = {"name": name, "ok": result["fits"], "result": result, "hbm_gib": V5E_HBM_GIB}
+        result = compile_step(cfg, mesh, c.sharding, STEP_MICRO_BATCH, 1, c.seq_len,
+                              AVAILABLE_HBM_GIB[mesh.devices.flat[0].device_kind])
+        record = {"name": name, "ok": result["fits"], "result": result}
         if not result["fits"]:
-            record["error"] = result["compiler_message"]
+            record["error"] = result.get("compiler_message", f"memory analysis exceeds HBM: {result}")
     except Exception as e:
         record = {"name": name, "ok": False, "error": f"{type(e).__name__}: {e}"[-3000:]}
     record["seconds"] = round(time.perf_counter() - start, 1)
