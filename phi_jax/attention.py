@@ -1,8 +1,10 @@
 """Scaled dot-product attention behind one function with an `impl` switch.
 
-`xla` is plain jnp (fp32 logits and softmax); `pallas` is phi_jax's FlashAttention-2 kernel; `cudnn` is
-jax.nn.dot_product_attention's cuDNN path. `auto` picks Pallas on GPU/TPU and XLA on CPU. The path that runs
-is logged once, and a path that cannot run is an error, never a silent fallback.
+`xla` is plain jnp (fp32 logits and softmax); `pallas` is phi_jax's FlashAttention-2 kernel; `splash` is JAX's
+Pallas TPU kernel (phi_jax.kernels.splash_attention); `cudnn` is jax.nn.dot_product_attention's cuDNN path.
+`auto` takes the safe default of the platform the computation runs on (docs/KERNELS.md says why and what would
+change it): TPU -> splash, GPU -> cudnn for bf16/fp16 and xla for fp32, CPU -> xla. The path that runs is logged
+once, and a path that cannot run is an error, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -12,19 +14,45 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from phi_jax.sharding import active_mesh_and_rules, logical_to_spec
+
 log = logging.getLogger("phi_jax")
-_LOGGED: set[tuple[str, str]] = set()
+_LOGGED: set[tuple] = set()
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+# Where each explicit implementation can run ("cpu" means interpret mode for the Pallas kernels).
+_PLATFORMS = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "gpu", "tpu"), "splash": ("cpu", "tpu"),
+              "cudnn": ("gpu",)}
 
 
-def resolve_attention_impl(impl: str) -> str:
-    backend = jax.default_backend()
-    resolved = impl if impl != "auto" else ("pallas" if backend in ("gpu", "tpu") else "xla")
-    if resolved == "cudnn" and backend != "gpu":
-        raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU, but the backend is {backend!r}; "
-                         "use 'xla' or 'pallas' (interpret mode on CPU).")
-    if (impl, resolved) not in _LOGGED:
-        _LOGGED.add((impl, resolved))
-        log.info("attention: %s (asked for %r on backend %r)", resolved, impl, backend)
+def current_platform() -> str:
+    """'cpu', 'gpu' or 'tpu': the devices of the enclosing sharding context's mesh (so a step compiled ahead of
+    time for a TPU topology from a CPU host resolves for TPU), else JAX's default backend."""
+    ctx = active_mesh_and_rules()
+    platform = ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def resolve_attention_impl(impl: str, dtype, platform: str | None = None) -> str:
+    """The implementation `impl` means for inputs of `dtype` on `platform` (default: `current_platform()`)."""
+    platform = platform or current_platform()
+    dtype = jnp.dtype(dtype)
+    if impl == "auto":
+        resolved = {"tpu": "splash", "gpu": "cudnn" if dtype in _HALF else "xla"}.get(platform, "xla")
+    else:
+        resolved = impl
+    if resolved not in _PLATFORMS:
+        raise ValueError(f"attention_impl={impl!r} is not one of {('auto', *_PLATFORMS)}.")
+    if platform not in _PLATFORMS[resolved]:
+        raise ValueError(f"attention_impl={impl!r} cannot run on {platform!r}: {resolved} runs on "
+                         f"{_PLATFORMS[resolved]}; use 'auto' or 'xla'.")
+    if resolved == "cudnn" and dtype not in _HALF:
+        raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 inputs, got {dtype}; "
+                         "set the model dtype to bfloat16, or use 'auto' (xla for float32) or 'pallas'.")
+    key = (impl, resolved, platform, dtype.name)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        mode = " (Pallas interpret mode)" if platform == "cpu" and resolved in ("pallas", "splash") else ""
+        log.info("attention: %s%s (asked for %r, %s on %r)", resolved, mode, impl, dtype.name, platform)
     return resolved
 
 
@@ -91,18 +119,50 @@ def causal_segment_mask(segment_ids: jax.Array | None, seq_len: int) -> jax.Arra
     return mask
 
 
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """cuDNN's fused attention, causal, with packed documents as a [B, 1, S, S] boolean mask (cuDNN applies it
+    as a bias). q, k, v: [B, S, N, H] in bfloat16/float16."""
+    mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+
+
+def _kernel(impl: str, platform: str):
+    """q, k, v, segment_ids -> out for a Pallas implementation on `platform` (interpreted on CPU)."""
+    if impl == "splash":
+        from phi_jax.kernels.splash_attention import splash_attention
+
+        return lambda q, k, v, seg: splash_attention(q, k, v, seg, interpret=platform == "cpu")
+    from phi_jax.kernels.flash_attention import flash_attention
+
+    backend = None if platform == "cpu" else platform  # the platform's lowering; on CPU the interpreted default
+    return lambda q, k, v, seg: flash_attention(q, k, v, seg, causal=True, backend=backend,
+                                                interpret=platform == "cpu")
+
+
+def _per_shard(fn, q, k, v, segment_ids):
+    """Runs a Pallas kernel on each device's shard (batch over the data axes, heads over `tensor`) under
+    `shard_map`: XLA's partitioner cannot split a Pallas custom call and would gather whole arrays onto every
+    device. Outside a sharding context (one device) `fn` runs as is."""
+    ctx = active_mesh_and_rules()
+    if ctx is None:
+        return fn(q, k, v, segment_ids)
+    mesh, rules = ctx
+    qkv_spec = logical_to_spec(("batch", "length", "act_heads", "head_dim"), rules)
+    seg_spec = logical_to_spec(("batch", "length"), rules)
+    if segment_ids is None:
+        return jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(qkv_spec,) * 3,
+                             out_specs=qkv_spec, check_vma=False)(q, k, v)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,), out_specs=qkv_spec,
+                         check_vma=False)(q, k, v, segment_ids)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
               impl: str = "auto") -> jax.Array:
     """Causal self-attention of a full sequence. q, k, v: [B, S, N, H]; segment_ids: int [B, S]."""
-    impl = resolve_attention_impl(impl)
-    if impl == "pallas":
-        from phi_jax.kernels.flash_attention import flash_attention
-
-        return flash_attention(q, k, v, segment_ids, causal=True)
+    platform = current_platform()
+    impl = resolve_attention_impl(impl, q.dtype, platform)
     if impl == "cudnn":
-        if q.dtype not in (jnp.bfloat16, jnp.float16):
-            raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; "
-                             "set the model dtype to bfloat16 or use 'pallas'.")
-        mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
-    return xla_attention(q, k, v, causal_segment_mask(segment_ids, q.shape[1]))
+        return cudnn_attention(q, k, v, segment_ids)
+    if impl == "xla":
+        return xla_attention(q, k, v, causal_segment_mask(segment_ids, q.shape[1]))
+    return _per_shard(_kernel(impl, platform), q, k, v, segment_ids)

@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "splash", "cudnn")
 DENSE_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "save_dots")
 
@@ -31,7 +31,7 @@ class PhiConfig:
     max_position_embeddings: int = 2048
     dtype: str = "float32"  # compute dtype of activations and matmuls (softmax, norms and logits stay fp32)
     param_dtype: str = "float32"
-    attention_impl: str = "auto"  # auto | xla | pallas | cudnn
+    attention_impl: str = "auto"  # auto | xla | pallas | splash | cudnn (phi_jax.attention)
     dense_impl: str = "auto"  # auto | xla | pallas
     remat: str = "none"  # none | full | save_dots: what the backward pass recomputes per layer
     bos_token_id: int = 50256

@@ -48,9 +48,10 @@ _DENSE_IMPL_LOGGED: set[str] = set()
 
 
 def resolve_dense_impl(impl: str) -> str:
-    """`auto` is the Pallas kernel on GPU/TPU and XLA on CPU; the choice is logged once."""
+    """`auto` is XLA on every platform: the fused Pallas kernel is one flag away (`pallas`) but stays off by
+    default until it is measured faster than XLA's matmuls on hardware (docs/KERNELS.md). Logged once."""
     backend = jax.default_backend()
-    resolved = impl if impl != "auto" else ("pallas" if backend in ("gpu", "tpu") else "xla")
+    resolved = "xla" if impl == "auto" else impl
     if resolved not in _DENSE_IMPL_LOGGED:
         _DENSE_IMPL_LOGGED.add(resolved)
         log.info("dense: %s (asked for %r on backend %r)", resolved, impl, backend)

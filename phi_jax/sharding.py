@@ -63,6 +63,11 @@ def activation_sharding(mesh: Mesh, rules: dict | None = None):
         _CONTEXT.reset(token)
 
 
+def active_mesh_and_rules() -> tuple[Mesh, dict] | None:
+    """The (mesh, rules) of the enclosing `activation_sharding`, or None outside one (single device)."""
+    return _CONTEXT.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside `activation_sharding` (single device)."""
     ctx = _CONTEXT.get()

@@ -19,8 +19,8 @@ import time
 from _timing import write_json
 
 
-def setup(name: str, seq_len: int, batch: int, dtype: str = "float32", remat: str = "none"):
-    """(cfg, jitted train step, train state, synthetic batch) on one device."""
+def setup(name: str, seq_len: int, batch: int, dtype: str = "float32", remat: str = "none", **overrides):
+    """(cfg, jitted train step, train state, synthetic batch) on one device; `overrides` are PhiConfig fields."""
     import jax
     import numpy as np
 
@@ -30,7 +30,7 @@ def setup(name: str, seq_len: int, batch: int, dtype: str = "float32", remat: st
     from phi_jax.train_state import create_train_state, state_shardings
     from phi_jax.train_step import jit_steps
 
-    cfg = PhiConfig.preset(name, dtype=dtype, remat=remat)
+    cfg = PhiConfig.preset(name, dtype=dtype, remat=remat, **overrides)
     mesh = make_mesh(devices=jax.devices()[:1])
     tx = make_optimizer(1e-4)
     state = create_train_state(cfg, tx, mesh)

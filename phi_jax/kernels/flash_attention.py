@@ -58,11 +58,13 @@ class BlockSizes:
         by compiling candidates with tools/ptx_stats.py (fewest PTX instructions per score, no spills on sm_80
         and sm_90a; not timed). Larger heads halve block_k and use 8 warps to bound registers; the backward
         holds more tiles live (q, k, v, dO, P, dS), hence 64x64 (32 key rows for H > 128).
-        TPU: the MXU is 128- or 256-wide; bigger blocks amortise the ~0.35 us grid-step overhead and VMEM
-        (16-128 MiB) easily holds 512-row k/v tiles at H = 64.
+        TPU: 512 x 512 in all three kernels. Bigger blocks amortise the ~0.35 us grid-step overhead; the TPU
+        compiler accepts up to 1024 x 1024 even at H = 256 in fp32 within v5e's 16 MiB scoped VMEM, but causal
+        blocks that cross the diagonal are half wasted: at S = 2048, 512-blocks compute 62.5% of the S x S scores
+        and 1024-blocks 75% (the ideal is 50%). See docs/KERNELS.md.
         """
         if backend == "tpu":
-            return cls(block_q=256, block_k=512, block_q_dkv=256, block_k_dkv=256, block_q_dq=256, block_k_dq=256)
+            return cls(block_q=512, block_k=512, block_q_dkv=512, block_k_dkv=512, block_q_dq=512, block_k_dq=512)
         if backend == "gpu":
             if head_dim <= 64:   # chosen from tools/ptx_stats.py: no spills on sm_80/sm_90a (docs/KERNELS.md)
                 return cls(block_q=128, block_k=128, block_q_dkv=64, block_k_dkv=128, block_q_dq=128,

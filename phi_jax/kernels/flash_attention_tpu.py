@@ -3,8 +3,16 @@
 Mosaic wants the last two block dims to be (8, 128)-tiled, so this file works in [batch, heads, seq, head_dim]
 (the wrapper transposes the model's [B, S, N, H]) and blocks are (block, head_dim) with head_dim the full dim.
 The key loop is the last grid axis ("arbitrary"); the online-softmax state m, l and the fp32 accumulator live in
-VMEM scratch across it. Per-row statistics (m, l, lse, delta) are kept lane-broadcast as [rows, 128] so they are
-full vregs; query segment ids are lane-broadcast [B, S, 128], key segment ids sublane-broadcast [B, 8, S].
+VMEM scratch across it, lane-broadcast as [rows, 128] so they are full vregs.
+
+In HBM the per-row statistics lse and delta are lane-dense rows [B, N, 1, S] (as in splash attention), not
+lane-broadcast [B, N, S, 128] columns: the dK/dV kernel re-reads them at every grid step, and 128x the bytes made
+it memory-bound. That kernel therefore works transposed, on s^T = k q^T [block_k, block_q], where a [1, block_q]
+row broadcasts down the sublanes for free (and dV = p^T dO, dK = ds^T q need no transposed operands); the dQ
+kernel turns its row into a column once per grid step.
+
+Causal masking is applied only to blocks that cross the diagonal: interior blocks run an unmasked body.
+Segment ids (query ids lane-broadcast [B, S, 128], key ids sublane-broadcast [B, 8, S]) are masked in every block.
 Skipped causal blocks are not computed (`pl.when`) and their index maps repeat the previous block index, so the
 pipeline does not DMA them either. Same algorithm as `flash_attention_gpu.py` (FA-2, arXiv:2307.08691).
 """
@@ -33,6 +41,7 @@ _TRANS_B = (((1,), (1,)), ((), ()))
 
 
 def _qk(q: jax.Array, k: jax.Array) -> jax.Array:
+    """q @ k.T in fp32 (contracting the last dims: no transposed copy)."""
     return lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32)
 
 
@@ -45,8 +54,24 @@ def _tile_lanes(x: jax.Array, width: int) -> jax.Array:
     return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
 
 
+def _row_to_column(row: jax.Array) -> jax.Array:
+    """[1, n] lane-dense row -> [n, 128] lane-broadcast column (one XLU transpose of a (128, n) tile)."""
+    return jnp.transpose(jnp.broadcast_to(row, (LANES, row.shape[1])))
+
+
+def _bodies(causal: bool, q_block, block_q: int, kv_block, block_k: int):
+    """[(run condition or None, apply the causal mask)]: without causality one unconditional, unmasked body;
+    with it, an unmasked body for blocks wholly below the diagonal and a masked one for blocks that cross it.
+    Blocks wholly above the diagonal run neither."""
+    if not causal:
+        return [(None, False)]
+    visible = block_is_visible(q_block, block_q, kv_block, block_k)
+    crosses = kv_block * block_k + block_k - 1 > q_block * block_q  # some key lies after some query
+    return [(jnp.logical_and(visible, jnp.logical_not(crosses)), False), (jnp.logical_and(visible, crosses), True)]
+
+
 def _when(condition):
-    """pl.when, or run unconditionally when condition is None (non-causal: every block is visible)."""
+    """pl.when, or run unconditionally when condition is None."""
     return (lambda body: body()) if condition is None else pl.when(condition)
 
 
@@ -55,20 +80,36 @@ def _interpret(interpret: bool):
 
 
 def _segments(segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array] | None:
+    """(ids as lane-broadcast columns [B, S, 128], ids as sublane-broadcast rows [B, 8, S])."""
     if segment_ids is None:
         return None
     batch, seq = segment_ids.shape
-    q_seg = jnp.broadcast_to(segment_ids[:, :, None], (batch, seq, LANES))
-    kv_seg = jnp.broadcast_to(segment_ids[:, None, :], (batch, SUBLANES, seq))
-    return q_seg, kv_seg
+    column = jnp.broadcast_to(segment_ids[:, :, None], (batch, seq, LANES))
+    row = jnp.broadcast_to(segment_ids[:, None, :], (batch, SUBLANES, seq))
+    return column, row
 
 
 def _mask(q_seg_ref, kv_seg_ref, q_start, k_start, block_q: int, block_k: int, causal: bool):
+    """bool [block_q, block_k] or None; q_seg_ref: a [block_q, 128] column block, kv_seg_ref: an [8, block_k] row."""
     q_seg = k_seg = None
     if q_seg_ref is not None:
         q_seg = _tile_lanes(q_seg_ref[...], block_k)                  # [block_q, block_k]
         k_seg = kv_seg_ref[:1, :]                                     # [1, block_k]
     return make_mask(q_start, k_start, block_q, block_k, causal=causal, q_seg=q_seg, k_seg=k_seg)
+
+
+def _mask_transposed(k_seg_ref, q_seg_ref, k_start, q_start, block_k: int, block_q: int, causal: bool):
+    """The mask of s^T: bool [block_k, block_q] or None; k_seg_ref a [block_k, 128] column, q_seg_ref an [8,
+    block_q] row."""
+    mask = None
+    if causal:
+        k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_k, block_q), 0)
+        q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_k, block_q), 1)
+        mask = q_pos >= k_pos
+    if k_seg_ref is not None:
+        seg = _tile_lanes(k_seg_ref[...], block_q) == q_seg_ref[:1, :]
+        mask = seg if mask is None else jnp.logical_and(mask, seg)
+    return mask
 
 
 # ----------------------------------------------------------------------------------------------------- forward
@@ -87,11 +128,10 @@ def _fwd_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    @_when(block_is_visible(qi, block_q, kj, block_k) if causal else None)
-    def _step():
+    def step(causal_mask: bool):
         v = v_ref[...]
         s = _qk(q_ref[...], k_ref[...]) * sm_scale                    # [block_q, block_k] fp32
-        mask = _mask(q_seg_ref, kv_seg_ref, qi * block_q, kj * block_k, block_q, block_k, causal)
+        mask = _mask(q_seg_ref, kv_seg_ref, qi * block_q, kj * block_k, block_q, block_k, causal_mask)
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_prev, l_prev = m_sc[...], l_sc[...]                         # [block_q, 128]
@@ -105,13 +145,17 @@ def _fwd_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
         pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         acc_sc[...] = acc_sc[...] * _tile_lanes(alpha, head_dim) + pv
 
+    for condition, causal_mask in _bodies(causal, qi, block_q, kj, block_k):
+        _when(condition)(lambda causal_mask=causal_mask: step(causal_mask))
+
     @pl.when(kj == pl.num_programs(3) - 1)
     def _finish():
         row_sum = l_sc[...]
         empty = row_sum == 0.0                         # no visible key: output 0, lse=+inf (backward P = 0)
         l_safe = jnp.where(empty, 1.0, row_sum)
         o_ref[...] = (acc_sc[...] / _tile_lanes(l_safe, head_dim)).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(empty, jnp.inf, m_sc[...] + jnp.log(l_safe))
+        lse = jnp.where(empty, jnp.inf, m_sc[...] + jnp.log(l_safe))  # [block_q, 128] lane-broadcast
+        lse_ref[...] = jnp.transpose(lse)[:1, :]                       # -> the lane-dense row [1, block_q]
 
 
 def forward(q, k, v, segment_ids, *, sm_scale: float, causal: bool, blocks, interpret):
@@ -128,7 +172,7 @@ def forward(q, k, v, segment_ids, *, sm_scale: float, causal: bool, blocks, inte
 
     q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
     kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h, kv_block(i, j), 0))
-    row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0))
+    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))
     in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
     if segs is not None:
         in_specs += [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
@@ -146,22 +190,23 @@ def forward(q, k, v, segment_ids, *, sm_scale: float, causal: bool, blocks, inte
                             pltpu.VMEM((bq, head_dim), jnp.float32)],
         ),
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((batch, heads, seq, LANES), jnp.float32)],
+                   jax.ShapeDtypeStruct((batch, heads, 1, seq), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=_interpret(interpret),
         name="flash_attention_fwd_tpu",
     )(*args)
-    return jnp.swapaxes(o, 1, 2), lse[..., 0]
+    return jnp.swapaxes(o, 1, 2), lse[:, :, 0, :]
 
 
 # ---------------------------------------------------------------------------------------------------- backward
 def _dkv_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: int, block_k: int):
+    """One key block, looping over query blocks, in the transposed orientation s^T = k q^T [block_k, block_q]."""
     if has_seg:
-        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref,
+        (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, k_seg_ref, q_seg_ref, dk_ref, dv_ref,
          dk_sc, dv_sc) = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
-        q_seg_ref = kv_seg_ref = None
+        k_seg_ref = q_seg_ref = None
     kj, qi = pl.program_id(2), pl.program_id(3)
 
     @pl.when(qi == 0)
@@ -169,18 +214,19 @@ def _dkv_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-    @_when(block_is_visible(qi, block_q, kj, block_k) if causal else None)
-    def _step():
+    def step(causal_mask: bool):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s = _qk(q, k) * sm_scale                                      # [block_q, block_k]
-        p = jnp.exp(s - _tile_lanes(lse_ref[...], block_k))
-        mask = _mask(q_seg_ref, kv_seg_ref, qi * block_q, kj * block_k, block_q, block_k, causal)
+        s_t = _qk(k, q) * sm_scale                                    # [block_k, block_q]
+        p_t = jnp.exp(s_t - lse_ref[...])                             # lse: a [1, block_q] row
+        mask = _mask_transposed(k_seg_ref, q_seg_ref, kj * block_k, qi * block_q, block_k, block_q, causal_mask)
         if mask is not None:
-            p = jnp.where(mask, p, 0.0)
-        dv_sc[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dp = _qk(do, v)
-        ds = p * (dp - _tile_lanes(delta_ref[...], block_k))
-        dk_sc[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+            p_t = jnp.where(mask, p_t, 0.0)
+        dv_sc[...] += lax.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        ds_t = p_t * (_qk(v, do) - delta_ref[...])                    # dP^T = v dO^T
+        dk_sc[...] += lax.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
+
+    for condition, causal_mask in _bodies(causal, qi, block_q, kj, block_k):
+        _when(condition)(lambda causal_mask=causal_mask: step(causal_mask))
 
     @pl.when(qi == pl.num_programs(3) - 1)
     def _finish():
@@ -200,16 +246,18 @@ def _dq_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: int
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-    @_when(block_is_visible(qi, block_q, kj, block_k) if causal else None)
-    def _step():
+    def step(causal_mask: bool):
         k = k_ref[...]
         s = _qk(q_ref[...], k) * sm_scale
-        p = jnp.exp(s - _tile_lanes(lse_ref[...], block_k))
-        mask = _mask(q_seg_ref, kv_seg_ref, qi * block_q, kj * block_k, block_q, block_k, causal)
+        p = jnp.exp(s - _tile_lanes(_row_to_column(lse_ref[...]), block_k))
+        mask = _mask(q_seg_ref, kv_seg_ref, qi * block_q, kj * block_k, block_q, block_k, causal_mask)
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        ds = p * (_qk(do_ref[...], v_ref[...]) - _tile_lanes(delta_ref[...], block_k))
+        ds = p * (_qk(do_ref[...], v_ref[...]) - _tile_lanes(_row_to_column(delta_ref[...]), block_k))
         dq_sc[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    for condition, causal_mask in _bodies(causal, qi, block_q, kj, block_k):
+        _when(condition)(lambda causal_mask=causal_mask: step(causal_mask))
 
     @pl.when(kj == pl.num_programs(3) - 1)
     def _finish():
@@ -221,10 +269,10 @@ def backward(q, k, v, segment_ids, o, lse, do, *, sm_scale: float, causal: bool,
     delta = jnp.einsum("bsnh,bsnh->bns", o.astype(jnp.float32), do.astype(jnp.float32))
     q, k, v, do = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, do))        # [B, N, S, H]
     batch, heads, seq, head_dim = q.shape
-    lse_b = jnp.broadcast_to(lse[..., None], (*lse.shape, LANES))
-    delta_b = jnp.broadcast_to(delta[..., None], (*delta.shape, LANES))
+    lse, delta = lse[:, :, None, :], delta[:, :, None, :]               # lane-dense rows [B, N, 1, S]
     segs = _segments(segment_ids)
     has_seg = segs is not None
+    seg_args = list(segs) if has_seg else []
     semantics = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
     # dk, dv: grid (b, h, key block j, query block i); query blocks before the diagonal are clamped forward.
@@ -235,10 +283,10 @@ def backward(q, k, v, segment_ids, o, lse, do, *, sm_scale: float, causal: bool,
 
     q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, j, i: (b, h, q_block(j, i), 0))
     k_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, i: (b, h, j, 0))
-    row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, j, i: (b, h, q_block(j, i), 0))
-    seg_specs = [pl.BlockSpec((None, bq, LANES), lambda b, h, j, i: (b, q_block(j, i), 0)),
-                 pl.BlockSpec((None, SUBLANES, bk), lambda b, h, j, i: (b, 0, j))] if has_seg else []
-    seg_args = list(segs) if has_seg else []
+    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, j, i: (b, h, 0, q_block(j, i)))
+    seg_specs = [pl.BlockSpec((None, bk, LANES), lambda b, h, j, i: (b, j, 0)),               # key ids, column
+                 pl.BlockSpec((None, SUBLANES, bq), lambda b, h, j, i: (b, 0, q_block(j, i)))  # query ids, row
+                 ] if has_seg else []
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, has_seg=has_seg, sm_scale=sm_scale, causal=causal, block_q=bq, block_k=bk),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -252,7 +300,7 @@ def backward(q, k, v, segment_ids, o, lse, do, *, sm_scale: float, causal: bool,
         compiler_params=semantics,
         interpret=_interpret(interpret),
         name="flash_attention_dkv_tpu",
-    )(q, k, v, do, lse_b, delta_b, *seg_args)
+    )(q, k, v, do, lse, delta, *seg_args)
 
     # dq: grid (b, h, query block i, key block j); key blocks past the diagonal are clamped back.
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
@@ -263,7 +311,7 @@ def backward(q, k, v, segment_ids, o, lse, do, *, sm_scale: float, causal: bool,
 
     q_spec = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j: (b, h, i, 0))
     k_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, i, j: (b, h, kv_block(i, j), 0))
-    row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0))
+    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, i))
     seg_specs = [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
                  pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j: (b, 0, kv_block(i, j)))] if has_seg else []
     dq = pl.pallas_call(
@@ -279,5 +327,5 @@ def backward(q, k, v, segment_ids, o, lse, do, *, sm_scale: float, causal: bool,
         compiler_params=semantics,
         interpret=_interpret(interpret),
         name="flash_attention_dq_tpu",
-    )(q, k, v, do, lse_b, delta_b, *seg_args)
+    )(q, k, v, do, lse, delta, *seg_args)
     return tuple(jnp.swapaxes(x, 1, 2) for x in (dq, dk, dv))

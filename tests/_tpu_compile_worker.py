@@ -1,0 +1,162 @@
+"""Compiles phi_jax's TPU kernels and the phi-1.5 train step with the real TPU compiler (libtpu), on a CPU host.
+
+    python tests/_tpu_compile_worker.py OUT.json [kernels] [step]
+
+tests/test_compile_tpu.py runs this in a subprocess because the deviceless-TPU environment must be set before JAX
+starts (the test process already runs JAX on CPU). Each check compiles forward and backward for one chip of a
+topology and records {name, ok, seconds, error, memory}; one failing check does not stop the others.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from plan_memory import AVAILABLE_HBM_GIB, DEVICELESS_TPU_ENV, compile_step, tpu_devices  # noqa: E402
+
+os.environ.update(DEVICELESS_TPU_ENV)
+os.environ["JAX_PLATFORMS"] = "cpu"  # the host backend; TPU programs are compiled for topology devices
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+import phi_jax.kernels.dense as dense_mod  # noqa: E402
+import phi_jax.kernels.flash_attention as fa_mod  # noqa: E402
+from phi_jax.attention import attention  # noqa: E402
+from phi_jax.kernels.dense import fused_dense  # noqa: E402
+from phi_jax.kernels.flash_attention import flash_attention  # noqa: E402
+from phi_jax.sharding import activation_sharding, make_mesh  # noqa: E402
+
+TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
+# (head_dim, seq, segment ids): every head_dim, S 2048 and an odd length, with and without segment ids.
+ATTENTION_CASES = ((64, 2048, True), (64, 2048, False), (80, 999, True), (128, 999, False))
+# The phi-1.5 step as configs/phi15.py shards it (FSDP over 8 chips, bf16, remat save_dots), at a micro-batch
+# that fits v5e's 16 GiB (docs/PERFORMANCE.md's memory table).
+STEP_TOPOLOGY, STEP_MICRO_BATCH = "v5e:2x4", 2
+
+# flash_attention and fused_dense refuse to compile a lowering for a platform other than the default backend
+# (a guard against running TPU code on CPU); here the TPU compiler is the target, so the guard is lifted.
+fa_mod._resolve_backend = lambda backend, interpret: (backend, False)
+dense_mod._resolve_backend = lambda backend, interpret: (backend, False)
+
+
+def _grad_fn(fn, n_diff: int):
+    """jit of the gradient of sum(fn(*args)) in the first n_diff args: a forward and a backward kernel."""
+    loss = lambda *args: jnp.sum(fn(*args).astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=tuple(range(n_diff))))
+
+
+def _abstract(mesh, shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+def _attention_check(kind: str, mesh, head_dim: int, seq: int, segments: bool, dtype=jnp.bfloat16):
+    heads = 2048 // head_dim if head_dim == 64 else 4
+    x = _abstract(mesh, (1, seq, heads, head_dim), dtype)
+    seg = _abstract(mesh, (1, seq), jnp.int32) if segments else None
+    if kind == "splash (attention_impl=auto)":
+        def fn(q, k, v, s):
+            with activation_sharding(mesh):  # resolves for the mesh's TPU devices: auto -> splash
+                return attention(q, k, v, segment_ids=s, impl="auto")
+    else:
+        fn = functools.partial(flash_attention, causal=True, backend="tpu")
+    return _grad_fn(fn, 3).lower(x, x, x, seg)
+
+
+def _dense_check(mesh, m: int, k: int, n: int, activation):
+    x, w, b = _abstract(mesh, (m, k), jnp.bfloat16), _abstract(mesh, (k, n), jnp.bfloat16), _abstract(
+        mesh, (n,), jnp.bfloat16)
+    return _grad_fn(functools.partial(fused_dense, activation=activation, backend="tpu"), 3).lower(x, w, b)
+
+
+def _run(name: str, lower, records: list) -> None:
+    start = time.perf_counter()
+    record = {"name": name}
+    try:
+        compiled = lower().compile()
+        mem = compiled.memory_analysis()
+        record.update(ok=True, memory={"temp_bytes": mem.temp_size_in_bytes,
+                                       "argument_bytes": mem.argument_size_in_bytes})
+    except Exception as e:
+        record.update(ok=False, error=f"{type(e).__name__}: {e}"[-3000:], traceback=traceback.format_exc()[-2000:])
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    records.append(record)
+    print(f"{'ok ' if record['ok'] else 'ERR'} {record['seconds']:6.1f}s {name}", flush=True)
+
+
+def kernel_checks(records: list) -> None:
+    for topology in TOPOLOGIES:
+        mesh = make_mesh(devices=tpu_devices(topology)[:1])
+        for kind in ("splash (attention_impl=auto)", "pallas flash_attention_tpu"):
+            for head_dim, seq, segments in ATTENTION_CASES:
+                name = f"{topology} {kind} hd={head_dim} S={seq} segment_ids={segments} fwd+bwd"
+                _run(name, functools.partial(_attention_check, kind, mesh, head_dim, seq, segments), records)
+        # phi-1.5's fc1 (2048 -> 8192, gelu_new) and fc2 (8192 -> 2048) at 4096 tokens.
+        for k, n, act in ((2048, 8192, "gelu_new"), (8192, 2048, None)):
+            _run(f"{topology} fused_dense_tpu {k}->{n} activation={act} fwd+bwd",
+                 functools.partial(_dense_check, mesh, 4096, k, n, act), records)
+        # Control: a blocked copy kernel with 1 MiB blocks compiles; with 16 MiB blocks (double-buffered in and
+        # out: 64 MiB) it exceeds the scoped VMEM limit (16 MiB on v5e, 32 MiB on v6e) and must be rejected.
+        for rows in (256, 4096):
+            _run(f"{topology} CONTROL copy kernel with {rows}x1024 fp32 blocks", functools.partial(
+                _vmem_control, mesh, rows), records)
+
+
+def _vmem_control(mesh, rows: int):
+    from jax.experimental import pallas as pl
+
+    spec = pl.BlockSpec((rows, 1024), lambda i: (i, 0))
+    call = pl.pallas_call(lambda x_ref, o_ref: o_ref.__setitem__(..., x_ref[...] + 1.0), grid=(2,),
+                          in_specs=[spec], out_specs=spec, name="vmem_control",
+                          out_shape=jax.ShapeDtypeStruct((2 * rows, 1024), jnp.float32))
+    return jax.jit(call).lower(_abstract(mesh, (2 * rows, 1024), jnp.float32))
+
+
+def step_check(records: list) -> None:
+    sys.path.insert(0, str(ROOT))
+    from configs.phi15 import get_config
+    from phi_jax.config import PhiConfig
+
+    c = get_config()
+    cfg = PhiConfig.preset(c.model, dtype=c.dtype, remat=c.remat, attention_impl=c.attention_impl,
+                           dense_impl=c.dense_impl)
+    mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=tpu_devices(STEP_TOPOLOGY))
+    start = time.perf_counter()
+    name = (f"{STEP_TOPOLOGY} phi-1.5 train step, configs/phi15.py ({c.sharding}, mesh {dict(mesh.shape)}, "
+            f"{c.dtype}, remat {c.remat}), micro-batch {STEP_MICRO_BATCH} x {c.seq_len}")
+    try:
+        result = compile_step(cfg, mesh, c.sharding, STEP_MICRO_BATCH, 1, c.seq_len,
+                              AVAILABLE_HBM_GIB[mesh.devices.flat[0].device_kind])
+        record = {"name": name, "ok": result["fits"], "result": result}
+        if not result["fits"]:
+            record["error"] = result.get("compiler_message", f"memory analysis exceeds HBM: {result}")
+    except Exception as e:
+        record = {"name": name, "ok": False, "error": f"{type(e).__name__}: {e}"[-3000:]}
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    records.append(record)
+    print(f"{'ok ' if record['ok'] else 'ERR'} {record['seconds']:6.1f}s {name}", flush=True)
+
+
+def main() -> None:
+    out, parts = sys.argv[1], sys.argv[2:] or ["kernels", "step"]
+    records: list = []
+    if "kernels" in parts:
+        kernel_checks(records)
+    if "step" in parts:
+        step_check(records)
+    with open(out + ".tmp", "w") as f:
+        json.dump({"jax": jax.__version__, "records": records}, f, indent=1)
+    os.replace(out + ".tmp", out)
+
+
+if __name__ == "__main__":
+    main()
