@@ -39,7 +39,8 @@ def test_phi15_on_a_small_host_stops_before_allocating_anything(tmp_path, shards
     """phi-1.5's fp32 state (17 GB) on a host that allows 8 GiB: one line with the figures, no allocation (the
     child's peak resident memory stays a small fraction of the state), no checkpoint."""
     cmd = [sys.executable, "-m", "phi_jax.train", "--config=configs/phi15.py", f"--workdir={tmp_path}",
-           f"--config.data.path={shards}", "--config.data.mixture_weights=", "--config.batch_size=2", "--config.micro_batch_per_device=0",
+           f"--config.data.path={shards}", "--config.data.mixture_weights=", "--config.batch_size=2",
+           "--config.micro_batch_per_device=0",
            "--config.seq_len=64"]
     result = subprocess.run(cmd,
                             cwd=ROOT, env=clean_env(PHI_JAX_AVAILABLE_MEMORY="8G"), capture_output=True, text=True,
