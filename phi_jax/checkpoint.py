@@ -1,7 +1,9 @@
 """orbax checkpoints of a run: train state, data iterator position and the run's configs, saved together.
 
 Each step's checkpoint is written asynchronously to a temporary directory and renamed when complete, so a crash
-mid-write leaves the previous checkpoints intact and the partial one is never loaded.
+mid-write leaves the previous checkpoints intact and the partial one is never loaded. Readers (generate, export,
+evaluate, `from_pretrained(workdir)`) open a workdir read-only: they never create, delete or clean up anything, so
+looking at a run while it trains cannot remove the trainer's in-progress checkpoint.
 """
 
 from __future__ import annotations
@@ -24,13 +26,20 @@ class CheckpointWriteError(OSError):
 
 
 class Checkpointer:
-    def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
+    """The trainer's checkpoints (`read_only=False`: it creates the directory and removes a crashed write's
+    temporary directories) or a reader's view of them (`read_only=True`: saving is refused, nothing is touched)."""
+
+    def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = Path(workdir).absolute() / "checkpoints"
-        if self.directory.is_dir() and (partial := sorted(p.name for p in self.directory.iterdir() if "tmp" in p.name)):
+        self.read_only = read_only
+        if not read_only and self.directory.is_dir() and (
+                partial := sorted(p.name for p in self.directory.iterdir() if "tmp" in p.name)):
             log.warning("ignoring incomplete checkpoint(s) %s in %s (a crash during a write); they are removed",
                         partial, self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                               create=True, cleanup_tmp_directories=True)
+                                               create=not read_only, cleanup_tmp_directories=not read_only,
+                                               read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._failed = False
 
@@ -50,6 +59,8 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, data_iterator, meta: dict) -> None:
+        if self.read_only:
+            raise PermissionError(f"{self.directory} was opened read-only; only the trainer writes checkpoints.")
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -100,11 +111,20 @@ class Checkpointer:
             self.manager.close()
 
 
+def read_meta(workdir: str | os.PathLike, step: int | None = None) -> dict:
+    """The metadata (model, run config, data identity) of a workdir's newest (or chosen) checkpoint, read-only."""
+    ckpt, steps = _checkpoint_steps(workdir)
+    try:
+        return ckpt.read_meta(steps[-1] if step is None else step)
+    finally:
+        ckpt.close()
+
+
 def _checkpoint_steps(workdir: str | os.PathLike) -> tuple[Checkpointer, list[int]]:
     directory = Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"{workdir} is not a training workdir: it has no checkpoints/ directory.")
-    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     steps = sorted(ckpt.all_steps())
     if not steps:
         raise FileNotFoundError(f"{directory} holds no complete checkpoint.")

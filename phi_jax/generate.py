@@ -193,14 +193,9 @@ def tokenizer_path(path: str | os.PathLike, step: int | None = None) -> Path:
     """The tokenizer file of a workdir (from its checkpoint metadata) or of a Hugging Face directory."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
-        from phi_jax.checkpoint import Checkpointer
+        from phi_jax.checkpoint import read_meta
 
-        ckpt = Checkpointer(path, async_save=False)
-        try:
-            steps = ckpt.all_steps()
-            meta = ckpt.read_meta(step if step is not None else max(steps)) if steps else {}
-        finally:
-            ckpt.close()
+        meta = read_meta(path, step)  # read-only: a running trainer's in-progress checkpoint is left alone
         found = meta.get("data", {}).get("tokenizer_path")
         if not found or not Path(found).exists():
             raise FileNotFoundError(f"The checkpoint metadata in {path} names tokenizer {found!r}, which does not "
