@@ -29,6 +29,7 @@ from phi_jax.preemption import PREEMPTED_EXIT_CODE, Preemption
 from phi_jax.sharding import batch_sharding, make_mesh, strategy_rules
 from phi_jax.train_state import TrainState, create_train_state, state_shardings
 from phi_jax.train_step import jit_steps
+from phi_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger("phi_jax")
 
@@ -72,18 +73,24 @@ def all_finite(params) -> jax.Array:
 
 def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Runs (or resumes) training; returns the last logged metrics. A SIGTERM/SIGINT exits with status 75."""
-    preemption = Preemption()
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None  # one trainer per workdir
+    preemption = Preemption(before_immediate_exit=lock.release if lock is not None else None)
     try:
-        return _train(c, Path(workdir), preemption)
+        return _train(c, Path(workdir), preemption, lock)
     finally:
+        if lock is not None:
+            lock.release()
         preemption.close()
 
 
-def _train(c: ml_collections.ConfigDict, workdir: Path, preemption: Preemption) -> dict[str, float]:
+def _train(c: ml_collections.ConfigDict, workdir: Path, preemption: Preemption,
+           lock: WorkdirLock | None) -> dict[str, float]:
     validate.check_values(c)  # every key's type and range, before anything is read, built or compiled
     mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, dcn_data=c.mesh.dcn_data)
     accum = accumulation_steps(c, mesh)
     workdir.mkdir(parents=True, exist_ok=True)
+    if lock is not None:
+        lock.acquire()
     data = resolve_data(c)  # builds the embedded corpus on first use; checks shards against the tokenizer
     cfg = model_config(c, data.tokenizer.vocab_size)
     data.check_model_vocab(cfg.vocab_size)
