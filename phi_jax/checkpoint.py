@@ -1,4 +1,5 @@
-"""orbax checkpoints of a run: train state, data iterator position and the run's configs, saved together.
+"""orbax checkpoints of a run: the train state and its metadata (architecture, run config, data identity and the
+data position: global examples consumed, so any process count can resume it), saved together.
 
 Each step's checkpoint is written asynchronously to a temporary directory and renamed when complete, so a crash
 mid-write leaves the previous checkpoints intact and the partial one is never loaded. Readers (generate, export,
@@ -12,7 +13,6 @@ import logging
 import os
 from pathlib import Path
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -58,20 +58,23 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state, data_iterator, meta: dict) -> None:
+    def save(self, step: int, state, meta: dict) -> None:
         if self.read_only:
             raise PermissionError(f"{self.directory} was opened read-only; only the trainer writes checkpoints.")
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-        if data_iterator is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         try:  # an asynchronous write's failure surfaces here (at the next save) or in wait()/close()
             self.manager.save(step, args=ocp.args.Composite(**args), force=True)
         except Exception as e:
             raise self._write_failed(e) from e
 
-    def has_data_state(self, step: int) -> bool:
-        """Whether the checkpoint holds a data-iterator position (tools/import_hf.py's step 0 does not)."""
-        return (self.directory / str(step) / "data").exists()
+    def data_position(self, step: int, meta: dict) -> int | None:
+        """Global examples the run had consumed at `step`, or None for a checkpoint without a data position (one
+        made by tools/import_hf.py: fine-tuning starts at the first batch)."""
+        if "data_position" in meta:
+            return int(meta["data_position"])
+        if (self.directory / str(step) / "data").exists():  # written before positions were recorded: grain's
+            return step * int(meta["run"]["batch_size"])  # per-process iterator state held `step` batches
+        return None
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -84,14 +87,10 @@ class Checkpointer:
                              + "; ".join(diff) + "). Use a new --workdir, or the config that wrote it.")
         return meta
 
-    def restore(self, step: int, abstract_state, data_iterator=None):
-        """Restores into `abstract_state` (ShapeDtypeStructs with shardings) and, if given, the data iterator."""
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None and self.has_data_state(step):
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        elif data_iterator is not None:  # e.g. made by tools/import_hf.py: fine-tuning starts at the first batch
-            log.info("checkpoint %d holds no data-iterator state; the data starts from the beginning", step)
-        return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+    def restore(self, step: int, abstract_state):
+        """The train state, restored into `abstract_state` (ShapeDtypeStructs with shardings: any mesh)."""
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+            "state"]
 
     def wait(self) -> None:
         try:

@@ -101,18 +101,22 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, preemption: Preemption,
     log.info("model %s: %.1fM parameters; mesh %s; sharding %s; %d micro-batch(es) per step",
              c.model, cfg.num_params() / 1e6, dict(mesh.shape), c.sharding, accum)
 
-    dataset = data.train_dataset(c, jax.process_index(), jax.process_count())
-    data_iter = iter(dataset)
     ckpt = Checkpointer(workdir, max_to_keep=c.keep_checkpoints)
     abstract, shardings = state_shardings(cfg, tx, mesh, param_rules, opt_rules, fp16)
     meta = {"model": cfg.to_dict(), "run": c.to_dict(), "data": data.identity()}
 
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     latest = ckpt.latest_step()
+    start_batch = 0  # the data position: global batches consumed, whatever the process count that consumed them
     if latest is not None:
         saved_meta = ckpt.check_architecture(latest, cfg)
-        if ckpt.has_data_state(latest):  # a data position to keep: the data must be the same
+        if (position := ckpt.data_position(latest, saved_meta)) is not None:  # the data must be the same
             restart.check_restart(saved_meta, c, data.identity(), str(ckpt.directory / str(latest)))
+            start_batch = position // c.batch_size  # exact: check_restart keeps the global batch size
+        else:
+            log.info("checkpoint %d holds no data position; the data starts from the beginning", latest)
+    dataset = data.train_dataset(c, jax.process_index(), jax.process_count(), start_batch)
+    data_iter = iter(dataset)
 
     train_batch_sh, eval_batch_sh = batch_sharding(mesh, leading_dims=1), batch_sharding(mesh)
     step_fn, eval_fn = jit_steps(mesh, shardings, param_rules)
@@ -128,7 +132,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, preemption: Preemption,
     memory_check.check_compiled_fits(compiled_step)  # still before allocating the state
 
     if latest is not None:
-        state = ckpt.restore(latest, target, data_iter)
+        state = ckpt.restore(latest, target)
         if restart.loss_scale_reset(saved_meta, c):
             log.warning("dtype changed from %s to %s: the loss scale starts afresh", saved_meta["run"]["dtype"],
                         c.dtype)
@@ -163,7 +167,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, preemption: Preemption,
         if not bool(all_finite(state.params)):
             raise NonFiniteError(f"Parameters are not finite at step {step}; not checkpointing over the last good "
                                  "state. Lower the learning rate or enable --config.grad_clip_norm.")
-        ckpt.save(step, state, data_iter, meta)
+        ckpt.save(step, state, {**meta, "data_position": (step - start + start_batch) * c.batch_size})
 
     start = int(state.step)
     if start >= c.total_steps:

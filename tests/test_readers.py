@@ -23,7 +23,7 @@ def test_readers_leave_an_in_progress_checkpoint_alone(tmp_path):
     meta = {"model": cfg.to_dict(), "run": {"model": "tiny"},
             "data": {"tokenizer_path": str(tmp_path / "tokenizer.model")}}
     state = create_train_state(cfg, make_optimizer(1e-3), make_mesh(devices=jax.devices()[:1]), seed=0)
-    ckpt.save(3, state.replace(step=state.step + 3), None, meta)
+    ckpt.save(3, state.replace(step=state.step + 3), meta)
     ckpt.close()
     # What a trainer writing step 6 leaves on disk mid-write: orbax's temporary directory, renamed when complete.
     partial = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1764400000000000"
@@ -38,6 +38,6 @@ def test_readers_leave_an_in_progress_checkpoint_alone(tmp_path):
     assert _listing(tmp_path) == before  # nothing created, removed or changed
 
     writer = Checkpointer(tmp_path, async_save=False)  # the trainer, by contrast, removes a crashed write's
-    writer.save(4, state.replace(step=state.step + 4), None, meta)  # temporary directory before its first save
+    writer.save(4, state.replace(step=state.step + 4), meta)  # temporary directory before its first save
     writer.close()
     assert not partial.exists()

@@ -57,10 +57,10 @@ class DataSpec:
                              f"the model embeds only {model_vocab_size} ids: use a model with vocab_size >= {vocab} "
                              "or a smaller tokenizer (--config.data.default_vocab_size / tools/train_tokenizer.py).")
 
-    def train_dataset(self, c, process_index: int = 0, process_count: int = 1):
-        """This process's training batches; the iterator's state is one index (see loader.py)."""
+    def train_dataset(self, c, process_index: int = 0, process_count: int = 1, start_batch: int = 0):
+        """This process's training batches from global batch `start_batch` (= the step resumed; see loader.py)."""
         kw = dict(seq_len=c.seq_len, global_batch_size=c.batch_size, seed=c.seed, process_index=process_index,
-                  process_count=process_count, packing=c.data.packing)
+                  process_count=process_count, packing=c.data.packing, start_batch=start_batch)
         if self.is_mixture:
             return make_mixture_dataset(list(self.paths), list(self.weights), split="train", **kw)
         return make_dataset(self.path, split="train", **kw)
