@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 from phi_jax.config import PhiConfig, architecture_diff
+from phi_jax.paths import user_path
 
 log = logging.getLogger("phi_jax")
 
@@ -31,7 +31,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = user_path(workdir) / "checkpoints"  # local or gs:// (orbax takes epath paths)
         self.read_only = read_only
         if not read_only and self.directory.is_dir() and (
                 partial := sorted(p.name for p in self.directory.iterdir() if "tmp" in p.name)):
@@ -120,7 +120,7 @@ def read_meta(workdir: str | os.PathLike, step: int | None = None) -> dict:
 
 
 def _checkpoint_steps(workdir: str | os.PathLike) -> tuple[Checkpointer, list[int]]:
-    directory = Path(workdir).absolute() / "checkpoints"
+    directory = user_path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"{workdir} is not a training workdir: it has no checkpoints/ directory.")
     ckpt = Checkpointer(workdir, async_save=False, read_only=True)

@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ from phi_jax.data.setup import resolve_data
 from phi_jax.flops import flops_per_token, peak_flops_per_device
 from phi_jax.metrics import MetricsWriter
 from phi_jax.optim import LossScale, make_optimizer
+from phi_jax.paths import user_path
 from phi_jax.preemption import PREEMPTED_EXIT_CODE, Preemption
 from phi_jax.sharding import batch_sharding, make_mesh, strategy_rules
 from phi_jax.train_state import TrainState, create_train_state, state_shardings
@@ -76,14 +76,14 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None  # one trainer per workdir
     preemption = Preemption(before_immediate_exit=lock.release if lock is not None else None)
     try:
-        return _train(c, Path(workdir), preemption, lock)
+        return _train(c, user_path(workdir), preemption, lock)
     finally:
         if lock is not None:
             lock.release()
         preemption.close()
 
 
-def _train(c: ml_collections.ConfigDict, workdir: Path, preemption: Preemption,
+def _train(c: ml_collections.ConfigDict, workdir, preemption: Preemption,
            lock: WorkdirLock | None) -> dict[str, float]:
     validate.check_values(c)  # every key's type and range, before anything is read, built or compiled
     mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, dcn_data=c.mesh.dcn_data)

@@ -148,7 +148,6 @@ class WorkdirLock:
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
                       "started": datetime.now(UTC).isoformat(timespec="seconds"), "token": self.token}
         self._store = _store(self.path)
-        self._version = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -165,11 +164,11 @@ class WorkdirLock:
 
     def acquire(self) -> None:
         for _ in range(5):  # a lost race re-reads the lock that won it
-            if self._store.create(self._text()):
-                self._version = self._store.read()[1]
-                break
             found = self._store.read()
-            if found is None:  # removed between our attempt and the read
+            if found is None:  # read back: a store that ignored the precondition (an emulator) shows who won
+                if self._store.create(self._text()) and (mine := self._store.read()) and \
+                        mine[0].get("token") == self.token:
+                    break
                 continue
             holder, version = found
             if (reason := self._stale_reason(holder)) is None:
@@ -195,7 +194,7 @@ class WorkdirLock:
                     log.error("the workdir lock %s was taken over by another trainer (%s); two runs may now write "
                               "to this workdir", self.path, found and {k: found[0].get(k) for k in ("host", "pid")})
                     return
-                self._version = self._store.replace(self._text(), found[1])
+                self._store.replace(self._text(), found[1])
             except Exception as e:  # a transient storage error: the next refresh retries
                 log.warning("refreshing the workdir lock %s failed: %s", self.path, e)
 
