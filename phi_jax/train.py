@@ -114,7 +114,8 @@ def _train(c: ml_collections.ConfigDict, workdir, preemption: Preemption,
             restart.check_restart(saved_meta, c, data.identity(), str(ckpt.directory / str(latest)))
             start_batch = position // c.batch_size  # exact: check_restart keeps the global batch size
         else:
-            log.info("checkpoint %d holds no data position; the data starts from the beginning", latest)
+            log.info("checkpoint %d holds no data-iterator state (position); the data starts from the beginning",
+                     latest)
     dataset = data.train_dataset(c, jax.process_index(), jax.process_count(), start_batch)
     data_iter = iter(dataset)
 
