@@ -1,20 +1,22 @@
-"""orbax checkpoints of a run: train state, data iterator position and the run's configs, saved together.
+"""orbax checkpoints of a run: the train state and its metadata (architecture, run config, data identity and the
+data position: global examples consumed, so any process count can resume it), saved together.
 
 Each step's checkpoint is written asynchronously to a temporary directory and renamed when complete, so a crash
-mid-write leaves the previous checkpoints intact and the partial one is never loaded.
+mid-write leaves the previous checkpoints intact and the partial one is never loaded. Readers (generate, export,
+evaluate, `from_pretrained(workdir)`) open a workdir read-only: they never create, delete or clean up anything, so
+looking at a run while it trains cannot remove the trainer's in-progress checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
 from phi_jax.config import PhiConfig, architecture_diff
+from phi_jax.paths import user_path
 
 log = logging.getLogger("phi_jax")
 
@@ -24,13 +26,20 @@ class CheckpointWriteError(OSError):
 
 
 class Checkpointer:
-    def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
-        if self.directory.is_dir() and (partial := sorted(p.name for p in self.directory.iterdir() if "tmp" in p.name)):
+    """The trainer's checkpoints (`read_only=False`: it creates the directory and removes a crashed write's
+    temporary directories) or a reader's view of them (`read_only=True`: saving is refused, nothing is touched)."""
+
+    def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        self.directory = user_path(workdir) / "checkpoints"  # local or gs:// (orbax takes epath paths)
+        self.read_only = read_only
+        if not read_only and self.directory.is_dir() and (
+                partial := sorted(p.name for p in self.directory.iterdir() if "tmp" in p.name)):
             log.warning("ignoring incomplete checkpoint(s) %s in %s (a crash during a write); they are removed",
                         partial, self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                               create=True, cleanup_tmp_directories=True)
+                                               create=not read_only, cleanup_tmp_directories=not read_only,
+                                               read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._failed = False
 
@@ -49,18 +58,23 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state, data_iterator, meta: dict) -> None:
+    def save(self, step: int, state, meta: dict) -> None:
+        if self.read_only:
+            raise PermissionError(f"{self.directory} was opened read-only; only the trainer writes checkpoints.")
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-        if data_iterator is not None:
-            args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         try:  # an asynchronous write's failure surfaces here (at the next save) or in wait()/close()
             self.manager.save(step, args=ocp.args.Composite(**args), force=True)
         except Exception as e:
             raise self._write_failed(e) from e
 
-    def has_data_state(self, step: int) -> bool:
-        """Whether the checkpoint holds a data-iterator position (tools/import_hf.py's step 0 does not)."""
-        return (self.directory / str(step) / "data").exists()
+    def data_position(self, step: int, meta: dict) -> int | None:
+        """Global examples the run had consumed at `step`, or None for a checkpoint without a data position (one
+        made by tools/import_hf.py: fine-tuning starts at the first batch)."""
+        if "data_position" in meta:
+            return int(meta["data_position"])
+        if (self.directory / str(step) / "data").exists():  # written before positions were recorded: grain's
+            return step * int(meta["run"]["batch_size"])  # per-process iterator state held `step` batches
+        return None
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -73,14 +87,10 @@ class Checkpointer:
                              + "; ".join(diff) + "). Use a new --workdir, or the config that wrote it.")
         return meta
 
-    def restore(self, step: int, abstract_state, data_iterator=None):
-        """Restores into `abstract_state` (ShapeDtypeStructs with shardings) and, if given, the data iterator."""
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None and self.has_data_state(step):
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        elif data_iterator is not None:  # e.g. made by tools/import_hf.py: fine-tuning starts at the first batch
-            log.info("checkpoint %d holds no data-iterator state; the data starts from the beginning", step)
-        return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+    def restore(self, step: int, abstract_state):
+        """The train state, restored into `abstract_state` (ShapeDtypeStructs with shardings: any mesh)."""
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+            "state"]
 
     def wait(self) -> None:
         try:
@@ -100,11 +110,20 @@ class Checkpointer:
             self.manager.close()
 
 
+def read_meta(workdir: str | os.PathLike, step: int | None = None) -> dict:
+    """The metadata (model, run config, data identity) of a workdir's newest (or chosen) checkpoint, read-only."""
+    ckpt, steps = _checkpoint_steps(workdir)
+    try:
+        return ckpt.read_meta(steps[-1] if step is None else step)
+    finally:
+        ckpt.close()
+
+
 def _checkpoint_steps(workdir: str | os.PathLike) -> tuple[Checkpointer, list[int]]:
-    directory = Path(workdir).absolute() / "checkpoints"
+    directory = user_path(workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"{workdir} is not a training workdir: it has no checkpoints/ directory.")
-    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     steps = sorted(ckpt.all_steps())
     if not steps:
         raise FileNotFoundError(f"{directory} holds no complete checkpoint.")

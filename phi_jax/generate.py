@@ -17,7 +17,6 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from flax import nnx
 
 from phi_jax.data.tokenizer import load_tokenizer
 from phi_jax.model import KVCache, Phi
+from phi_jax.paths import user_path
 
 log = logging.getLogger("phi_jax")
 
@@ -189,23 +189,18 @@ def _start_id(tokenizer) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Loading a model and its tokenizer from a training workdir or a Hugging Face directory.
 
-def tokenizer_path(path: str | os.PathLike, step: int | None = None) -> Path:
+def tokenizer_path(path: str | os.PathLike, step: int | None = None):
     """The tokenizer file of a workdir (from its checkpoint metadata) or of a Hugging Face directory."""
-    path = Path(path)
+    path = user_path(path)  # local or gs://
     if (path / "checkpoints").is_dir():
-        from phi_jax.checkpoint import Checkpointer
+        from phi_jax.checkpoint import read_meta
 
-        ckpt = Checkpointer(path, async_save=False)
-        try:
-            steps = ckpt.all_steps()
-            meta = ckpt.read_meta(step if step is not None else max(steps)) if steps else {}
-        finally:
-            ckpt.close()
+        meta = read_meta(path, step)  # read-only: a running trainer's in-progress checkpoint is left alone
         found = meta.get("data", {}).get("tokenizer_path")
-        if not found or not Path(found).exists():
+        if not found or not user_path(found).exists():
             raise FileNotFoundError(f"The checkpoint metadata in {path} names tokenizer {found!r}, which does not "
                                     "exist; pass --tokenizer=FILE.")
-        return Path(found)
+        return user_path(found)
     for name in ("tokenizer.json", "tokenizer.model"):
         if (path / name).exists():
             return path / name
@@ -218,7 +213,7 @@ def load(path: str | os.PathLike, *, dtype: str = "float32", step: int | None = 
     from phi_jax.checkpoint import load_model
     from phi_jax.hf import from_pretrained
 
-    path = Path(path)
+    path = user_path(path)
     if (path / "checkpoints").is_dir():
         model = load_model(path, step, dtype=dtype, param_dtype=dtype)[0]
     else:

@@ -1,4 +1,8 @@
-"""Where metrics go: metrics.jsonl and TensorBoard in the workdir, a progress bar on the console (process 0)."""
+"""Where metrics go: metrics.jsonl and TensorBoard in the workdir, a progress bar on the console (process 0).
+
+In a bucket (gs://) an object cannot be appended to: metrics.jsonl is rewritten whole, at most every
+`flush_every_s` seconds and at the end; tensorboardX writes its event file to gs:// itself (google-cloud-storage).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,13 @@ import json
 import logging
 import math
 import os
-from pathlib import Path
+import time
 
 import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+from phi_jax.paths import is_url, user_path
 
 log = logging.getLogger("phi_jax")
 
@@ -22,8 +28,8 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
-        workdir = Path(workdir)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - closed in close()
+        workdir = user_path(workdir)
+        self._jsonl = _JsonLines(workdir / "metrics.jsonl")
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
         self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                          disable=None, mininterval=1.0)
@@ -50,6 +56,38 @@ class MetricsWriter:
             self._bar.close()
             self._tb.close()
             self._jsonl.close()
+
+
+class _JsonLines:
+    """Appends lines: to a local file directly (line-buffered), to a bucket object by rewriting it whole."""
+
+    def __init__(self, path, flush_every_s: float = 30.0):
+        self.path, self.flush_every_s = path, flush_every_s
+        if not is_url(path):
+            self._file = open(path, "a", buffering=1)  # noqa: SIM115 - closed in close()
+            return
+        self._file = None
+        self._text = path.read_text() if path.exists() else ""
+        self._flushed = time.monotonic()
+
+    def write(self, line: str) -> None:
+        if self._file is not None:
+            self._file.write(line)
+            return
+        self._text += line
+        if time.monotonic() - self._flushed >= self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._file is None:
+            self.path.write_text(self._text)
+            self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        else:
+            self.flush()
 
 
 def _plain(v):

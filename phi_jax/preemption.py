@@ -27,8 +27,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class Preemption:
     """Installs the handlers for the life of a run; `close()` restores the previous ones."""
 
-    def __init__(self):
+    def __init__(self, before_immediate_exit=None):
         self.requested = False
+        self._before_exit = before_immediate_exit  # e.g. releasing the workdir lock (os._exit skips `finally`)
         self._immediate = True  # nothing trained yet in this process: exit at once
         self._previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
         for sig in SIGNALS:
@@ -50,6 +51,11 @@ class Preemption:
                 name = signal.Signals(next(b for b in data if b in SIGNALS)).name
                 log.warning("received %s before the first step finished: nothing new to checkpoint; exiting with %d",
                             name, PREEMPTED_EXIT_CODE)
+                if self._before_exit is not None:
+                    try:
+                        self._before_exit()
+                    except Exception as e:  # exiting matters more
+                        log.warning("cleanup before exiting failed: %s", e)
                 for stream in (sys.stdout, sys.stderr):
                     stream.flush()
                 os._exit(PREEMPTED_EXIT_CODE)

@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +24,12 @@ from phi_jax.data.setup import resolve_data
 from phi_jax.flops import flops_per_token, peak_flops_per_device
 from phi_jax.metrics import MetricsWriter
 from phi_jax.optim import LossScale, make_optimizer
+from phi_jax.paths import user_path
 from phi_jax.preemption import PREEMPTED_EXIT_CODE, Preemption
 from phi_jax.sharding import batch_sharding, make_mesh, strategy_rules
 from phi_jax.train_state import TrainState, create_train_state, state_shardings
 from phi_jax.train_step import jit_steps
+from phi_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger("phi_jax")
 
@@ -72,18 +73,24 @@ def all_finite(params) -> jax.Array:
 
 def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Runs (or resumes) training; returns the last logged metrics. A SIGTERM/SIGINT exits with status 75."""
-    preemption = Preemption()
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None  # one trainer per workdir
+    preemption = Preemption(before_immediate_exit=lock.release if lock is not None else None)
     try:
-        return _train(c, Path(workdir), preemption)
+        return _train(c, user_path(workdir), preemption, lock)
     finally:
+        if lock is not None:
+            lock.release()
         preemption.close()
 
 
-def _train(c: ml_collections.ConfigDict, workdir: Path, preemption: Preemption) -> dict[str, float]:
+def _train(c: ml_collections.ConfigDict, workdir, preemption: Preemption,
+           lock: WorkdirLock | None) -> dict[str, float]:
     validate.check_values(c)  # every key's type and range, before anything is read, built or compiled
     mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, dcn_data=c.mesh.dcn_data)
     accum = accumulation_steps(c, mesh)
     workdir.mkdir(parents=True, exist_ok=True)
+    if lock is not None:
+        lock.acquire()
     data = resolve_data(c)  # builds the embedded corpus on first use; checks shards against the tokenizer
     cfg = model_config(c, data.tokenizer.vocab_size)
     data.check_model_vocab(cfg.vocab_size)
@@ -94,18 +101,23 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, preemption: Preemption) 
     log.info("model %s: %.1fM parameters; mesh %s; sharding %s; %d micro-batch(es) per step",
              c.model, cfg.num_params() / 1e6, dict(mesh.shape), c.sharding, accum)
 
-    dataset = data.train_dataset(c, jax.process_index(), jax.process_count())
-    data_iter = iter(dataset)
     ckpt = Checkpointer(workdir, max_to_keep=c.keep_checkpoints)
     abstract, shardings = state_shardings(cfg, tx, mesh, param_rules, opt_rules, fp16)
     meta = {"model": cfg.to_dict(), "run": c.to_dict(), "data": data.identity()}
 
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     latest = ckpt.latest_step()
+    start_batch = 0  # the data position: global batches consumed, whatever the process count that consumed them
     if latest is not None:
         saved_meta = ckpt.check_architecture(latest, cfg)
-        if ckpt.has_data_state(latest):  # a data position to keep: the data must be the same
+        if (position := ckpt.data_position(latest, saved_meta)) is not None:  # the data must be the same
             restart.check_restart(saved_meta, c, data.identity(), str(ckpt.directory / str(latest)))
+            start_batch = position // c.batch_size  # exact: check_restart keeps the global batch size
+        else:
+            log.info("checkpoint %d holds no data-iterator state (position); the data starts from the beginning",
+                     latest)
+    dataset = data.train_dataset(c, jax.process_index(), jax.process_count(), start_batch)
+    data_iter = iter(dataset)
 
     train_batch_sh, eval_batch_sh = batch_sharding(mesh, leading_dims=1), batch_sharding(mesh)
     step_fn, eval_fn = jit_steps(mesh, shardings, param_rules)
@@ -121,7 +133,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, preemption: Preemption) 
     memory_check.check_compiled_fits(compiled_step)  # still before allocating the state
 
     if latest is not None:
-        state = ckpt.restore(latest, target, data_iter)
+        state = ckpt.restore(latest, target)
         if restart.loss_scale_reset(saved_meta, c):
             log.warning("dtype changed from %s to %s: the loss scale starts afresh", saved_meta["run"]["dtype"],
                         c.dtype)
@@ -156,7 +168,7 @@ def _train(c: ml_collections.ConfigDict, workdir: Path, preemption: Preemption) 
         if not bool(all_finite(state.params)):
             raise NonFiniteError(f"Parameters are not finite at step {step}; not checkpointing over the last good "
                                  "state. Lower the learning rate or enable --config.grad_clip_norm.")
-        ckpt.save(step, state, data_iter, meta)
+        ckpt.save(step, state, {**meta, "data_position": (step - start + start_batch) * c.batch_size})
 
     start = int(state.step)
     if start >= c.total_steps:

@@ -50,7 +50,7 @@ def workdir(tmp_path_factory, sp_model):
     meta = {"model": cfg.to_dict(), "run": {"model": "tiny"}, "data": {"tokenizer_path": str(sp_model)}}
     for step, seed in ((10, 1), (20, 2)):
         state = create_train_state(cfg, tx, mesh, seed=seed)
-        ckpt.save(step, state.replace(step=state.step + step), None, meta)
+        ckpt.save(step, state.replace(step=state.step + step), meta)
     ckpt.close()
     return wd
 

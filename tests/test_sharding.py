@@ -116,7 +116,7 @@ def test_checkpoint_from_8_devices_restores_onto_4(tmp_path, reference):
     mesh8 = make_mesh(2, 2, 2)
     state, first, _ = run(mesh8, "fsdp", data=data[:2])
     ckpt = Checkpointer(tmp_path, async_save=False)
-    ckpt.save(2, state, None, {"model": CFG.to_dict()})
+    ckpt.save(2, state, {"model": CFG.to_dict()})
     ckpt.close()
 
     mesh4 = make_mesh(1, 2, 2, devices=jax.devices()[:4])

@@ -62,7 +62,7 @@ def import_hf(hf_dir: str, workdir: str, *, config: str | None = None) -> Path:
                       if Path(hf_dir, n).exists()), None)
     meta = {"model": cfg.to_dict(), "run": c.to_dict(),
             "data": {"tokenizer_path": tokenizer, "imported_from": str(Path(hf_dir).absolute())}}
-    ckpt.save(0, state, None, meta)
+    ckpt.save(0, state, meta)
     ckpt.close()
     return ckpt.directory
 

@@ -1,8 +1,9 @@
 """The grain input pipeline: token shards -> fixed windows or packed rows -> shuffle -> process slice -> batches.
 
 Every example is a dict of [seq_len] arrays: `inputs`, `targets`, `segment_ids`, `positions` (int32) and `loss_mask`
-(float32). The pipeline is a MapDataset until batching, so its iterator's state is one index: cheap to checkpoint
-with `grain.checkpoint.CheckpointSave(iterator)` and exact to resume.
+(float32). The pipeline is a MapDataset until batching, so a position in it is one number: the global batches already
+consumed, which is the training step. Resuming slices the batches from there (`start_batch`), for any process count:
+global batch k is always examples [k*B, (k+1)*B) of one global order, however the processes split it.
 """
 
 from __future__ import annotations
@@ -170,12 +171,13 @@ def _examples(data_dir: str | os.PathLike, split: str, seq_len: int, packing: bo
 
 def make_dataset(data_dir: str | os.PathLike, *, split: str = "train", seq_len: int, global_batch_size: int,
                  seed: int, process_index: int = 0, process_count: int = 1, packing: bool = False,
-                 shuffle: bool = True, num_epochs: int | None = None, prefetch: bool = True) -> grain.IterDataset:
+                 shuffle: bool = True, num_epochs: int | None = None, prefetch: bool = True,
+                 start_batch: int = 0) -> grain.IterDataset:
     """This process's batches ([global_batch_size // process_count, seq_len] per key), deterministic in `seed`.
 
     The examples are shuffled globally (a fresh permutation each epoch), cut to a whole number of global batches,
     and process p takes every process_count-th one from p: the processes' batches at a step are disjoint and together
-    form the single-process batch of that step.
+    form the single-process batch of that step (in another row order). `start_batch` skips that many global batches.
     """
     _check_batching(global_batch_size, process_index, process_count)
     examples = _examples(data_dir, split, seq_len, packing, global_batch_size)
@@ -185,7 +187,7 @@ def make_dataset(data_dir: str | os.PathLike, *, split: str = "train", seq_len: 
     ds = ds[:len(examples) // global_batch_size * global_batch_size]
     ds = ds[process_index::process_count]
     ds = ds.repeat(num_epochs).batch(global_batch_size // process_count, drop_remainder=True)
-    return ds.to_iter_dataset(_read_options(prefetch))
+    return ds[start_batch:].to_iter_dataset(_read_options(prefetch))
 
 
 def _check_batching(global_batch_size: int, process_index: int, process_count: int) -> None:
@@ -207,11 +209,12 @@ def source_seed(seed: int, source: int) -> int:
 
 def make_mixture_dataset(data_dirs: list[str | os.PathLike], weights: list[float], *, split: str = "train",
                          seq_len: int, global_batch_size: int, seed: int, process_index: int = 0,
-                         process_count: int = 1, packing: bool = False, prefetch: bool = True) -> grain.IterDataset:
+                         process_count: int = 1, packing: bool = False, prefetch: bool = True,
+                         start_batch: int = 0) -> grain.IterDataset:
     """This process's batches of a weighted mixture of shard directories (see phi_jax/data/mixture.py).
 
     Global example i is `Interleave(weights)[i]` of the sources, each shuffled on its own and repeated endlessly;
-    process p takes every process_count-th example from p, as in `make_dataset`. The state is one index.
+    process p takes every process_count-th example from p, as in `make_dataset`, from global batch `start_batch`.
     """
     _check_batching(global_batch_size, process_index, process_count)
     if len(data_dirs) != len(weights):
@@ -222,7 +225,7 @@ def make_mixture_dataset(data_dirs: list[str | os.PathLike], weights: list[float
         parents.append(grain.MapDataset.source(examples).shuffle(source_seed(seed, s)))
     ds = grain.MapDataset.select_from_datasets(parents, Interleave(integer_proportions(weights)))
     ds = ds[process_index::process_count].batch(global_batch_size // process_count, drop_remainder=True)
-    return ds.to_iter_dataset(_read_options(prefetch))
+    return ds[start_batch:].to_iter_dataset(_read_options(prefetch))
 
 
 def make_eval_batches(data_dir: str | os.PathLike, *, seq_len: int, batch_size: int, max_batches: int,

@@ -13,6 +13,8 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+from phi_jax.paths import user_path
+
 
 def parse_weights(text: str) -> list[float]:
     """"0.8,0.2" -> [0.8, 0.2]; every weight a finite number > 0."""
@@ -30,13 +32,13 @@ def parse_weights(text: str) -> list[float]:
     return weights
 
 
-def parse_paths(text: str) -> list[Path]:
-    """"a,b" -> [Path(a), Path(b)], each given once."""
+def parse_paths(text: str) -> list:
+    """"a,b" -> [epath.Path(a), epath.Path(b)], each given once."""
     paths = [p.strip() for p in text.split(",")]
     if any(not p for p in paths):
         raise ValueError(f"--config.data.path={text!r} has an empty entry: give shard directories separated by "
                          "commas.")
-    resolved = [Path(p).expanduser().absolute() for p in paths]
+    resolved = [user_path(p) for p in paths]  # local (made absolute) or gs://
     if len(set(resolved)) != len(resolved):
         raise ValueError(f"--config.data.path={text!r} names a directory twice: give each source once and set "
                          "its share with --config.data.mixture_weights.")

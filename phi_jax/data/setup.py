@@ -11,17 +11,19 @@ from phi_jax.data.loader import make_dataset, make_eval_batches, make_mixture_da
 from phi_jax.data.mixture import Interleave, integer_proportions, parse_paths, parse_weights, source_names
 from phi_jax.data.shards import check_compatible, read_metadata, verify_checksums
 from phi_jax.data.tokenizer import Tokenizer, load_tokenizer
+from phi_jax.paths import user_path
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    paths: tuple[Path, ...]  # shard directories; more than one = a mixture
+    paths: tuple  # shard directories (epath: local or gs://); more than one = a mixture
     tokenizer: Tokenizer
     metas: tuple[dict, ...]  # each directory's metadata.json
     weights: tuple[float, ...] = (1.0,)
+    tokenizer_source: str = ""  # where the tokenizer was read from (a gs:// file is loaded from a local copy)
 
     @property
-    def path(self) -> Path:
+    def path(self):
         return self.paths[0]
 
     @property
@@ -39,8 +41,9 @@ class DataSpec:
     def identity(self) -> dict:
         """What a checkpoint records about its data."""
         splits = self.meta["splits"]
+        tokenizer_path = self.tokenizer_source or str(Path(self.tokenizer.path).absolute())
         ident = {"path": str(self.path), "tokenizer": self.tokenizer.identity(),
-                 "tokenizer_path": str(Path(self.tokenizer.path).absolute()), "source": self.meta.get("source", ""),
+                 "tokenizer_path": tokenizer_path, "source": self.meta.get("source", ""),
                  "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
                  "train_documents": splits["train"]["documents"], "val_documents": splits["val"]["documents"]}
         if self.is_mixture:
@@ -57,10 +60,10 @@ class DataSpec:
                              f"the model embeds only {model_vocab_size} ids: use a model with vocab_size >= {vocab} "
                              "or a smaller tokenizer (--config.data.default_vocab_size / tools/train_tokenizer.py).")
 
-    def train_dataset(self, c, process_index: int = 0, process_count: int = 1):
-        """This process's training batches; the iterator's state is one index (see loader.py)."""
+    def train_dataset(self, c, process_index: int = 0, process_count: int = 1, start_batch: int = 0):
+        """This process's training batches from global batch `start_batch` (= the step resumed; see loader.py)."""
         kw = dict(seq_len=c.seq_len, global_batch_size=c.batch_size, seed=c.seed, process_index=process_index,
-                  process_count=process_count, packing=c.data.packing)
+                  process_count=process_count, packing=c.data.packing, start_batch=start_batch)
         if self.is_mixture:
             return make_mixture_dataset(list(self.paths), list(self.weights), split="train", **kw)
         return make_dataset(self.path, split="train", **kw)
@@ -114,10 +117,8 @@ def resolve_data(c) -> DataSpec:
     if c.data.verify_checksums:  # sizes are checked at every open; this reads every byte once
         for p, m in zip(paths, metas, strict=True):
             verify_checksums(p, m)
-    if c.data.tokenizer:
-        tokenizer = load_tokenizer(Path(c.data.tokenizer).expanduser())
-    else:
-        tokenizer = load_tokenizer(paths[0] / metas[0]["tokenizer_file"])
+    source = user_path(c.data.tokenizer) if c.data.tokenizer else paths[0] / metas[0]["tokenizer_file"]
+    tokenizer = load_tokenizer(source)
     check_compatible(metas[0], tokenizer)
     for p, m in zip(paths, metas, strict=True):
         train_tokens = m["splits"]["train"]["tokens"]
@@ -125,5 +126,5 @@ def resolve_data(c) -> DataSpec:
             raise ValueError(f"The train split of {p} has {train_tokens} tokens, too few for one window of "
                              f"seq_len={c.seq_len}: use a smaller --config.seq_len or more data.")
     return DataSpec(paths=tuple(paths), tokenizer=tokenizer, metas=tuple(metas),
-                    weights=tuple(weights) if weights else (1.0,))
+                    weights=tuple(weights) if weights else (1.0,), tokenizer_source=str(source))
 

@@ -14,6 +14,7 @@ Every file metadata.json names must lie inside the directory.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from phi_jax.data.tokenizer import Tokenizer, file_sha256
+from phi_jax.paths import is_url, user_path
 
 log = logging.getLogger("phi_jax")
 
@@ -64,29 +66,40 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-def _inside(data_dir: Path, name: str, what: str) -> Path:
+def _inside(data_dir, name: str, what: str):
     """data_dir / name, which must stay inside data_dir (metadata.json may not point elsewhere)."""
-    path = (data_dir / name).resolve()
-    if not path.is_relative_to(data_dir.resolve()):
+    if is_url(data_dir):
+        path, inside = data_dir / name, not name.startswith("/") and ".." not in name.split("/")
+    else:
+        path = (data_dir / name).resolve()
+        inside = path.is_relative_to(data_dir.resolve())
+    if not inside:
         raise ValueError(f"{data_dir / 'metadata.json'} names {what} {name!r}, which resolves to {path} outside "
                          f"the directory: a shard directory only reads its own files; re-run tools/prepare_data.py.")
     return path
 
 
-def _check_file(data_dir: Path, record: dict, what: str) -> Path:
+def _check_file(data_dir, record: dict, what: str):
+    """The file's path, after checking it exists with the recorded size (through epath: a fast check that also
+    proves a bucket is readable before any shard reader, which retries for minutes, is built)."""
     path = _inside(data_dir, record["file"], what)
     if not path.is_file():
         raise FileNotFoundError(f"{data_dir} misses {what} {record['file']}: {_PREPARE_HINT}.")
-    if (size := path.stat().st_size) != record["bytes"]:
+    if (size := path.stat().length) != record["bytes"]:
         raise ValueError(f"{path} is {size} bytes but metadata.json records {record['bytes']}: the file is "
                          f"truncated or was replaced; copy it again or re-run tools/prepare_data.py.")
     return path
 
 
 def read_metadata(data_dir: str | os.PathLike) -> dict:
-    """The shards' metadata.json, after checking the directory holds a complete set of shards."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
+    """The shards' metadata.json, after checking the directory holds a complete set of shards (local or gs://)."""
+    data_dir = user_path(data_dir)
+    try:
+        found = data_dir.is_dir()
+    except Exception as e:  # a bucket that cannot be reached or read: credentials, endpoint, permissions
+        raise FileNotFoundError(f"Cannot read data directory {data_dir}: {' '.join(str(e).split())[:300]}. Check "
+                                "the path and the credentials (gcloud auth application-default login).") from e
+    if not found:
         raise FileNotFoundError(f"Data directory {data_dir} does not exist: {_PREPARE_HINT}.")
     path = data_dir / "metadata.json"
     if not path.is_file():
@@ -106,7 +119,7 @@ def verify_checksums(data_dir: str | os.PathLike, meta: dict) -> None:
     """Checks every shard's sha256 and record count, and the lengths files', against metadata.json."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    data_dir, start = Path(data_dir), time.perf_counter()
+    data_dir, start = user_path(data_dir), time.perf_counter()
     for split, info in meta["splits"].items():
         for record in [*info["shards"], info["lengths"]]:
             path = _check_file(data_dir, record, f"{split} file")
@@ -139,13 +152,14 @@ class SplitReader:
     def __init__(self, data_dir: str | os.PathLike, split: str, meta: dict | None = None):
         import grain
 
-        data_dir = Path(data_dir)
+        data_dir = user_path(data_dir)
         meta = meta or read_metadata(data_dir)
         if split not in meta["splits"]:
             raise ValueError(f"Unknown split {split!r}; {data_dir} has {sorted(meta['splits'])}.")
         info = meta["splits"][split]
         self.split, self.dtype = split, np.dtype(meta["dtype"])
-        self.lengths = np.load(data_dir / info["lengths"]["file"])
+        with (data_dir / info["lengths"]["file"]).open("rb") as f:
+            self.lengths = np.load(io.BytesIO(f.read()))
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # document d is stream[offsets[d]:offsets[d+1]]
         self.num_tokens = int(self.offsets[-1])
         # The shards hold consecutive documents, so record d of their concatenation is document d.

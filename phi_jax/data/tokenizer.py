@@ -14,6 +14,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
+from etils import epath
+
+from phi_jax.paths import is_url, user_path
+
 EOS_PIECE = "<|endoftext|>"
 
 
@@ -30,7 +34,7 @@ class Tokenizer(Protocol):
 
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -116,7 +120,18 @@ class HFTokenizer(_Base):
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """SentencePiece for `*.model`, Hugging Face `tokenizers` for `*.json`."""
+    """SentencePiece for `*.model`, Hugging Face `tokenizers` for `*.json`; a gs:// file is read into a local copy
+    (both libraries read local files only)."""
+    if is_url(path):
+        path = user_path(path)
+        if path.is_dir() and (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"Tokenizer file {path} does not exist: pass a SentencePiece .model or a Hugging "
+                                    "Face tokenizer.json.")
+        local = Path(tempfile.mkdtemp(prefix="phi_jax-tokenizer-")) / path.name
+        local.write_bytes(path.read_bytes())
+        path = local
     path = Path(path)
     if path.is_dir() and (path / "tokenizer.json").is_file():
         path = path / "tokenizer.json"

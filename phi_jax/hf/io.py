@@ -21,6 +21,7 @@ from phi_jax.config import DTYPES, PhiConfig
 from phi_jax.hf import mapping
 from phi_jax.hf.config import phi_config_from_hf, phi_config_to_hf
 from phi_jax.model import Phi, abstract_model
+from phi_jax.paths import is_url, user_path
 
 log = logging.getLogger("phi_jax")
 
@@ -82,11 +83,14 @@ def from_pretrained(path: str | os.PathLike, dtype: str = "float32", param_dtype
     may be overridden. Every tensor's key and shape is checked before any conversion.
     A training workdir (a directory with checkpoints/) loads its newest checkpoint's parameters instead.
     """
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
+    if (user_path(path) / "checkpoints").is_dir():  # a workdir, local or gs://
         from phi_jax.checkpoint import load_model
 
         return load_model(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)[0]
+    if is_url(path):
+        raise ValueError(f"{path}: Hugging Face directories are read from local disk only; copy it first "
+                         "(gcloud storage cp -r URL DIR).")
+    path = Path(path)
     cfg = load_hf_config(path, dtype=dtype, param_dtype=param_dtype, **config_overrides)
     tensors = SafetensorsDir(path)
     layout = mapping.detect_layout(tensors.shapes)

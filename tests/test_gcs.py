@@ -1,0 +1,126 @@
+"""gs:// workdirs and data against a real GCS JSON API server (gcp-storage-emulator) on 127.0.0.1: train with the
+workdir and the shards in the bucket, SIGTERM, resume bit for bit, then generate from the bucket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from gcs_emulator import BUCKET, gcs_emulator
+from runs import ROOT, TINY_RUN, clean_env, losses, make_shards, run_cli, train_cmd
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """The emulator's environment, also set in this process (for etils.epath)."""
+    with gcs_emulator() as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, gcs):
+    """Token shards on disk and the same files in gs://bkt/data."""
+    local = make_shards(tmp_path_factory.mktemp("data"))
+    _upload(local, f"gs://{BUCKET}/data")
+    return local
+
+
+def _upload(local, url):
+    from etils import epath
+
+    for f in local.iterdir():
+        (epath.Path(url) / f.name).write_bytes(f.read_bytes())
+
+
+def _generate(model: str, env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "phi_jax.generate", f"--model={model}", "--prompt=def f(x):", "--max_new_tokens=8"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_missing_or_incomplete_bucket_path_is_a_clear_error_within_seconds(shards):
+    from etils import epath
+
+    from phi_jax.data.shards import read_metadata
+
+    partial = epath.Path(f"gs://{BUCKET}/partial")
+    (partial / "metadata.json").write_text((shards / "metadata.json").read_text())
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=f"gs://{BUCKET}/nowhere does not exist"):
+        read_metadata(f"gs://{BUCKET}/nowhere")
+    with pytest.raises(FileNotFoundError, match=f"gs://{BUCKET}/partial misses train file"):
+        read_metadata(partial)
+    assert time.monotonic() - start < 10
+    assert read_metadata(f"gs://{BUCKET}/data") == read_metadata(shards)
+
+
+def test_train_sigterm_resume_and_generate_in_a_bucket(tmp_path, gcs, shards):
+    from etils import epath
+
+    flags = [*TINY_RUN, f"--config.total_steps={STEPS}", "--config.checkpoint_every=1000"]
+    reference = run_cli(tmp_path / "reference", f"--config.data.path={shards}", *flags)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    env = clean_env(**gcs)
+    workdir = f"gs://{BUCKET}/run"
+    cmd = train_cmd(workdir, f"--config.data.path=gs://{BUCKET}/data", *flags)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    deadline = time.monotonic() + 180
+    while not any("] step 3 " in line for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75, "".join(lines)[-3000:]
+    assert not any("Could not determine bucket type" in line for line in lines)
+    saved = sorted(int(p.name) for p in epath.Path(workdir, "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 3 <= saved[0] < STEPS, saved
+
+    resumed = run_cli(workdir, f"--config.data.path=gs://{BUCKET}/data", *flags, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {saved[0]}" in resumed.stderr
+    records = [json.loads(line) for line in epath.Path(workdir, "metrics.jsonl").read_text().splitlines()]
+    got = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert got == losses(tmp_path / "reference")  # every step, bit for bit, across the restart
+    assert any(p.name.startswith("events.out.tfevents") for p in epath.Path(workdir, "tensorboard").iterdir())
+    assert not epath.Path(workdir, "lock.json").exists()
+
+    from_bucket, from_disk = _generate(workdir, env), _generate(str(tmp_path / "reference"), env)
+    assert from_bucket.returncode == 0, from_bucket.stderr[-3000:]
+    assert from_bucket.stdout == from_disk.stdout and from_disk.stdout.strip()
+
+
+def test_the_workdir_lock_in_a_bucket(gcs):
+    """The emulator ignores generation preconditions, so this checks the protocol, not GCS's atomicity."""
+    from etils import epath
+
+    from phi_jax.workdir_lock import LOCK_NAME, WorkdirLock, WorkdirLockedError
+
+    url = f"gs://{BUCKET}/locked"
+    with WorkdirLock(url) as first:
+        assert json.loads(epath.Path(url, LOCK_NAME).read_text())["token"] == first.token
+        with pytest.raises(WorkdirLockedError, match="in use by another trainer"):
+            WorkdirLock(url).acquire()
+    assert not epath.Path(url, LOCK_NAME).exists()
+    epath.Path(url, LOCK_NAME).write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "then",
+                                                      "token": "old", "heartbeat": time.time() - 100}))
+    with WorkdirLock(url, stale_after_s=60) as lock:
+        assert json.loads(epath.Path(url, LOCK_NAME).read_text())["token"] == lock.token
+    assert not epath.Path(url, LOCK_NAME).exists()
