@@ -70,6 +70,10 @@ def test_a_missing_or_incomplete_bucket_path_is_a_clear_error_within_seconds(sha
     assert read_metadata(f"gs://{BUCKET}/data") == read_metadata(shards)
 
 
+# Slow, not only long: the emulator ignores generation preconditions, and in 1 run of 3-5 a checkpoint write failed in
+# tensorstore's OCDBT manifest update ("Malformed StorageGeneration"), an emulator artefact a default run must not
+# depend on (docs/RELIABILITY.md). `python -m pytest -q -m slow tests/test_gcs.py` runs it.
+@pytest.mark.slow
 def test_train_sigterm_resume_and_generate_in_a_bucket(tmp_path, gcs, shards):
     from etils import epath
 
