@@ -25,7 +25,7 @@ from phi_jax.model import Phi
 
 @functools.partial(jax.jit, static_argnums=0)
 def _token_logprobs(graphdef, state, inputs, targets, segment_ids):
-    logits = nnx.merge(graphdef, state)(inputs, segment_ids=segment_ids)  # [B, S, V] float32
+    logits, _ = nnx.merge(graphdef, state)(inputs, segment_ids=segment_ids)  # [B, S, V] float32
     logp = jax.nn.log_softmax(logits, axis=-1)
     target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return target_logp, jnp.argmax(logits, axis=-1) == targets
