@@ -127,8 +127,8 @@ def main(argv=None) -> dict:
 
     from phi_jax import save_pretrained
     from phi_jax.config import PhiConfig
-    from phi_jax.host_memory import status
     from phi_jax.generate import Sampler
+    from phi_jax.host_memory import status
     from phi_jax.model import init_model
 
     bandwidth = copy_bandwidth()
