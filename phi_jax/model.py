@@ -148,23 +148,22 @@ class Phi(nnx.Module):
 
     def unstack_layers(self) -> None:
         """Moves the stacked layer parameters into one Block per layer, in place (for decoding; see the module
-        docstring). The stacked arrays are released, so the model keeps one copy of its weights; while this runs,
-        one layer's worth of extra memory at most. Full sequences then run the layers unrolled."""
+        docstring). Each stacked array is released once split, so the model keeps one copy of its weights (while
+        this runs, at most one stacked parameter's worth more). Full sequences then run the layers unrolled."""
         if not self.stacked:
             return
-        n = self.cfg.num_layers
-        graphdef, state = nnx.split(self.layers)
-        layers = [nnx.State({}) for _ in range(n)]
-        per_layer = {}
-        for path, var in nnx.to_flat_state(state):
-            stacked = var.get_value()
-            names = var.get_metadata().get("out_sharding")
-            per_layer[path] = [var.replace(stacked[i], **({"out_sharding": names[1:]} if names else {}))
-                               for i in range(n)]
-            var.set_value(jnp.zeros((), stacked.dtype))  # release the stacked array as soon as it is split
-            del stacked
-        layers = [nnx.from_flat_state([(path, pieces[i]) for path, pieces in per_layer.items()]) for i in range(n)]
-        self.layers = nnx.List([nnx.merge(graphdef, s) for s in layers])
+        n, graphdef = self.cfg.num_layers, nnx.graphdef(self.layers)
+        pieces = []
+        for path, var in nnx.iter_graph(self.layers):
+            if isinstance(var, nnx.Variable):
+                stacked = var.get_value()
+                names = var.get_metadata().get("out_sharding")
+                extra = {"out_sharding": names[1:]} if names else {}  # drop the "layers" axis name
+                pieces.append((path, [var.replace(stacked[i], **extra) for i in range(n)]))
+                var.set_value(jnp.zeros((), stacked.dtype))  # release the stacked array now, not at the end
+                del stacked
+        self.layers = nnx.List([nnx.merge(graphdef, nnx.from_flat_state([(p, v[i]) for p, v in pieces]))
+                                for i in range(n)])
 
     def stack_layers(self) -> None:
         """The inverse of `unstack_layers` (training, checkpoints and Hugging Face export read stacked layers)."""

@@ -121,7 +121,7 @@ def test_decode_step_copies_neither_weights_nor_cache(batch):
     memory = sampler._decode_step.lower(True, sampler._leaves, tokens, tokens, cache, jax.random.key(0),
                                         jnp.int32(1), sampling).compile().memory_analysis()
     cache_bytes = sum(x.nbytes for layer in cache.layers for x in layer)
-    layer_weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(sampler.model.layers[0])))
+    layer_weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(sampler.model.layers))) // cfg.num_layers
     assert memory.alias_size_in_bytes >= cache_bytes
     assert memory.temp_size_in_bytes < min(cache.layers[0].k.nbytes, layer_weight_bytes)
 
