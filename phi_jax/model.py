@@ -11,9 +11,9 @@ writes the tokens into the cache at its index and attends over every filled slot
 The layers are stored stacked (one set of parameters with a leading `layers` axis, what training scans over,
 what checkpoints and Hugging Face conversion read) until `unstack_layers()` moves them, in place, into one Block
 per layer, which a decode step reads without a copy. On XLA:CPU, reading the stacked weights per layer (a scan,
-or a static slice per layer) copies every layer's weights on every token (measured: a 12-layer, 768-wide stack
-took 15x longer per step than per-layer arrays, with all 216 MiB of weights as temporaries), so the `Sampler`
-(phi_jax/generate.py) unstacks the model it is given. Numerically identical to Hugging Face's `PhiForCausalLM`.
+or a static slice per layer) copies every layer's weights on every token (docs/PERFORMANCE.md, Generation), so the
+`Sampler` (phi_jax/generate.py) unstacks the model it is given: a move, not a second copy. Numerically identical
+to Hugging Face's `PhiForCausalLM`.
 """
 
 from __future__ import annotations
