@@ -8,6 +8,7 @@ total negative log-likelihood (in bits) by the UTF-8 bytes of the decoded stream
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -84,14 +85,10 @@ def training_seq_len(path: str | Path, step: int | None = None) -> int | None:
         return None
     from phi_jax.checkpoint import Checkpointer
 
-    ckpt = Checkpointer(path, async_save=False)
-    try:
-        steps = ckpt.all_steps()
-        meta = ckpt.read_meta(step if step is not None else max(steps)) if steps else {}
-    finally:
-        ckpt.close()
-    seq_len = meta.get("run", {}).get("seq_len")
-    return int(seq_len) if seq_len else None
+    with contextlib.closing(Checkpointer(path, async_save=False)) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        run = {} if step is None else ckpt.read_meta(step).get("run", {})
+    return int(run["seq_len"]) if run.get("seq_len") else None
 
 
 def default_seq_len(path: str | Path, model: Phi, step: int | None = None) -> tuple[int, str]:
