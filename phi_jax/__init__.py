@@ -2,6 +2,6 @@
 
 from phi_jax.config import PhiConfig
 from phi_jax.hf import from_pretrained, save_pretrained
-from phi_jax.model import KVCache, Phi, abstract_model, init_model
+from phi_jax.model import Cache, Phi, abstract_model, init_model
 
-__all__ = ["KVCache", "Phi", "PhiConfig", "abstract_model", "from_pretrained", "init_model", "save_pretrained"]
+__all__ = ["Cache", "Phi", "PhiConfig", "abstract_model", "from_pretrained", "init_model", "save_pretrained"]

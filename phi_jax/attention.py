@@ -98,24 +98,27 @@ xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array) -> jax.Array:
-    """`xla_attention` over a KV cache laid out for its two products: keys [B*N, H, S], values [B*N, S, H].
-
-    With that layout neither product transposes the cache, and no unit dimension (batch 1) makes XLA:CPU copy
-    the cache after an in-place update. q: [B, T, N, H]; mask: bool [B, T, S]. Returns [B, T, N, H]."""
+    """`xla_attention` over one layer's KV cache, keys and values [B*N, S, H] (model.LayerCache says why the batch
+    and heads are merged). q: [B, T, N, H]; mask: bool [B, T, S]. Returns [B, T, N, H]."""
     b, t, n, h = q.shape
     q = q.transpose(0, 2, 1, 3).reshape(b * n, t, h)
-    logits = jnp.einsum("xth,xhs->xts", q, k_cache, preferred_element_type=jnp.float32) * h**-0.5
+    logits = jnp.einsum("xth,xsh->xts", q, k_cache, preferred_element_type=jnp.float32) * h**-0.5
     logits = jnp.where(mask[:, None], logits.reshape(b, n, t, -1), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype).reshape(b * n, t, -1)
     out = jnp.einsum("xts,xsh->xth", probs, v_cache, preferred_element_type=jnp.float32)
     return out.reshape(b, n, t, h).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def causal_segment_mask(segment_ids: jax.Array | None, seq_len: int) -> jax.Array:
-    """[B or 1, S, S] bool: causal, and within one segment (packed document) when segment ids [B, S] are given."""
-    mask = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None]
+def causal_segment_mask(segment_ids: jax.Array | None, seq_len: int, *, kv_segment_ids: jax.Array | None = None,
+                        q_start: jax.Array | int = 0) -> jax.Array:
+    """[B or 1, T, S] bool (True = attend): key slot s at or before query t's slot `q_start + t`, and in the
+    query's segment. segment_ids: the queries' [B, T] (None: one segment); kv_segment_ids: the keys' [B, S]
+    (default: the queries' own, S = T), e.g. a KV cache's slots, where segment 0 marks empty or padding."""
+    kv = segment_ids if kv_segment_ids is None else kv_segment_ids
+    kv_len = seq_len if kv is None else kv.shape[1]
+    mask = (jnp.arange(kv_len)[None, :] <= q_start + jnp.arange(seq_len)[:, None])[None]
     if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        mask = mask & (segment_ids[:, :, None] == kv[:, None, :])
     return mask
 
 

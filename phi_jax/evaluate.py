@@ -8,6 +8,7 @@ total negative log-likelihood (in bits) by the UTF-8 bytes of the decoded stream
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -25,7 +26,7 @@ from phi_jax.model import Phi
 
 @functools.partial(jax.jit, static_argnums=0)
 def _token_logprobs(graphdef, state, inputs, targets, segment_ids):
-    logits = nnx.merge(graphdef, state)(inputs, segment_ids=segment_ids)  # [B, S, V] float32
+    logits, _ = nnx.merge(graphdef, state)(inputs, segment_ids=segment_ids)  # [B, S, V] float32
     logp = jax.nn.log_softmax(logits, axis=-1)
     target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return target_logp, jnp.argmax(logits, axis=-1) == targets
@@ -76,6 +77,28 @@ def evaluate(model: Phi, tokenizer, tokens: np.ndarray, *, seq_len: int, batch_s
             "seq_len": seq_len, "seconds": time.perf_counter() - start}
 
 
+def training_seq_len(path: str | Path, step: int | None = None) -> int | None:
+    """The seq_len a training workdir's run used (from its newest or `step` checkpoint's saved run config), or
+    None for anything else (a Hugging Face directory, a workdir without checkpoints)."""
+    path = Path(path)
+    if not (path / "checkpoints").is_dir():
+        return None
+    from phi_jax.checkpoint import Checkpointer
+
+    with contextlib.closing(Checkpointer(path, async_save=False)) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        run = {} if step is None else ckpt.read_meta(step).get("run", {})
+    return int(run["seq_len"]) if run.get("seq_len") else None
+
+
+def default_seq_len(path: str | Path, model: Phi, step: int | None = None) -> tuple[int, str]:
+    """(window length, where it comes from): the run's training seq_len when saved, else the model's context."""
+    trained = training_seq_len(path, step)
+    if trained is not None:
+        return trained, "the training seq_len"
+    return model.cfg.max_position_embeddings, "the model's context, max_position_embeddings"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from phi_jax.generate import load
 
@@ -86,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     source.add_argument("--data_dir", help="token shards written by tools/prepare_data.py")
     parser.add_argument("--split", default="val")
     parser.add_argument("--max_tokens", type=int, default=0, help="evaluate only the first N tokens (0 = all)")
-    parser.add_argument("--seq_len", type=int, default=0, help="0 = the model's context")
+    parser.add_argument("--seq_len", type=int, default=0,
+                        help="window length; 0 = the run's training seq_len (a workdir), else the model's context")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--step", type=int, default=None)
@@ -110,11 +134,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         tokens = reader.tokens(0, reader.num_tokens)
     if args.max_tokens:
         tokens, text = tokens[:args.max_tokens], None
-    seq_len = args.seq_len or model.cfg.max_position_embeddings
+    seq_len, why = (args.seq_len, "--seq_len") if args.seq_len else default_seq_len(args.model, model, args.step)
     result = evaluate(model, tok, tokens, seq_len=seq_len, batch_size=args.batch_size, text=text)
-    result.update(model=str(args.model), source=args.text_file or f"{args.data_dir}:{args.split}")
-    print(f"perplexity {result['perplexity']:.4f}  bits/byte {result['bits_per_byte']:.4f}  "
-          f"loss {result['loss']:.4f}  ({result['tokens']} tokens, {result['bytes']} bytes, {result['seconds']:.1f} s)")
+    source = args.text_file or f"{args.data_dir}:{args.split}"
+    result.update(model=str(args.model), source=source, seq_len_from=why)
+    print(f"{args.model} on {source}: {result['tokens']} tokens ({result['bytes']} bytes) predicted in windows of "
+          f"{seq_len} tokens ({why}), {result['seconds']:.1f} s\n"
+          f"perplexity {result['perplexity']:.4f}  bits/byte {result['bits_per_byte']:.4f}  loss {result['loss']:.4f}")
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -1,16 +1,22 @@
 """Text generation with a KV cache: `python -m phi_jax.generate --model=PATH --prompt="def fib(n):"`.
 
-One jitted prefill per (batch, prompt bucket, cache length) and one jitted decode step per (batch, cache length):
-prompt lengths are padded up to power-of-two buckets, so neither a new prompt length inside a bucket nor a new
-token recompiles. Batched prompts are left-padded with segment id 0 (attention is causal and same-segment, so
-padding never reaches a real token) and positions start at 0 at each prompt's first real token: every row
-generates exactly what that prompt would generate alone.
+How it works, top to bottom in this file:
+1. `Sampler(model)` takes the model over: it moves the stacked layer weights into per-layer arrays (in place, no
+   copy kept: model.Phi.unstack_layers says why) and jits two steps that it owns.
+2. The prompts are left-padded to a power-of-two bucket with segment id 0, positions starting at 0 at each prompt's
+   first real token. Attention is causal and same-segment, so padding never reaches a real token and every row
+   generates exactly what that prompt would generate alone.
+3. `prefill` runs the padded prompts through the model into an empty cache and samples the first token.
+4. `decode_step` feeds one token per row at the cache's next slot and samples the next one. The cache is donated,
+   so each step updates it in place; the host dispatches step i+1 before reading step i's tokens.
+
+One prefill program per (batch, prompt bucket, cache length) and one decode program per (batch, cache length):
+neither a new prompt length inside a bucket nor a new token recompiles (`Sampler.compilations()` counts them).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import math
@@ -24,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from phi_jax.data.tokenizer import load_tokenizer
-from phi_jax.model import KVCache, Phi
+from phi_jax.model import Phi
 from phi_jax.paths import user_path
 
 log = logging.getLogger("phi_jax")
@@ -37,7 +43,7 @@ def bucket(length: int, context: int) -> int:
     return min(max(MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(length, 1))))), max(context, length))
 
 
-def _sample(logits, key, greedy: bool, temperature, top_k, top_p):
+def sample(logits: jax.Array, key: jax.Array, greedy: bool, temperature, top_k, top_p) -> jax.Array:
     """Next token ids [B] from fp32 logits [B, V]: argmax, or sampling after temperature, top-k and top-p."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -54,136 +60,124 @@ def _sample(logits, key, greedy: bool, temperature, top_k, top_p):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-_PROGRAMS: dict = {}
+class Sampler:
+    """Generates token ids from a model: `Sampler(model)(prompts, max_new_tokens=64)`.
 
+    Keep one Sampler per model: it owns the compiled prefill and decode programs. It reads the model's weights as
+    they are when it is made (and unstacks the model's layers: see the module docstring)."""
 
-def _programs(graphdef, state_def, layers_def, greedy: bool):
-    """The jitted prefill and decode step for one model structure and sampling mode (built once, then reused).
+    def __init__(self, model: Phi):
+        model.unstack_layers()
+        self.model, self.cfg = model, model.cfg
+        graphdef, state = nnx.split(model)
+        # The jitted steps take the weights as a flat list of arrays: flattening nnx States and hashing a GraphDef
+        # on every call took over a millisecond, more than a whole decode step of the quickstart model.
+        self._leaves, treedef = jax.tree.flatten(state)
+        self._merge = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+        self._prefill = jax.jit(self._prefill_fn, static_argnums=0, donate_argnums=5)
+        self._decode_step = jax.jit(self._decode_step_fn, static_argnums=0, donate_argnums=4)
 
-    Their model arguments are flat lists of arrays: flattening nnx States and hashing a static GraphDef in Python
-    took over a millisecond per call, more than a whole decode step of the quickstart model."""
-    key = (graphdef, state_def, layers_def, greedy)
-    if key in _PROGRAMS:
-        return _PROGRAMS[key]
-
-    def unflatten(leaves, layer_leaves):
-        model = nnx.merge(graphdef, jax.tree.unflatten(state_def, leaves))
-        return model, jax.tree.unflatten(layers_def, layer_leaves)
-
-    @functools.partial(jax.jit, donate_argnums=(5,))
-    def prefill(leaves, layer_leaves, tokens, positions, segment_ids, cache, key, sampling):
+    def _prefill_fn(self, greedy, leaves, tokens, positions, segment_ids, cache, key, sampling):
         """Fills the cache with the (left-padded) prompts [B, P]. Returns the first new token [B], the position
         of the token after each prompt [B], the step counter and the cache."""
-        model, layers = unflatten(leaves, layer_leaves)
-        logits, cache = model.decode(tokens, cache, positions, segment_ids, layers)
-        first = _sample(logits[:, -1], jax.random.fold_in(key, 0), greedy, *sampling)
+        logits, cache = self._merge(leaves)(tokens, positions, cache, segment_ids=segment_ids)
+        first = sample(logits[:, -1], jax.random.fold_in(key, 0), greedy, *sampling)
         return first, jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32), jnp.int32(1), cache
 
-    @functools.partial(jax.jit, donate_argnums=(4,))
-    def decode_step(leaves, layer_leaves, tokens, positions, cache, key, step, sampling):
+    def _decode_step_fn(self, greedy, leaves, tokens, positions, cache, key, step, sampling):
         """Runs one token per row [B] at `positions` [B]; returns the next token, the next positions and step,
         and the cache. All it needs comes from the previous step on the device: the host only reads tokens."""
-        model, layers = unflatten(leaves, layer_leaves)
-        ones = jnp.ones_like(tokens)[:, None]
-        logits, cache = model.decode(tokens[:, None], cache, positions[:, None], ones, layers)
-        return (_sample(logits[:, -1], jax.random.fold_in(key, step), greedy, *sampling), positions + 1,
+        logits, cache = self._merge(leaves)(tokens[:, None], positions[:, None], cache)
+        return (sample(logits[:, -1], jax.random.fold_in(key, step), greedy, *sampling), positions + 1,
                 step + 1, cache)
 
-    _PROGRAMS[key] = prefill, decode_step
-    return prefill, decode_step
+    def compilations(self) -> dict[str, int]:
+        """How many programs the prefill and decode step have compiled so far (for tests and benchmarks)."""
+        return {"prefill": self._prefill._cache_size(), "decode_step": self._decode_step._cache_size()}
+
+    def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        """Up to `max_new_tokens` ids after each prompt (lists of ids); temperature 0 is greedy.
+
+        A row stops after `eos_id` (included in its output) when given. `on_token(row, token)` is called as each
+        token is produced. Generation also stops where the longest prompt reaches the model's context.
+        """
+        if not prompts:
+            return []
+        context = self.cfg.max_position_embeddings
+        check_prompts([len(p) for p in prompts], context)
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"Need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature=}, "
+                             f"{top_p=}, {top_k=}.")
+        longest = max(len(p) for p in prompts)
+        max_new = min(max_new_tokens, context - longest)
+        if max_new < max_new_tokens:
+            log.warning("max_new_tokens=%d cut to %d: the longest prompt reaches the context of %d tokens",
+                        max_new_tokens, max_new, context)
+        if max_new <= 0:
+            return [[] for _ in prompts]
+
+        batch, padded = len(prompts), bucket(longest, context)
+        tokens, segments, positions = (np.zeros((batch, padded), np.int32) for _ in range(3))
+        for row, p in enumerate(prompts):
+            tokens[row, padded - len(p):] = p
+            segments[row, padded - len(p):] = 1
+            positions[row, padded - len(p):] = np.arange(len(p))
+        cache_len = -(-(padded + max_new) // MIN_BUCKET) * MIN_BUCKET  # fewer distinct decode programs
+        cache = self.model.init_cache(batch, cache_len)
+        greedy = temperature == 0.0
+        sampling = (jnp.float32(temperature if not greedy else 1.0), jnp.int32(top_k), jnp.float32(top_p))
+        key = jax.random.key(seed)
+
+        out: list[list[int]] = [[] for _ in prompts]
+        done = np.zeros(batch, bool)
+        tok, pos, step, cache = self._prefill(greedy, self._leaves, tokens, positions, segments, cache, key,
+                                              sampling)
+        for i in range(max_new):
+            # Dispatch the next step before reading this one's tokens, so that the host's work (and the callback)
+            # overlaps the device's. After the last row stops, one step too many may run; its token is dropped.
+            if i < max_new - 1:
+                nxt, pos, step, cache = self._decode_step(greedy, self._leaves, tok, pos, cache, key, step,
+                                                          sampling)
+            host = np.asarray(tok)
+            for row in range(batch):
+                if not done[row]:
+                    out[row].append(int(host[row]))
+                    if on_token is not None:
+                        on_token(row, int(host[row]))
+                    if eos_id is not None and host[row] == eos_id:
+                        done[row] = True
+            if done.all() or i == max_new - 1:
+                break
+            tok = nxt
+        return out
 
 
-def compilations() -> dict[str, int]:
-    """How many programs the prefill and decode step have compiled so far (for tests and benchmarks)."""
-    return {"prefill": sum(p._cache_size() for p, _ in _PROGRAMS.values()),
-            "decode_step": sum(d._cache_size() for _, d in _PROGRAMS.values())}
-
-
-def generate_tokens(model: Phi, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-                    on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
-    """Generates up to `max_new_tokens` ids after each prompt (lists of ids); temperature 0 is greedy.
-
-    A row stops after `eos_id` (included in its output) when given. `on_token(row, token)` is called as each
-    token is produced. Generation also stops where the longest prompt reaches the model's context.
-    """
-    cfg = model.cfg
-    context = cfg.max_position_embeddings
-    if not prompts:
-        return []
-    lengths = [len(p) for p in prompts]
+def check_prompts(lengths: Sequence[int], context: int) -> None:
+    """Prompts must hold at least one token and fit the model's context (checked before any work)."""
     if min(lengths) == 0:
         raise ValueError("An empty prompt has no token to start from; prepend a BOS/EOS id.")
     if max(lengths) > context:
         raise ValueError(f"A prompt of {max(lengths)} tokens is longer than the model's context of {context} "
                          "tokens (max_position_embeddings); shorten it or truncate it from the left.")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"Need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature=}, {top_p=}, "
-                         f"{top_k=}.")
-    max_new = min(max_new_tokens, context - max(lengths))
-    if max_new < max_new_tokens:
-        log.warning("max_new_tokens=%d cut to %d: the longest prompt reaches the context of %d tokens",
-                    max_new_tokens, max_new, context)
-    if max_new <= 0:
-        return [[] for _ in prompts]
-
-    batch, padded = len(prompts), bucket(max(lengths), context)
-    tokens = np.zeros((batch, padded), np.int32)
-    segments = np.zeros((batch, padded), np.int32)
-    positions = np.zeros((batch, padded), np.int32)
-    for row, p in enumerate(prompts):
-        tokens[row, padded - len(p):] = p
-        segments[row, padded - len(p):] = 1
-        positions[row, padded - len(p):] = np.arange(len(p))
-    cache_len = padded + max_new
-    cache_len = -(-cache_len // MIN_BUCKET) * MIN_BUCKET  # fewer distinct decode programs
-    cache = KVCache.init(cfg, batch, cache_len)
-
-    graphdef, state = nnx.split(model)
-    leaves, state_def = jax.tree.flatten(state)
-    # Every step reads these in place (a copy of the layer weights, alive while generating).
-    layer_leaves, layers_def = jax.tree.flatten(model.layer_states())
-    greedy = temperature == 0.0
-    prefill, decode_step = _programs(graphdef, state_def, layers_def, greedy)
-    sampling = (jnp.float32(temperature if not greedy else 1.0), jnp.int32(top_k), jnp.float32(top_p))
-    key = jax.random.key(seed)
-
-    out: list[list[int]] = [[] for _ in prompts]
-    done = np.zeros(batch, bool)
-    tok, pos, step, cache = prefill(leaves, layer_leaves, tokens, positions, segments, cache, key, sampling)
-    for i in range(max_new):
-        # Dispatch the next step before reading this one's tokens, so that the host's work (and the callback)
-        # overlaps the device's. After the last row stops, one step too many may run; its token is dropped.
-        if i < max_new - 1:
-            nxt, pos, step, cache = decode_step(leaves, layer_leaves, tok, pos, cache, key, step, sampling)
-        host = np.asarray(tok)
-        for row in range(batch):
-            if not done[row]:
-                out[row].append(int(host[row]))
-                if on_token is not None:
-                    on_token(row, int(host[row]))
-                if eos_id is not None and host[row] == eos_id:
-                    done[row] = True
-        if done.all() or i == max_new - 1:
-            break
-        tok = nxt
-    return out
 
 
-def generate(model: Phi, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt; an empty prompt starts from the BOS (else EOS) id."""
+    start = getattr(tokenizer, "bos_id", None)
+    start = tokenizer.eos_id if start is None or start < 0 else start
+    return [tokenizer.encode(p) or [start] for p in prompts]
+
+
+def generate(sampler: Sampler, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
              on_token: Callable[[int, int], None] | None = None) -> list[str]:
     """Generates a continuation of each prompt (texts); the returned texts exclude the prompt and the EOS token."""
-    ids = [tokenizer.encode(p) or [_start_id(tokenizer)] for p in prompts]
     eos = tokenizer.eos_id if stop_at_eos else None
-    out = generate_tokens(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, seed=seed, eos_id=eos, on_token=on_token)
+    out = sampler(encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens, temperature=temperature,
+                  top_k=top_k, top_p=top_p, seed=seed, eos_id=eos, on_token=on_token)
     return [tokenizer.decode([t for t in o if eos is None or t != eos]) for o in out]
-
-
-def _start_id(tokenizer) -> int:
-    start = getattr(tokenizer, "bos_id", None)
-    return tokenizer.eos_id if start is None or start < 0 else start
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,12 +249,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print all completions as JSON at the end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    model, tok = load(args.model, dtype=args.dtype, step=args.step, tokenizer=args.tokenizer)
+    model, tok = load_model_arg(parser, args.model, dtype=args.dtype, step=args.step, tokenizer=args.tokenizer)
+    ids = encode_prompts(tok, args.prompt)
+    check_prompts([len(p) for p in ids], model.cfg.max_position_embeddings)  # before anything is printed
+    sampler = Sampler(model)
     single = len(args.prompt) == 1 and not args.json
     if single:
         sys.stdout.write(args.prompt[0])
     streamer = _Streamer(tok, tok.eos_id) if single else None
-    texts = generate(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    texts = generate(sampler, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=streamer)
     if single:
         sys.stdout.write(texts[0][len(streamer.printed):] + "\n")
@@ -270,6 +267,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         for p, t in zip(args.prompt, texts, strict=True):
             print(f"--- {p!r}\n{p}{t}")
 
+
+def load_model_arg(parser: argparse.ArgumentParser, path: str, **kwargs):
+    """`load(path)` for a `--model` flag: a path that is not a model is a usage error that says what is accepted."""
+    try:
+        return load(path, **kwargs)
+    except FileNotFoundError as e:
+        parser.error(f"--model={path}: {e} --model takes a training workdir (it holds checkpoints/) or a Hugging "
+                     "Face phi directory (config.json and model.safetensors).")
 
 if __name__ == "__main__":
     from phi_jax.cli import run

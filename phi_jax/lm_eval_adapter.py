@@ -6,8 +6,8 @@ process; the `python -m` form is lm_eval's own CLI (any of its flags) with the m
 batch_size, dtype, step, tokenizer, max_length.
 
 Contexts longer than the model's context are truncated from the left; loglikelihood_rolling scores disjoint
-windows (every token once, lm-eval's `get_rolling_token_windows`); generate_until runs phi_jax.generate and cuts
-each completion at the first stop sequence.
+windows (every token once, lm-eval's `get_rolling_token_windows`); generate_until runs a phi_jax.generate.Sampler
+and cuts each completion at the first stop sequence.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class PhiJaxLM(LM):
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or model.cfg.max_position_embeddings)
         self._device = "jax"
+        self._sampler: gen.Sampler | None = None  # made at the first generate_until (it unstacks the model)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PhiJaxLM:
@@ -128,8 +129,9 @@ class PhiJaxLM(LM):
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start:start + self.batch_size]
                 prompts = [(self.tok.encode(requests[i].args[0]) or [self.eot_token_id])[-budget:] for i in chunk]
-                outs = gen.generate_tokens(self.model, prompts, max_new_tokens=max_new, temperature=temperature,
-                                           top_p=float(kwargs.get("top_p", 1.0)), eos_id=self.eot_token_id)
+                self._sampler = self._sampler or gen.Sampler(self.model)
+                outs = self._sampler(prompts, max_new_tokens=max_new, temperature=temperature,
+                                     top_p=float(kwargs.get("top_p", 1.0)), eos_id=self.eot_token_id)
                 for i, out in zip(chunk, outs, strict=True):
                     text = self.tok.decode([t for t in out if t != self.eot_token_id])
                     for stop in until:

@@ -4,10 +4,16 @@
     for each layer:  x = LayerNorm(h);  h = h + Attention(x) + MLP(x)     (one LayerNorm, parallel branches)
     logits = lm_head(final_layernorm(h))                                  (biased lm_head, float32 logits)
 
-The layers are stacked (one set of parameters with a leading `layers` axis) and run with `jax.lax.scan`,
-so compile time does not grow with depth. Decoding with a KV cache instead unrolls them over per-layer copies of
-the weights (`Phi.layer_states`), so that each step reads every weight in place. Numerically identical to
-Hugging Face's `PhiForCausalLM`.
+`Phi(tokens, positions, cache=None, segment_ids=None) -> (logits, cache)` is the one entry point, as in gemma:
+without a cache it runs whole sequences (training, scoring; packed documents keep to their segment id), with one it
+writes the tokens into the cache at its index and attends over every filled slot (prefill and decode steps).
+
+The layers are stored stacked (one set of parameters with a leading `layers` axis, what training scans over,
+what checkpoints and Hugging Face conversion read) until `unstack_layers()` moves them, in place, into one Block
+per layer, which a decode step reads without a copy. On XLA:CPU, reading the stacked weights per layer (a scan,
+or a static slice per layer) copies every layer's weights on every token (docs/PERFORMANCE.md, Generation), so the
+`Sampler` (phi_jax/generate.py) unstacks the model it is given: a move, not a second copy. Numerically identical
+to Hugging Face's `PhiForCausalLM`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from phi_jax.attention import attention, cached_attention
+from phi_jax.attention import attention, cached_attention, causal_segment_mask
 from phi_jax.config import PhiConfig
 from phi_jax.layers import Dense, LayerNorm, param
 from phi_jax.rotary import apply_partial_rotary, rotary_tables
@@ -27,23 +33,22 @@ from phi_jax.sharding import constrain
 Rope = tuple[jax.Array, jax.Array]  # cos, sin: [batch, seq, rotary_dim]
 
 
-class KVCache(NamedTuple):
-    """Keys and values of every layer for decoding. Slot s of row b is empty or padding when segment_ids[b, s] == 0.
+class LayerCache(NamedTuple):
+    """One attention layer's keys and values, each [batch * heads, max_len, head_dim]: [B, N, S, H] with batch and
+    heads merged (the same bytes). With a unit batch dimension, XLA:CPU copied a [1, N, S, H] cache on every
+    decode step (the compiled step's temporaries held the whole cache); the merged one is updated in place."""
 
-    One array per layer (not one stacked array): each decode step then updates and reads a layer's cache in place,
-    where slicing a stacked cache would copy it every step."""
+    k: jax.Array
+    v: jax.Array
 
-    k: tuple[jax.Array, ...]  # per layer: [batch * heads, head_dim, max_len] (see attention.cached_attention)
-    v: tuple[jax.Array, ...]  # per layer: [batch * heads, max_len, head_dim]
+
+class Cache(NamedTuple):
+    """The decoding state: each layer's keys and values, the segment id of every slot (0: empty or padding; a query
+    attends only to slots of its own segment) and the next slot to write."""
+
+    layers: tuple[LayerCache, ...]
     segment_ids: jax.Array  # [batch, max_len] int32
-    index: jax.Array  # int32 scalar: the next slot to write
-
-    @classmethod
-    def init(cls, cfg: PhiConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-        n, h, dtype = cfg.num_heads, cfg.head_dim, dtype or cfg.compute_dtype
-        zeros = lambda shape: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(zeros((batch * n, h, max_len)), zeros((batch * n, max_len, h)),
-                   jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+    index: jax.Array  # int32 scalar
 
 
 def _dense(cfg: PhiConfig, rngs: nnx.Rngs, in_shape, out_shape, in_names, out_names, *, activation=None,
@@ -54,42 +59,37 @@ def _dense(cfg: PhiConfig, rngs: nnx.Rngs, in_shape, out_shape, in_names, out_na
 
 
 class Attention(nnx.Module):
-    """Multi-head causal self-attention with partial rotary on q and k."""
+    """Multi-head causal self-attention with partial rotary on q and k; owns the layout of its KV cache."""
 
     def __init__(self, cfg: PhiConfig, *, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        self.impl = cfg.attention_impl
+        self.impl, self.num_heads, self.head_dim = cfg.attention_impl, n, h
         # q, k and v in one [embed, 3, heads, head_dim] kernel: one matmul, heads visible to tensor parallelism.
         self.qkv = _dense(cfg, rngs, (d,), (3, n, h), ("embed",), ("qkv", "heads", "head_dim"))
         self.dense = _dense(cfg, rngs, (n, h), (d,), ("heads", "head_dim"), ("embed",))
 
-    def __call__(self, x: jax.Array, rope: Rope, segment_ids: jax.Array | None,
-                 cache: tuple[jax.Array, jax.Array, KVCache] | None = None):
+    def init_cache(self, batch: int, max_len: int, dtype) -> LayerCache:
+        shape = (batch * self.num_heads, max_len, self.head_dim)
+        return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def __call__(self, x: jax.Array, rope: Rope, segment_ids: jax.Array | None, cache: LayerCache | None = None,
+                 *, index: jax.Array | None = None, mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, LayerCache | None]:
+        """x: [B, T, D]. Without a cache: causal attention within `segment_ids` [B, T] (the kernels take the ids,
+        not a mask). With one: k and v go into slots [index, index + T) and the queries attend where `mask`
+        [B, T, S] allows. Returns ([B, T, D], the updated cache)."""
         qkv = self.qkv(x)  # [B, T, 3, N, H]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = apply_partial_rotary(q, *rope), apply_partial_rotary(k, *rope)
         q, k, v = (constrain(t, ("batch", "length", "act_heads", "head_dim")) for t in (q, k, v))
         if cache is None:
-            out, new_kv = attention(q, k, v, segment_ids=segment_ids, impl=self.impl), None
-        else:
-            out, new_kv = _cached_attention(q, k, v, segment_ids, *cache)
-        return self.dense(out), new_kv
-
-
-def _cached_attention(q, k, v, segment_ids, k_cache, v_cache, cache: KVCache):
-    """Writes this call's k/v into the layer's cache at cache.index (in place: the decode loop donates the cache),
-    then attends over every filled slot up to each query's own."""
-    start = cache.index
-    b, t, n, h = k.shape
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).reshape(b * n, h, t).astype(k_cache.dtype),
-                                           (0, 0, start))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).reshape(b * n, t, h).astype(v_cache.dtype),
-                                           (0, start, 0))
-    q_slots = start + jnp.arange(t)
-    causal = jnp.arange(cache.segment_ids.shape[1])[None, :] <= q_slots[:, None]  # [T, S]
-    mask = causal[None] & (cache.segment_ids[:, None, :] == segment_ids[:, :, None])
-    out = cached_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
-    return out, (k_cache, v_cache)
+            return self.dense(attention(q, k, v, segment_ids=segment_ids, impl=self.impl)), None
+        b, t, n, h = k.shape
+        write = lambda c, new: jax.lax.dynamic_update_slice(  # in place: the Sampler donates the cache
+            c, new.transpose(0, 2, 1, 3).reshape(b * n, t, h).astype(c.dtype), (0, index, 0))
+        cache = LayerCache(write(cache.k, k), write(cache.v, v))
+        out = cached_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask)
+        return self.dense(out), cache
 
 
 class MLP(nnx.Module):
@@ -111,11 +111,11 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, h, rope, segment_ids, cache=None):
+    def __call__(self, h, rope, segment_ids, cache=None, **cache_args):
         x = self.input_layernorm(h)
-        attn_out, new_kv = self.attn(x, rope, segment_ids, cache)
+        attn_out, cache = self.attn(x, rope, segment_ids, cache, **cache_args)
         h = (attn_out + self.mlp(x)) + h  # the summation order of Hugging Face's PhiDecoderLayer
-        return constrain(h, ("batch", "length", "act_embed")), new_kv
+        return constrain(h, ("batch", "length", "act_embed")), cache
 
 
 _REMAT_POLICIES = {
@@ -125,7 +125,7 @@ _REMAT_POLICIES = {
 
 
 class Phi(nnx.Module):
-    """phi-1 / phi-1.5 causal language model: `model(input_ids)` -> float32 logits [batch, seq, vocab]."""
+    """phi-1 / phi-1.5 causal language model: `model(tokens)` -> (float32 logits [batch, seq, vocab], cache)."""
 
     def __init__(self, cfg: PhiConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -137,76 +137,113 @@ class Phi(nnx.Module):
         def make_blocks(rngs: nnx.Rngs) -> Block:
             return Block(cfg, rngs=rngs)
 
-        self.layers = make_blocks(rngs)
+        self.layers: Block | nnx.List[Block] = make_blocks(rngs)  # stacked until unstack_layers()
         self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
                                          param_dtype=cfg.params_dtype, rngs=rngs)
         self.lm_head = _dense(cfg, rngs, (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), impl="xla")
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        """input_ids, positions, segment_ids: int [batch, seq]. Packed rows: positions restart per document and
-        segment ids keep attention within it. Returns float32 logits [batch, seq, vocab]."""
-        logits, _ = self._forward(input_ids, positions, segment_ids, None)
-        return logits
+    @property
+    def stacked(self) -> bool:
+        return isinstance(self.layers, Block)
 
-    def decode(self, input_ids: jax.Array, cache: KVCache, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None,
-               layers: list[nnx.State] | None = None) -> tuple[jax.Array, KVCache]:
-        """Runs `input_ids` [batch, T] at cache slots [index, index + T) (prefill: T > 1; a decode step: T = 1).
+    def unstack_layers(self) -> None:
+        """Moves the stacked layer parameters into one Block per layer, in place (for decoding; see the module
+        docstring). Each stacked array is released once split, so the model keeps one copy of its weights (while
+        this runs, at most one stacked parameter's worth more). Full sequences then run the layers unrolled."""
+        if not self.stacked:
+            return
+        n, graphdef = self.cfg.num_layers, nnx.graphdef(self.layers)
+        pieces = []
+        for path, var in nnx.iter_graph(self.layers):
+            if isinstance(var, nnx.Variable):
+                stacked = var.get_value()
+                names = var.get_metadata().get("out_sharding")
+                extra = {"out_sharding": names[1:]} if names else {}  # drop the "layers" axis name
+                pieces.append((path, [var.replace(stacked[i], **extra) for i in range(n)]))
+                var.set_value(jnp.zeros((), stacked.dtype))  # release the stacked array now, not at the end
+                del stacked
+        self.layers = nnx.List([nnx.merge(graphdef, nnx.from_flat_state([(p, v[i]) for p, v in pieces]))
+                                for i in range(n)])
 
-        `layers`: `self.layer_states()`, made once outside the jitted decode loop. Without it, each call slices
-        the stacked layer parameters, which on XLA:CPU copies every weight."""
-        return self._forward(input_ids, positions, segment_ids, cache,
-                             self.layer_states() if layers is None else layers)
+    def stack_layers(self) -> None:
+        """The inverse of `unstack_layers` (training, checkpoints and Hugging Face export read stacked layers)."""
+        if self.stacked:
+            return
+        graphdef = nnx.graphdef(self.layers[0])
+        states = [nnx.state(block) for block in self.layers]
 
-    def layer_states(self) -> list[nnx.State]:
-        """Each layer's parameters as arrays of their own (a copy of the stacked ones), for decoding.
+        def stack(*vs):
+            names = vs[0].get_metadata().get("out_sharding")
+            extra = {"out_sharding": ("layers", *names)} if names else {}
+            return vs[0].replace(jnp.stack([v.get_value() for v in vs]), **extra)
 
-        A decode step reads every weight once. Through the stacked parameters (a scan, or a slice per layer)
-        XLA:CPU first copies each layer's slice, which more than doubled the time of a phi-100m decode step."""
-        stacked = nnx.state(self.layers)
-        return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.cfg.num_layers)]
+        stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        self.layers = nnx.merge(graphdef, stacked)
 
-    def _forward(self, input_ids, positions, segment_ids, cache: KVCache | None, layers=None):
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+        """An empty cache of `max_len` slots per row (dtype: the compute dtype by default)."""
+        dtype = dtype or self.cfg.compute_dtype
+        blocks = self.layers if not self.stacked else [self.layers] * self.cfg.num_layers
+        return Cache(tuple(b.attn.init_cache(batch, max_len, dtype) for b in blocks),
+                     jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache: Cache | None = None, *,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+        """tokens, positions, segment_ids: int [batch, seq]; positions default to 0, 1, ... from the cache index.
+
+        Packed rows: positions restart per document and segment ids keep attention within it. With a cache, the
+        tokens fill slots [index, index + seq) and segment id 0 marks padding (left-padded prompts). Returns float32
+        logits [batch, seq, vocab] and the updated cache (None without one)."""
         cfg = self.cfg
-        batch, seq = input_ids.shape
-        offset = 0 if cache is None else cache.index
+        batch, seq = tokens.shape
+        start = 0 if cache is None else cache.index
         if positions is None:
-            positions = jnp.broadcast_to(offset + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        if cache is not None:
-            segment_ids = jnp.ones((batch, seq), jnp.int32) if segment_ids is None else segment_ids
-            cache = cache._replace(segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids,
-                                                                            (0, cache.index)))
+            positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         rope = rotary_tables(positions, cfg.rotary_dim, cfg.rope_theta)
 
         # Gather the (vocab/FSDP-sharded) table whole in the compute dtype before the lookup: a gather from a
         # sharded table makes the SPMD partitioner replicate it implicitly, and less efficiently.
         table = constrain(self.embed_tokens[...].astype(cfg.compute_dtype), (None, None))
-        h = jnp.take(table, input_ids, axis=0)
-        h = constrain(h, ("batch", "length", "act_embed"))
+        h = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "act_embed"))
 
-        graphdef, layer_state = nnx.split(self.layers)
-
-        if cache is None:
-            def layer(h, state):
-                return nnx.merge(graphdef, state)(h, rope, segment_ids)[0], None
-
-            if cfg.remat != "none":
-                layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-            h, _ = jax.lax.scan(layer, h, layer_state)
+        if cache is not None:
+            h, cache = self._decode_layers(h, rope, segment_ids, cache)
+        elif self.stacked:
+            h = self._scan_layers(h, rope, segment_ids)
         else:
-            # Decoding unrolls the layers: each reads its own weights and its own cache, both in place.
-            k_out, v_out = [], []
-            for i, state in enumerate(layers):
-                h, (k, v) = nnx.merge(graphdef, state)(h, rope, segment_ids, (cache.k[i], cache.v[i], cache))
-                k_out.append(k)
-                v_out.append(v)
+            for block in self.layers:
+                h, _ = block(h, rope, segment_ids)
 
         logits = self.lm_head(self.final_layernorm(h), out_dtype=jnp.float32)
-        logits = constrain(logits, ("batch", "length", "act_vocab"))
-        if cache is not None:
-            cache = cache._replace(k=tuple(k_out), v=tuple(v_out), index=cache.index + seq)
-        return logits, cache
+        return constrain(logits, ("batch", "length", "act_vocab")), cache
+
+    def _scan_layers(self, h, rope, segment_ids):
+        """Training's path: one scan over the stacked layers, so compile time does not grow with depth."""
+        graphdef, state = nnx.split(self.layers)
+
+        def layer(h, state):
+            return nnx.merge(graphdef, state)(h, rope, segment_ids)[0], None
+
+        if self.cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        return jax.lax.scan(layer, h, state)[0]
+
+    def _decode_layers(self, h, rope, segment_ids, cache: Cache):
+        """Writes the tokens' slots into the cache and runs the layers unrolled, each on its own cache."""
+        batch, seq = h.shape[:2]
+        segment_ids = jnp.ones((batch, seq), jnp.int32) if segment_ids is None else segment_ids
+        slots = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+        mask = causal_segment_mask(segment_ids, seq, kv_segment_ids=slots, q_start=cache.index)  # built once
+        if self.stacked:  # correct, but on XLA:CPU each slice copies a layer's weights: decode unstacked
+            graphdef, state = nnx.split(self.layers)
+            blocks = [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(self.cfg.num_layers)]
+        else:
+            blocks = self.layers
+        layers = []
+        for block, layer_cache in zip(blocks, cache.layers, strict=True):
+            h, layer_cache = block(h, rope, segment_ids, layer_cache, index=cache.index, mask=mask)
+            layers.append(layer_cache)
+        return h, Cache(tuple(layers), slots, cache.index + seq)
 
 
 def init_model(cfg: PhiConfig, seed: int = 0) -> Phi:

@@ -18,7 +18,7 @@ Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids: int32; 
 def loss_sum(params, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(sum of token cross-entropies over the loss mask, number of tokens counted), in float32."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logits, _ = model(batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"])
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)

@@ -139,7 +139,7 @@ def test_phi_model_with_splash_matches_xla():
         graphdef, params = nnx.split(model, nnx.Param)
 
         def loss(params):
-            logits = nnx.merge(graphdef, params)(tokens, positions=pos, segment_ids=seg)
+            logits, _ = nnx.merge(graphdef, params)(tokens, positions=pos, segment_ids=seg)
             return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
         return jax.jit(jax.value_and_grad(loss))(params)
 

@@ -78,7 +78,7 @@ def test_transformers_loads_same_logits_and_greedy_text(workdir, exported, sp_mo
     import torch
     import transformers
 
-    from phi_jax.generate import generate, load
+    from phi_jax.generate import Sampler, generate, load
 
     ours, tok = load(workdir, step=10)
     ref = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
@@ -87,8 +87,8 @@ def test_transformers_loads_same_logits_and_greedy_text(workdir, exported, sp_mo
     ids = tok.encode(prompt)
     with torch.no_grad():
         ref_logits = ref(torch.tensor([ids])).logits.numpy()
-    np.testing.assert_allclose(np.asarray(ours(np.asarray([ids], np.int32))), ref_logits, atol=1e-4, rtol=1e-4)
-    ours_text = generate(ours, tok, [prompt], max_new_tokens=12, stop_at_eos=False)[0]
+    np.testing.assert_allclose(np.asarray(ours(np.asarray([ids], np.int32))[0]), ref_logits, atol=1e-4, rtol=1e-4)
+    ours_text = generate(Sampler(ours), tok, [prompt], max_new_tokens=12, stop_at_eos=False)[0]
     with torch.no_grad():
         out = ref.generate(torch.tensor([hf_tok.encode(prompt)]), max_new_tokens=12, min_new_tokens=12,
                            do_sample=False, pad_token_id=0)

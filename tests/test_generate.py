@@ -16,8 +16,8 @@ def hf_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(hf_dir):
-    return from_pretrained(hf_dir)
+def sampler(hf_dir):
+    return gen.Sampler(from_pretrained(hf_dir))
 
 
 def _prompts(lengths, seed=0):
@@ -25,13 +25,13 @@ def _prompts(lengths, seed=0):
     return [rng.integers(3, 512, n).tolist() for n in lengths]
 
 
-def test_greedy_matches_transformers(hf_dir, model):
+def test_greedy_matches_transformers(hf_dir, sampler):
     import torch
     import transformers
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     prompts = _prompts([1, 7, 30])
-    ours = gen.generate_tokens(model, prompts, max_new_tokens=24, eos_id=EOS)
+    ours = sampler(prompts, max_new_tokens=24, eos_id=EOS)
     for p, o in zip(prompts, ours, strict=True):
         with torch.no_grad():
             out = ref.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=EOS,
@@ -39,43 +39,43 @@ def test_greedy_matches_transformers(hf_dir, model):
         assert o == out[0, len(p):].tolist()
 
 
-def test_batched_rows_equal_each_prompt_alone(model):
+def test_batched_rows_equal_each_prompt_alone(sampler):
     prompts = _prompts([3, 13, 9, 16], seed=1)  # one bucket: one compile for the batch, one alone
-    batched = gen.generate_tokens(model, prompts, max_new_tokens=12)
-    alone = [gen.generate_tokens(model, [p], max_new_tokens=12)[0] for p in prompts]
+    batched = sampler(prompts, max_new_tokens=12)
+    alone = [sampler([p], max_new_tokens=12)[0] for p in prompts]
     assert batched == alone
-    assert gen.generate_tokens(model, prompts, max_new_tokens=1) == [row[:1] for row in batched]
+    assert sampler(prompts, max_new_tokens=1) == [row[:1] for row in batched]
 
 
-def test_sampling_reproducible_and_seed_dependent(model):
+def test_sampling_reproducible_and_seed_dependent(sampler):
     prompts = _prompts([5, 11], seed=2)
     kw = dict(max_new_tokens=16, temperature=1.0, top_k=50, top_p=0.9)
-    a = gen.generate_tokens(model, prompts, seed=7, **kw)
-    b = gen.generate_tokens(model, prompts, seed=7, **kw)
-    c = gen.generate_tokens(model, prompts, seed=8, **kw)
+    a = sampler(prompts, seed=7, **kw)
+    b = sampler(prompts, seed=7, **kw)
+    c = sampler(prompts, seed=8, **kw)
     assert a == b
     assert a != c
 
 
-def test_top_k_one_is_greedy(model):
+def test_top_k_one_is_greedy(sampler):
     prompts = _prompts([6], seed=4)
-    greedy = gen.generate_tokens(model, prompts, max_new_tokens=10)
-    assert gen.generate_tokens(model, prompts, max_new_tokens=10, temperature=0.7, top_k=1, seed=3) == greedy
+    greedy = sampler(prompts, max_new_tokens=10)
+    assert sampler(prompts, max_new_tokens=10, temperature=0.7, top_k=1, seed=3) == greedy
 
 
-def test_no_recompilation_across_steps_and_lengths_in_a_bucket(model):
-    gen.generate_tokens(model, _prompts([5, 9], seed=5), max_new_tokens=20)  # bucket 16
-    before = gen.compilations()
+def test_no_recompilation_across_steps_and_lengths_in_a_bucket(sampler):
+    sampler(_prompts([5, 9], seed=5), max_new_tokens=20)  # bucket 16
+    before = sampler.compilations()
     for lengths in ([3, 16], [12, 1], [8, 8]):
-        gen.generate_tokens(model, _prompts(lengths, seed=6), max_new_tokens=20)
-    assert gen.compilations() == before
-    gen.generate_tokens(model, _prompts([5, 20], seed=5), max_new_tokens=20)  # bucket 32: one new prefill
-    assert gen.compilations()["prefill"] == before["prefill"] + 1
+        sampler(_prompts(lengths, seed=6), max_new_tokens=20)
+    assert sampler.compilations() == before
+    sampler(_prompts([5, 20], seed=5), max_new_tokens=20)  # bucket 32: one new prefill
+    assert sampler.compilations()["prefill"] == before["prefill"] + 1
 
 
-def test_prompt_longer_than_context_is_an_error(model):
+def test_prompt_longer_than_context_is_an_error(sampler):
     with pytest.raises(ValueError, match="longer than the model's context of 128"):
-        gen.generate_tokens(model, _prompts([129]), max_new_tokens=1)
+        sampler(_prompts([129]), max_new_tokens=1)
 
 
 class _CharTokenizer:
@@ -90,12 +90,12 @@ class _CharTokenizer:
         return bytes(i - 3 for i in ids if 3 <= i < 259).decode(errors="replace")
 
 
-def test_text_generate_and_streaming(model):
+def test_text_generate_and_streaming(sampler):
     tok = _CharTokenizer()
     streamed: list[tuple[int, int]] = []
-    texts = gen.generate(model, tok, ["hello", "a longer prompt"], max_new_tokens=8,
+    texts = gen.generate(sampler, tok, ["hello", "a longer prompt"], max_new_tokens=8,
                          on_token=lambda row, t: streamed.append((row, t)))
-    ids = gen.generate_tokens(model, [tok.encode("hello"), tok.encode("a longer prompt")], max_new_tokens=8,
+    ids = sampler([tok.encode("hello"), tok.encode("a longer prompt")], max_new_tokens=8,
                               eos_id=EOS)
     assert texts == [tok.decode([t for t in row if t != EOS]) for row in ids]
     assert [t for r, t in streamed if r == 0] == ids[0]
@@ -104,27 +104,58 @@ def test_text_generate_and_streaming(model):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_decode_step_copies_neither_weights_nor_cache(batch):
     """What keeps decoding fast on XLA:CPU, from the compiled step's own memory analysis: the cache is updated in
-    place (aliased to the output) and no temporary is as large as one layer's cache or weights. Slicing the
-    stacked weights, or a cache layout that needs transposing or copying, would show up as such a temporary."""
+    place (aliased to the output) and no temporary is as large as one layer's cache or weights. Slicing stacked
+    weights, or a cache layout that needs transposing or copying, would show up as such a temporary."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from phi_jax.config import PhiConfig
-    from phi_jax.model import KVCache, init_model
+    from phi_jax.model import init_model
 
     cfg = PhiConfig.preset("tiny")
-    m = init_model(cfg)
-    graphdef, state = nnx.split(m)
-    leaves, state_def = jax.tree.flatten(state)
-    layer_leaves, layers_def = jax.tree.flatten(m.layer_states())
-    _, decode_step = gen._programs(graphdef, state_def, layers_def, True)
-    cache = KVCache.init(cfg, batch, 256)
+    sampler = gen.Sampler(init_model(cfg))
+    cache = sampler.model.init_cache(batch, 256)
     tokens = jnp.zeros((batch,), jnp.int32)
     sampling = (jnp.float32(1), jnp.int32(0), jnp.float32(1))
-    memory = decode_step.lower(leaves, layer_leaves, tokens, tokens, cache, jax.random.key(0), jnp.int32(1),
-                               sampling).compile().memory_analysis()
-    cache_bytes = sum(x.nbytes for x in cache.k + cache.v)
-    layer_weight_bytes = sum(x.nbytes for x in layer_leaves) // cfg.num_layers
+    memory = sampler._decode_step.lower(True, sampler._leaves, tokens, tokens, cache, jax.random.key(0),
+                                        jnp.int32(1), sampling).compile().memory_analysis()
+    cache_bytes = sum(x.nbytes for layer in cache.layers for x in layer)
+    layer_weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(sampler.model.layers))) // cfg.num_layers
     assert memory.alias_size_in_bytes >= cache_bytes
-    assert memory.temp_size_in_bytes < min(cache.k[0].nbytes, layer_weight_bytes)
+    assert memory.temp_size_in_bytes < min(cache.layers[0].k.nbytes, layer_weight_bytes)
+
+
+def test_stacked_layers_would_copy_weights_every_step():
+    """The control for the test above: the same decode step over the stacked layers (as trained) holds copies of
+    the weights as temporaries on XLA:CPU, which is why the Sampler unstacks them."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from phi_jax.config import PhiConfig
+    from phi_jax.model import init_model
+
+    model = init_model(PhiConfig.preset("tiny"))
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(1, 256)
+    step = jax.jit(lambda state, tokens, cache: nnx.merge(graphdef, state)(tokens, cache=cache), donate_argnums=2)
+    memory = step.lower(state, jnp.zeros((1, 1), jnp.int32), cache).compile().memory_analysis()
+    layer_weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.layers))) // model.cfg.num_layers
+    assert memory.temp_size_in_bytes >= layer_weight_bytes
+
+
+def test_a_model_used_by_a_sampler_still_exports(tmp_path):
+    """A Sampler unstacks the model's layers in place; save_pretrained stacks them back and writes the same weights."""
+    import phi_jax
+    from phi_jax.config import PhiConfig
+    from phi_jax.generate import Sampler
+    from phi_jax.model import init_model
+
+    model = init_model(PhiConfig.preset("tiny"), seed=3)
+    ids = np.arange(1, 20, dtype=np.int32)[None]
+    before = np.asarray(model(ids)[0])
+    Sampler(model)
+    assert not model.stacked
+    phi_jax.save_pretrained(model, tmp_path / "hf")
+    np.testing.assert_array_equal(np.asarray(phi_jax.from_pretrained(tmp_path / "hf")(ids)[0]), before)

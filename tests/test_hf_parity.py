@@ -45,7 +45,7 @@ def hf_model(request, tmp_path_factory):
 def test_logits_match_transformers(hf_model):
     path, ids, ref = hf_model
     model = phi_jax.from_pretrained(path)
-    out = np.asarray(model(ids))
+    out = np.asarray(model(ids)[0])
     assert out.dtype == np.float32 and out.shape == ref.shape
     np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
 
@@ -58,7 +58,7 @@ def test_a_rotary_bug_fails_the_tolerance(hf_model, monkeypatch):
     rotary = model_module.apply_partial_rotary
     for bug in (lambda x, cos, sin: x, lambda x, cos, sin: rotary(x, jnp.roll(cos, 1, 1), jnp.roll(sin, 1, 1))):
         monkeypatch.setattr(model_module, "apply_partial_rotary", bug)
-        assert np.abs(np.asarray(phi_jax.from_pretrained(path)(ids)) - ref).max() > 1000 * ATOL
+        assert np.abs(np.asarray(phi_jax.from_pretrained(path)(ids)[0]) - ref).max() > 1000 * ATOL
 
 
 def test_save_pretrained_roundtrip_through_transformers(hf_model, tmp_path, caplog):
@@ -83,8 +83,8 @@ def test_legacy_layouts_give_identical_logits(layout, tmp_path):
     native = make_hf_phi(tmp_path / "native", **SHAPES["phi15_like"])
     legacy = to_legacy(native, tmp_path / layout, layout)
     ids = _ids(512, batch=1)
-    a = np.asarray(phi_jax.from_pretrained(native)(ids))
-    b = np.asarray(phi_jax.from_pretrained(legacy)(ids))
+    a = np.asarray(phi_jax.from_pretrained(native)(ids)[0])
+    b = np.asarray(phi_jax.from_pretrained(legacy)(ids)[0])
     np.testing.assert_array_equal(a, b)
 
 
@@ -126,8 +126,8 @@ def test_2023_layouts_with_the_reference_key_names(layout, tmp_path):
     save_file(fixture, tmp_path / "fixture" / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "fixture" / "config.json").write_text((legacy / "config.json").read_text())
     ids = _ids(512, batch=1)
-    np.testing.assert_array_equal(np.asarray(phi_jax.from_pretrained(tmp_path / "fixture")(ids)),
-                                  np.asarray(phi_jax.from_pretrained(native)(ids)))
+    np.testing.assert_array_equal(np.asarray(phi_jax.from_pretrained(tmp_path / "fixture")(ids)[0]),
+                                  np.asarray(phi_jax.from_pretrained(native)(ids)[0]))
 
 
 def test_sharded_and_low_precision_exports(tmp_path):
@@ -139,7 +139,7 @@ def test_sharded_and_low_precision_exports(tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     reloaded = phi_jax.from_pretrained(sharded)
     ids = _ids(512, batch=1, length=64)
-    np.testing.assert_array_equal(np.asarray(reloaded(ids)), np.asarray(model(ids)))
+    np.testing.assert_array_equal(np.asarray(reloaded(ids)[0]), np.asarray(model(ids)[0]))
     _, info = transformers.AutoModelForCausalLM.from_pretrained(sharded, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     for dtype in ("bfloat16", "float16"):

@@ -35,7 +35,7 @@ def test_logits_and_gradients_match_xla():
     for impl in ("xla", "pallas"):
         graphdef, params = nnx.split(Phi(config(impl), rngs=nnx.Rngs(params=0)), nnx.Param)
         params = nnx.to_pure_dict(params)
-        logits = nnx.merge(graphdef, params)(b["inputs"], positions=b["positions"], segment_ids=b["segment_ids"])
+        logits, _ = nnx.merge(graphdef, params)(b["inputs"], b["positions"], segment_ids=b["segment_ids"])
         grads = jax.grad(lambda p, g=graphdef: loss_sum(p, g, b)[0])(params)
         results[impl] = (np.asarray(logits), jax.tree.map(np.asarray, grads))
     (ref_logits, ref_grads), (logits, grads) = results["xla"], results["pallas"]

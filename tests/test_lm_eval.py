@@ -40,7 +40,7 @@ def _log_softmax(logits):
 def _direct_loglik(model, tok, context, continuation):
     ids = tok.encode(context + continuation)
     n = len(tok.encode(continuation))
-    logp = _log_softmax(np.asarray(model(np.asarray([ids[:-1]], np.int32)))[0])
+    logp = _log_softmax(np.asarray(model(np.asarray([ids[:-1]], np.int32))[0])[0])
     return float(sum(logp[i, ids[i + 1]] for i in range(len(ids) - 1 - n, len(ids) - 1)))
 
 
@@ -104,7 +104,7 @@ def test_loglikelihood_rolling_equals_direct_sum(model):
         # lm-eval's windows: the first conditions on EOS; later ones on the tokens before them, up to the context.
         direct = 0.0
         for inputs, preds in get_rolling_token_windows(tok.encode(text), EOS, 64, context_len=1):
-            logp = _log_softmax(np.asarray(model(np.asarray([inputs], np.int32)))[0])
+            logp = _log_softmax(np.asarray(model(np.asarray([inputs], np.int32))[0])[0])
             direct += sum(logp[len(inputs) - len(preds) + j, t] for j, t in enumerate(preds))
         assert value == pytest.approx(direct, rel=1e-5, abs=1e-4)
     # A text that fits one window also equals evaluate.py's summed log-likelihood.
@@ -151,3 +151,23 @@ def test_cli_as_the_readme_runs_it(model, tmp_path):
     out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc"],
                                   task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
     assert cli_acc == pytest.approx(out["results"]["tiny_mc"]["acc,none"])
+
+
+def test_generate_until_is_the_samplers_greedy_text_cut_at_the_stop():
+    from lm_eval.api.instance import Instance
+
+    from phi_jax.generate import Sampler
+    from phi_jax.lm_eval_adapter import PhiJaxLM
+
+    tok = ByteTokenizer()
+    lm = PhiJaxLM(model=init_model(PhiConfig.preset("tiny", max_position_embeddings=64), seed=1), tokenizer=tok)
+    prompts = ["def f(x):", "a"]
+    expected = [tok.decode([t for t in ids if t != EOS]) for ids in Sampler(
+        init_model(PhiConfig.preset("tiny", max_position_embeddings=64), seed=1))(
+            [tok.encode(p) for p in prompts], max_new_tokens=12, eos_id=EOS)]
+    stop = expected[0][3:5]  # a stop sequence inside the first completion
+    reqs = [Instance(request_type="generate_until", doc={}, idx=0,
+                     arguments=(p, {"until": [stop], "max_gen_toks": 12})) for p in prompts]
+    got = lm.generate_until(reqs)
+    assert got[0] == expected[0][:expected[0].index(stop)]
+    assert got[1] == (expected[1][:expected[1].index(stop)] if stop in expected[1] else expected[1])

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from phi_jax.config import PRESETS, PhiConfig
-from phi_jax.model import KVCache, abstract_model, count_params, init_model
+from phi_jax.model import abstract_model, count_params, init_model
 
 
 def test_full_phi15_shapes_without_memory():
@@ -48,24 +48,38 @@ def test_packed_documents_equal_separate_runs(tiny):
     packed = np.concatenate([doc_a, doc_b])[None]
     segment_ids = np.array([[1] * 150 + [2] * 106])
     positions = np.concatenate([np.arange(150), np.arange(106)])[None]
-    out = np.asarray(tiny(packed, positions=positions, segment_ids=segment_ids))
-    np.testing.assert_allclose(out[0, :150], np.asarray(tiny(doc_a[None]))[0], atol=1e-5)
-    np.testing.assert_allclose(out[0, 150:], np.asarray(tiny(doc_b[None]))[0], atol=1e-5)
+    out = np.asarray(tiny(packed, positions, segment_ids=segment_ids)[0])
+    np.testing.assert_allclose(out[0, :150], np.asarray(tiny(doc_a[None])[0])[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 150:], np.asarray(tiny(doc_b[None])[0])[0], atol=1e-5)
     # Without segment ids the second document sees the first: the logits must differ.
-    assert not np.allclose(np.asarray(tiny(packed, positions=positions))[0, 150:], out[0, 150:], atol=1e-3)
+    assert not np.allclose(np.asarray(tiny(packed, positions)[0])[0, 150:], out[0, 150:], atol=1e-3)
 
 
-def test_kv_cache_decode_matches_full_forward(tiny):
+@pytest.mark.parametrize("unstacked", [False, True])
+def test_kv_cache_decode_matches_full_forward(unstacked):
+    """Prefill and single-token steps through the cache equal one full forward, with the layers stacked (as
+    trained) or moved to per-layer arrays (as the Sampler decodes); unstacking also leaves the forward unchanged
+    and stacking back restores the training layout exactly."""
+    model = init_model(PhiConfig.preset("tiny"), seed=1)
     ids = np.random.default_rng(1).integers(0, 512, (2, 40))
-    full = np.asarray(tiny(ids))
-    cache = KVCache.init(tiny.cfg, batch=2, max_len=64)
-    prefill, cache = tiny.decode(ids[:, :30], cache)
+    full = np.asarray(model(ids)[0])
+    if unstacked:
+        stacked_state = jax.tree.map(np.asarray, nnx.state(model.layers))
+        model.unstack_layers()
+        assert not model.stacked and len(model.layers) == model.cfg.num_layers
+        np.testing.assert_allclose(np.asarray(model(ids)[0]), full, atol=2e-5)
+    cache = model.init_cache(batch=2, max_len=64)
+    prefill, cache = model(ids[:, :30], cache=cache)
     steps = [prefill]
     for t in range(30, 40):
-        logits, cache = tiny.decode(ids[:, t:t + 1], cache)
+        logits, cache = model(ids[:, t:t + 1], cache=cache)
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], axis=1), full, atol=2e-5)
     assert int(cache.index) == 40
+    if unstacked:
+        model.stack_layers()
+        for a, b in zip(jax.tree.leaves(nnx.state(model.layers)), jax.tree.leaves(stacked_state), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def test_bfloat16_compute_keeps_float32_logits(monkeypatch):
@@ -76,12 +90,12 @@ def test_bfloat16_compute_keeps_float32_logits(monkeypatch):
 
     cfg32 = PhiConfig.preset("tiny", initializer_range=0.2)
     ids = np.random.default_rng(2).integers(0, 512, (1, 64))
-    a, b = np.asarray(init_model(cfg32, seed=3)(ids)), init_model(cfg32.replace(dtype="bfloat16"), seed=3)(ids)
+    a, b = np.asarray(init_model(cfg32, seed=3)(ids)[0]), init_model(cfg32.replace(dtype="bfloat16"), seed=3)(ids)[0]
     assert b.dtype == jnp.float32
     tolerance = 0.2
     np.testing.assert_allclose(np.asarray(b), a, atol=tolerance)
     monkeypatch.setattr(model_module, "apply_partial_rotary", lambda x, cos, sin: x)  # a rotary bug
-    broken = np.asarray(init_model(cfg32.replace(dtype="bfloat16"), seed=3)(ids))
+    broken = np.asarray(init_model(cfg32.replace(dtype="bfloat16"), seed=3)(ids)[0])
     assert np.abs(broken - a).max() > 5 * tolerance
 
 
@@ -94,7 +108,7 @@ def test_remat_changes_nothing_numerically(remat):
         graphdef, params = nnx.split(model, nnx.Param)
 
         def loss(p):
-            return nnx.merge(graphdef, p)(ids).mean()
+            return nnx.merge(graphdef, p)(ids)[0].mean()
 
         return jax.grad(loss)(params)
 

@@ -45,11 +45,13 @@ def maxrss_mib() -> float:
 
 def weight_read_ms(model, batch: int) -> float:
     """XLA's own time to multiply `batch` vectors by every weight matrix a decode step reads (each layer's
-    and the lm_head), in one jitted program: the floor this machine's XLA:CPU matmuls allow."""
+    and the lm_head), in one jitted program: the floor this machine's XLA:CPU matmuls allow. `model`: unstacked
+    (as a Sampler leaves it), so that each matrix is an array of its own."""
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
-    kernels = [w for path, w in jax.tree_util.tree_leaves_with_path(model.layer_states())
+    kernels = [w for path, w in jax.tree_util.tree_leaves_with_path(nnx.state(model.layers))
                if "kernel" in jax.tree_util.keystr(path)]
     mats = [*kernels, model.lm_head.kernel[...]]
     mats = [w.reshape(w.shape[0], -1) if w.shape[0] == model.cfg.hidden_size else w.reshape(-1, w.shape[-1])
@@ -59,12 +61,10 @@ def weight_read_ms(model, batch: int) -> float:
     return 1e3 * median_seconds(read_all, xs, mats, iters=20)
 
 
-def bench_phi_jax(model, batch: int, prompt_len: int, new_tokens: int) -> dict:
-    from phi_jax import generate as gen
-
+def bench_phi_jax(sampler, batch: int, prompt_len: int, new_tokens: int) -> dict:
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, model.cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
-    gen.generate_tokens(model, prompts, max_new_tokens=new_tokens)  # compile
+    prompts = [rng.integers(3, sampler.cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
+    sampler(prompts, max_new_tokens=new_tokens)  # compile
     times = []
     t_last = [time.perf_counter()]
 
@@ -75,18 +75,16 @@ def bench_phi_jax(model, batch: int, prompt_len: int, new_tokens: int) -> dict:
             t_last[0] = now
 
     t_last[0] = time.perf_counter()
-    gen.generate_tokens(model, prompts, max_new_tokens=new_tokens, on_token=on_token)
+    sampler(prompts, max_new_tokens=new_tokens, on_token=on_token)
     decode = float(np.median(times[1:]))  # times[0] is the prefill and its first token
     return {"decode_ms_per_token": 1e3 * decode, "first_token_s": times[0]}
 
 
-def bench_prefill(model, length: int) -> float:
-    from phi_jax import generate as gen
-
-    prompt = [np.random.default_rng(1).integers(3, model.cfg.vocab_size, length).tolist()]
-    gen.generate_tokens(model, prompt, max_new_tokens=1)
+def bench_prefill(sampler, length: int) -> float:
+    prompt = [np.random.default_rng(1).integers(3, sampler.cfg.vocab_size, length).tolist()]
+    sampler(prompt, max_new_tokens=1)
     t = time.perf_counter()
-    gen.generate_tokens(model, prompt, max_new_tokens=1)
+    sampler(prompt, max_new_tokens=1)
     return length / (time.perf_counter() - t)
 
 
@@ -129,6 +127,7 @@ def main(argv=None) -> dict:
 
     from phi_jax import save_pretrained
     from phi_jax.config import PhiConfig
+    from phi_jax.generate import Sampler
     from phi_jax.host_memory import status
     from phi_jax.model import init_model
 
@@ -140,9 +139,10 @@ def main(argv=None) -> dict:
     for preset in args.presets.split(","):
         cfg = PhiConfig.preset(preset)
         model = init_model(cfg, seed=0)
+        sampler = Sampler(model)  # unstacks the model's layers in place
         row = {"preset": preset, "params_m": cfg.num_params() / 1e6}
         for batch in (1, 8):
-            ours = bench_phi_jax(model, batch, args.prompt_len, args.new_tokens)
+            ours = bench_phi_jax(sampler, batch, args.prompt_len, args.new_tokens)
             cache_len = -(-(16 * (-(-args.prompt_len // 16)) + args.new_tokens) // 16) * 16
             # Each step reads every weight but the embedding table (one row of it per token) and the whole
             # (masked) cache of every layer.
@@ -155,7 +155,8 @@ def main(argv=None) -> dict:
                                 "vs_xla_weight_matmuls": ours["decode_ms_per_token"] / xla_ms}
         prefill = min(args.prefill_len, cfg.max_position_embeddings) - 1  # + the one generated token = the context
         row["prefill_len"] = prefill
-        row["prefill_tokens_per_s"] = bench_prefill(model, prefill)
+        row["prefill_tokens_per_s"] = bench_prefill(sampler, prefill)
+        model.stack_layers()  # Hugging Face export reads the stacked (training) layout
         with tempfile.TemporaryDirectory() as tmp:
             hf_dir = save_pretrained(model, Path(tmp) / "hf")
             for batch in (1, 8):

@@ -151,6 +151,7 @@ def save_pretrained(model: Phi, out_dir: str | os.PathLike, dtype: str = "float3
     """
     if dtype not in NUMPY_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(NUMPY_DTYPES)}.")
+    model.stack_layers()  # the mapping reads stacked layers; a model a Sampler unstacked is stacked back (no-op else)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose a new directory or pass overwrite=True.")
