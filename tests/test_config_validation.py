@@ -78,9 +78,3 @@ def test_global_batch_divides_by_processes_devices_and_micro_batch(batch, micro,
         with pytest.raises(ValueError, match=result):
             validate.accumulation_steps(c, data_parallel, processes)
 
-
-def test_cudnn_attention_off_a_gpu_is_an_error():
-    from phi_jax.attention import resolve_attention_impl
-
-    with pytest.raises(ValueError, match="attention_impl='cudnn' needs an NVIDIA GPU, but the backend is 'cpu'"):
-        resolve_attention_impl("cudnn")
