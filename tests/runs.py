@@ -52,3 +52,19 @@ def metrics(workdir: Path) -> list[dict]:
 def losses(workdir: Path) -> dict[int, float]:
     """step -> loss; a step logged twice (re-run after a crash) keeps its last value."""
     return {r["step"]: r["loss"] for r in metrics(workdir) if "loss" in r}
+
+
+def tiny_config(shards: Path, **overrides):
+    """The run config of an in-process `train()` on the tiny model; overrides by dotted key ("data.packing")."""
+    from phi_jax.run_config import base_config
+
+    c = base_config()
+    c.model, c.seq_len, c.batch_size, c.total_steps = "tiny", 32, 8, 2
+    c.data.path = str(shards)
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from runs import make_shards, metrics
+from runs import make_shards, metrics, tiny_config
 
 from phi_jax import restart
 from phi_jax.checkpoint import Checkpointer
@@ -17,17 +17,7 @@ def shards(tmp_path_factory):
 
 
 def config(shards, **overrides):
-    c = base_config()
-    c.model, c.seq_len, c.batch_size, c.total_steps, c.eval_every, c.log_every = "tiny", 32, 8, 2, 0, 1
-    c.checkpoint_every = 2
-    c.data.path = str(shards)
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return tiny_config(shards, **{"eval_every": 0, "log_every": 1, "checkpoint_every": 2, **overrides})
 
 
 def test_corrupting_changes_are_refused_safe_ones_pass_and_fp16_gets_a_fresh_loss_scale(tmp_path, shards):

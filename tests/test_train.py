@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from runs import ROOT, TINY_RUN, documents, losses, make_shards, metrics, run_cli
+from runs import ROOT, TINY_RUN, documents, losses, make_shards, metrics, run_cli, tiny_config
 
 from phi_jax.data.prepare import prepare_shards
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -79,16 +79,7 @@ def test_validation_loss_falls(tmp_path, shards):
 
 
 def config(shards: Path, **overrides):
-    c = base_config()
-    c.model, c.seq_len, c.batch_size, c.total_steps = "tiny", 32, 8, 2
-    c.data.path = str(shards)
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return tiny_config(shards, **overrides)
 
 
 @pytest.mark.parametrize("overrides,error,match", [
