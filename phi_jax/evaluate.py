@@ -8,7 +8,6 @@ total negative log-likelihood (in bits) by the UTF-8 bytes of the decoded stream
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
@@ -22,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from phi_jax.model import Phi
+from phi_jax.paths import user_path
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -80,14 +80,14 @@ def evaluate(model: Phi, tokenizer, tokens: np.ndarray, *, seq_len: int, batch_s
 def training_seq_len(path: str | Path, step: int | None = None) -> int | None:
     """The seq_len a training workdir's run used (from its newest or `step` checkpoint's saved run config), or
     None for anything else (a Hugging Face directory, a workdir without checkpoints)."""
-    path = Path(path)
-    if not (path / "checkpoints").is_dir():
-        return None
-    from phi_jax.checkpoint import Checkpointer
+    from phi_jax.checkpoint import read_meta
 
-    with contextlib.closing(Checkpointer(path, async_save=False)) as ckpt:
-        step = ckpt.latest_step() if step is None else step
-        run = {} if step is None else ckpt.read_meta(step).get("run", {})
+    if not (user_path(path) / "checkpoints").is_dir():
+        return None
+    try:
+        run = read_meta(path, step).get("run", {})  # read-only: a reader never touches a run's checkpoints
+    except FileNotFoundError:  # checkpoints/ holds no complete checkpoint yet
+        return None
     return int(run["seq_len"]) if run.get("seq_len") else None
 
 

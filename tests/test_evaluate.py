@@ -26,7 +26,7 @@ def test_default_seq_len_is_the_training_one_else_the_context(tmp_path, hf_dir):
     from phi_jax.checkpoint import Checkpointer
 
     ckpt = Checkpointer(tmp_path / "run", async_save=False)
-    ckpt.save(5, {"w": np.zeros(2, np.float32)}, None, {"run": {"seq_len": 48}})
+    ckpt.save(5, {"w": np.zeros(2, np.float32)}, {"run": {"seq_len": 48}})
     ckpt.close()
     model = init_model(PhiConfig.preset("tiny"))
     assert evaluate.default_seq_len(tmp_path / "run", model) == (48, "the training seq_len")
