@@ -126,6 +126,7 @@ def _checkpoint_steps(workdir: str | os.PathLike) -> tuple[Checkpointer, list[in
     ckpt = Checkpointer(workdir, async_save=False, read_only=True)
     steps = sorted(ckpt.all_steps())
     if not steps:
+        ckpt.close()
         raise FileNotFoundError(f"{directory} holds no complete checkpoint.")
     return ckpt, steps
 

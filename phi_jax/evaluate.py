@@ -21,7 +21,6 @@ import numpy as np
 from flax import nnx
 
 from phi_jax.model import Phi
-from phi_jax.paths import user_path
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -82,11 +81,9 @@ def training_seq_len(path: str | Path, step: int | None = None) -> int | None:
     None for anything else (a Hugging Face directory, a workdir without checkpoints)."""
     from phi_jax.checkpoint import read_meta
 
-    if not (user_path(path) / "checkpoints").is_dir():
-        return None
     try:
         run = read_meta(path, step).get("run", {})  # read-only: a reader never touches a run's checkpoints
-    except FileNotFoundError:  # checkpoints/ holds no complete checkpoint yet
+    except FileNotFoundError:  # not a workdir (no checkpoints/), or no complete checkpoint yet
         return None
     return int(run["seq_len"]) if run.get("seq_len") else None
 
