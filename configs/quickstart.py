@@ -1,5 +1,5 @@
 """The README quickstart: a ~7M-parameter phi-shaped model on the embedded stdlib corpus, on a 2-core CPU in
-about 7 minutes (measured times and losses: docs/PERFORMANCE.md, "The quickstart").
+minutes (the measured time and losses: docs/PERFORMANCE.md, "The quickstart").
 
 The phi-1.5 optimizer (AdamW 0.9/0.98, eps 1e-7, weight decay 0.1, constant learning rate) at a learning rate
 suited to a small model and a few hundred steps.

@@ -62,7 +62,7 @@ class Checkpointer:
         if self.read_only:
             raise PermissionError(f"{self.directory} was opened read-only; only the trainer writes checkpoints.")
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-        try:  # an asynchronous write's failure surfaces here (at the next save) or in wait()/close()
+        try:  # an asynchronous write's failure surfaces here (at the next save) or in close()
             self.manager.save(step, args=ocp.args.Composite(**args), force=True)
         except Exception as e:
             raise self._write_failed(e) from e
@@ -92,20 +92,14 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
             "state"]
 
-    def wait(self) -> None:
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:
-            raise self._write_failed(e) from e
-
     def close(self) -> None:
         """Waits for the last asynchronous write (so it is durable), then releases the manager."""
         reported = self._failed
         try:
-            self.wait()
-        except CheckpointWriteError:
+            self.manager.wait_until_finished()
+        except Exception as e:
             if not reported:  # a failure already raised from save() is not raised a second time
-                raise
+                raise self._write_failed(e) from e
         finally:
             self.manager.close()
 

@@ -27,9 +27,6 @@ class TrainState:
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
-    def model(self, params=None) -> Phi:
-        return nnx.merge(self.graphdef, self.params if params is None else params)
-
 
 def logical_names(cfg: PhiConfig) -> dict:
     """The logical axis names of every parameter (a dict shaped like the params)."""

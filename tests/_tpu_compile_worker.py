@@ -1,6 +1,6 @@
 """Compiles phi_jax's TPU kernels and the phi-1.5 train step with the real TPU compiler (libtpu), on a CPU host.
 
-    python tests/_tpu_compile_worker.py OUT.json [kernels] [step]
+    python -m tests._tpu_compile_worker OUT.json [kernels] [step]
 
 tests/test_compile_tpu.py runs this in a subprocess because the deviceless-TPU environment must be set before JAX
 starts (the test process already runs JAX on CPU). Each check compiles forward and backward for one chip of a
@@ -15,26 +15,22 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
-
-from plan_memory import AVAILABLE_HBM_GIB, DEVICELESS_TPU_ENV, compile_step, tpu_devices  # noqa: E402
+from tools.plan_memory import AVAILABLE_HBM_GIB, DEVICELESS_TPU_ENV, compile_step, tpu_devices
 
 os.environ.update(DEVICELESS_TPU_ENV)
 os.environ["JAX_PLATFORMS"] = "cpu"  # the host backend; TPU programs are compiled for topology devices
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
-import phi_jax.kernels.dense as dense_mod  # noqa: E402
-import phi_jax.kernels.flash_attention as fa_mod  # noqa: E402
-from phi_jax.attention import attention  # noqa: E402
-from phi_jax.kernels.dense import fused_dense  # noqa: E402
-from phi_jax.kernels.flash_attention import flash_attention  # noqa: E402
-from phi_jax.sharding import activation_sharding, make_mesh  # noqa: E402
+import phi_jax.kernels.dense as dense_mod
+import phi_jax.kernels.flash_attention as fa_mod
+from phi_jax.attention import attention
+from phi_jax.kernels.dense import fused_dense
+from phi_jax.kernels.flash_attention import flash_attention
+from phi_jax.sharding import activation_sharding, make_mesh
 
 TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
 # (head_dim, seq, segment ids): every head_dim, S 2048 and an odd length, with and without segment ids.
@@ -122,7 +118,6 @@ def _vmem_control(mesh, rows: int):
 
 
 def step_check(records: list) -> None:
-    sys.path.insert(0, str(ROOT))
     from configs.phi15 import get_config
     from phi_jax.config import PhiConfig
 

@@ -1,4 +1,4 @@
-"""tools/accelerator_check.py --dry_run: every stage's code path on CPU at tiny shapes, with real figures checked."""
+"""`python -m tools.accelerator_check --dry_run`: every stage's code path on CPU at tiny shapes, figures checked."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "accelerator_check.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("accelerator_check") / "check.json"
-    proc = subprocess.run([sys.executable, str(TOOL), "--dry_run", f"--out={out}"], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "tools.accelerator_check", "--dry_run", f"--out={out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -51,8 +51,7 @@ def test_training_figures(report):
 
 
 def test_a_stage_over_budget_is_recorded_and_the_next_runs(tmp_path, monkeypatch):
-    sys.path.insert(0, str(TOOL.parent))
-    import accelerator_check
+    from tools import accelerator_check
 
     monkeypatch.setitem(accelerator_check.STAGES, "dense", (0.01, 0.01))
     out = tmp_path / "check.json"

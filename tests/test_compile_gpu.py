@@ -1,20 +1,16 @@
 """Every Triton kernel of phi_jax compiled for sm_90a and sm_80 on this CPU host, at phi-1.5 shapes in bf16.
 
 The kernels are lowered for CUDA, their Triton IR compiled by the pinned pip `triton` wheel and assembled by its
-`ptxas` (tools/ptx_stats.py). Asserted: no register spills, shared memory under the arch's limit, wgmma on sm_90a,
+`ptxas` (tools.ptx_stats). Asserted: no register spills, shared memory under the arch's limit, wgmma on sm_90a,
 and the forward attention's unmasked inner loop at <= 13 PTX instructions per score element (sm_90a, sm_80). jaxlib
 bundles its own Triton, so this is a close stand-in for the GPU's compiler, not proof. Nothing is timed.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import ptx_stats
+from tools import ptx_stats
 
 MAX_FWD_INSTRUCTIONS_PER_SCORE = 13.0   # issue 12's target; the old kernel ran 21.6 (27.9 with segment ids)
 

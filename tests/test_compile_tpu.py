@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-WORKER = Path(__file__).with_name("_tpu_compile_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
 
 libtpu = pytest.importorskip("libtpu", reason="libtpu (requirements-dev.txt) compiles for TPU without one")
 
@@ -25,8 +25,8 @@ libtpu = pytest.importorskip("libtpu", reason="libtpu (requirements-dev.txt) com
 def records(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("tpu_compile") / "records.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "tests._tpu_compile_worker", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     return {r["name"]: r for r in json.loads(out.read_text())["records"]}
 
@@ -71,8 +71,7 @@ def test_phi15_train_step_fits_v5e_hbm(records):
 def test_largest_micro_batch_search(start):
     """plan_memory's search finds the boundary from any first guess, using the compiler's own OOM figures
     (message format as libtpu 0.0.42 prints it), with one fitting compile when the guess is high."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    from plan_memory import largest_micro_batch
+    from tools.plan_memory import largest_micro_batch
 
     def compile_at(mb):  # 3.8 GiB + 4.4 GiB per sequence against 15.75 GiB: micro-batch 2 is the largest
         need = 3.8 + 4.4 * mb

@@ -1,7 +1,6 @@
 """Preparation at scale and bad data: workers, resume after a kill, several tasks + merge, counted skips, shard
 integrity at open, directories that stay closed."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from phi_jax.data.setup import resolve_data
 from phi_jax.data.shards import SplitReader, read_metadata, verify_checksums
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from phi_jax.run_config import base_config
+from tools.prepare_data import main as prepare_data_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [f"class C{i}:\n    x = {'y' * (i % 17)}\n" * (1 + i % 4) for i in range(130)]
@@ -21,13 +21,6 @@ DOCS = [f"class C{i}:\n    x = {'y' * (i % 17)}\n" * (1 + i % 4) for i in range(
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     return load_tokenizer(train_sentencepiece(DOCS, tmp_path_factory.mktemp("tok") / "sp", 300))
-
-
-def _prepare_cli():
-    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "tools" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -141,15 +134,14 @@ def test_binary_and_non_utf8_files_are_counted_or_strict_errors(tok, tmp_path):
     (src / "bin1.py").write_bytes(b"\x00\x01\x02binary")
     (src / "bin2.py").write_bytes(bytes(range(256)))
     (src / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
-    main = _prepare_cli()
     base = ["--source=files", f"--glob={src}/*.py", f"--tokenizer={tok.path}", "--val_fraction=0.1", "--workers=1"]
-    main([*base, f"--out={tmp_path / 'd'}"])
+    prepare_data_cli([*base, f"--out={tmp_path / 'd'}"])
     meta = read_metadata(tmp_path / "d")
     assert meta["skipped"]["binary_files"] == 2 and meta["skipped"]["non_utf8_files"] == 1
     assert any("latin1.py: not UTF-8 at byte 3" in e for e in meta["skipped"]["examples"])
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 22
     with pytest.raises(ValueError, match=r"bin1.py: a NUL byte at offset 0 .* drop --strict"):
-        main([*base, f"--out={tmp_path / 'strict'}", "--strict"])
+        prepare_data_cli([*base, f"--out={tmp_path / 'strict'}", "--strict"])
     assert not (tmp_path / "strict").exists()
     report = SkipReport()
     assert len(list(file_documents(f"{src}/*.py", report))) == 22 and report["binary_files"] == 2
@@ -161,10 +153,9 @@ def test_a_split_left_empty_is_an_error_before_anything_is_written(tok, tmp_path
     for i in range(3):
         (src / f"bin{i}.py").write_bytes(b"\x00" * 10)
     (src / "good.py").write_text(DOCS[0])
-    main = _prepare_cli()
     with pytest.raises(ValueError, match=r"gave 1 documents \(3 binary files skipped\): 0 train, 1 validation .*"
                                          r"--val_fraction=0"):
-        main(["--source=files", f"--glob={src}/*.py", f"--tokenizer={tok.path}", f"--out={tmp_path / 'd'}"])
+        prepare_data_cli(["--source=files", f"--glob={src}/*.py", f"--tokenizer={tok.path}", f"--out={tmp_path / 'd'}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no partial work
     with pytest.raises(ValueError, match=r"gave 0 documents \(none skipped\): 0 train, 0 validation"):
         prepare_shards([], tok, tmp_path / "v", workers=1)
@@ -174,11 +165,10 @@ def test_a_split_left_empty_is_an_error_before_anything_is_written(tok, tmp_path
 def test_malformed_jsonl_line_names_file_and_line(tok, tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "thr\n{"text": 4}\n[1]\n{"text": "five"}\n')
-    main = _prepare_cli()
     base = ["--source=jsonl", f"--jsonl={path}", f"--tokenizer={tok.path}", "--val_fraction=0.3", "--workers=2"]
     with pytest.raises(ValueError, match=r"c.jsonl:3: Invalid control character.* pass --skip_bad_lines"):
-        main([*base, f"--out={tmp_path / 'd'}"])
-    main([*base, f"--out={tmp_path / 'd'}", "--skip_bad_lines"])
+        prepare_data_cli([*base, f"--out={tmp_path / 'd'}"])
+    prepare_data_cli([*base, f"--out={tmp_path / 'd'}", "--skip_bad_lines"])
     meta = read_metadata(tmp_path / "d")
     assert meta["skipped"]["bad_lines"] == 3
     assert [e.split(": ")[0][-9:] for e in meta["skipped"]["examples"]] == ["c.jsonl:3", "c.jsonl:4", "c.jsonl:5"]
@@ -245,11 +235,10 @@ def test_metadata_cannot_point_outside_the_directory(whole, tmp_path, key):
 def test_the_command_line_splits_and_merges(tok, tmp_path, capsys):
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    main = _prepare_cli()
     base = ["--source=jsonl", f"--jsonl={path}", f"--tokenizer={tok.path}", "--docs_per_shard=20", "--workers=1"]
-    main([*base, f"--out={tmp_path / 'one'}"])
+    prepare_data_cli([*base, f"--out={tmp_path / 'one'}"])
     for t in (1, 0):
-        main([*base, f"--out={tmp_path / 'two'}", "--num_tasks=2", f"--task_index={t}"])
-    assert "run: python tools/prepare_data.py --merge" in capsys.readouterr().out
-    main(["--merge", f"--out={tmp_path / 'two'}"])
+        prepare_data_cli([*base, f"--out={tmp_path / 'two'}", "--num_tasks=2", f"--task_index={t}"])
+    assert "run: python -m tools.prepare_data --merge" in capsys.readouterr().out
+    prepare_data_cli(["--merge", f"--out={tmp_path / 'two'}"])
     assert _files(tmp_path / "one") == _files(tmp_path / "two")

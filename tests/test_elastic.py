@@ -49,7 +49,7 @@ def test_two_processes_eight_devices_resume_on_one_process_four_devices(tmp_path
     reference = run_cli(tmp_path / "reference", *flags, "--config.total_steps=6", env=four)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    launch = [sys.executable, "tools/launch_local.py", "--num_processes=2", "--cpu_devices_per_process=4", "--",
+    launch = [sys.executable, "-m", "tools.launch_local", "--num_processes=2", "--cpu_devices_per_process=4", "--",
               *train_cmd(tmp_path / "elastic", *flags, "--config.total_steps=3")]
     first = subprocess.run(launch, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout[-4000:]

@@ -18,7 +18,7 @@ def shards(tmp_path_factory):
 
 
 def test_two_processes_match_one_process_with_the_same_devices(tmp_path, shards):
-    """2 processes x 2 CPU devices (through tools/launch_local.py) == 1 process x 4 devices, step by step.
+    """2 processes x 2 CPU devices (through tools.launch_local) == 1 process x 4 devices, step by step.
 
     FSDP over all 4 devices, and a hybrid mesh (data parallel across the processes, FSDP inside each), as on a
     multi-node cluster. Each process reads its own half of every batch."""
@@ -29,7 +29,7 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path, shards)
     assert single.returncode == 0, single.stderr[-3000:]
     for name, mesh in [("fsdp", ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]),
                        ("hybrid", ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2"])]:
-        launch = [sys.executable, "tools/launch_local.py", "--num_processes=2", "--cpu_devices_per_process=2", "--",
+        launch = [sys.executable, "-m", "tools.launch_local", "--num_processes=2", "--cpu_devices_per_process=2", "--",
                   *train_cmd(tmp_path / name, *flags, *mesh)]
         multi = subprocess.run(launch, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
         assert multi.returncode == 0, multi.stdout[-4000:]

@@ -1,4 +1,4 @@
-"""Command-line flags naming a document source, shared by prepare_data.py and train_tokenizer.py."""
+"""Command-line flags naming a document source, shared by tools.prepare_data and tools.train_tokenizer."""
 
 import argparse
 

@@ -1,7 +1,7 @@
 """The acceptance run for the first GPU or TPU host: tests, kernel speed, training speed and the phi-1.5 step.
 
-    python tools/accelerator_check.py --out=accelerator_check.json          # on the GPU/TPU host, <= 8 min
-    python tools/accelerator_check.py --dry_run --out=/tmp/check.json       # every code path on CPU, tiny shapes
+    python -m tools.accelerator_check --out=accelerator_check.json          # on the GPU/TPU host, <= 8 min
+    python -m tools.accelerator_check --dry_run --out=/tmp/check.json       # every code path on CPU, tiny shapes
 
 Stages, in order, each in its own subprocess under a time budget; a stage that fails or runs out of time is
 recorded and the next one runs. The results file is rewritten (temp file + rename) after every stage.
@@ -29,32 +29,12 @@ import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+from tools._bench import command, write_json
 
-from _timing import median_seconds, write_json  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: pytest and the stages run from here
 # name -> (budget in seconds on an accelerator, in --dry_run on CPU); 480 s in all.
 STAGES = {"device": (30, 60), "tests": (100, 180), "attention": (70, 120), "dense": (45, 90),
           "train_100m": (145, 120), "step_phi15": (90, 90)}
-ATTENTION_IMPLS = ("pallas", "splash", "cudnn", "xla")
-
-
-def _platform() -> str:
-    import jax
-
-    return jax.default_backend()
-
-
-def _available(impl: str, dtype) -> str | None:
-    """None if `impl` runs here, else why not (phi_jax.attention's own check)."""
-    from phi_jax.attention import resolve_attention_impl
-
-    try:
-        resolve_attention_impl(impl, dtype)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 # ------------------------------------------------------------------------------------------------------ stages
@@ -80,76 +60,32 @@ def stage_device(dry_run: bool) -> dict:
 
 
 def stage_attention(dry_run: bool) -> dict:
-    import jax
     import jax.numpy as jnp
-    from bench_kernels import _fwd_bwd, causal_attention_flops
 
-    from phi_jax.attention import attention
+    from tools.bench_kernels import attention_rows
 
     b, s, n, h = (1, 256, 2, 64) if dry_run else (4, 2048, 32, 64)
     dtype = jnp.float32 if dry_run else jnp.bfloat16  # fp32 on CPU: bf16 is no faster there and less exact
     warmup, iters = (1, 1) if dry_run else (2, 10)
-    keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, ct = (jax.random.normal(kk, (b, s, n, h), jnp.float32).astype(dtype) for kk in keys)
-    segments = jnp.where(jnp.arange(s) < s // 3, 1, 2)[None].repeat(b, 0).astype(jnp.int32)  # two documents
-    flops = causal_attention_flops(b, s, n, h)[1]
-    rows, reference = [], {}
-    for packed in (False, True):
-        seg = segments if packed else None
-        for impl in ("xla", *[i for i in ATTENTION_IMPLS if i != "xla"]):  # xla first: the reference output
-            row = {"impl": impl, "segment_ids": packed, "shape": f"{b}x{s}x{n}x{h}", "dtype": jnp.dtype(dtype).name}
-            why_not = _available(impl, dtype)
-            if why_not:
-                rows.append({**row, "skipped": why_not})
-                continue
-            attn = lambda q, k, v, impl=impl, seg=seg: attention(q, k, v, segment_ids=seg, impl=impl)
-            try:
-                out = jax.jit(attn)(q, k, v)
-                reference.setdefault(packed, out)
-                row["max_abs_diff_vs_xla"] = float(jnp.max(jnp.abs(out.astype(jnp.float32)
-                                                                   - reference[packed].astype(jnp.float32))))
-                sec = median_seconds(_fwd_bwd(attn), q, k, v, ct, warmup=warmup, iters=iters)
-                row.update(fwd_bwd_ms=sec * 1e3, fwd_bwd_tflops=flops / sec / 1e12)
-            except Exception as e:  # one implementation failing must not hide the others' figures
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            rows.append(row)
-            print(row, flush=True)
-    return {"rows": rows, "flops_convention": "causal: 2*2*B*N*S*S*H/2 forward, x3.5 forward+backward"}
+    return {"rows": attention_rows(b, s, n, h, dtype, warmup, iters, passes=("fwd_bwd",)),
+            "flops_convention": "causal: 2*2*B*N*S*S*H/2 forward, x3.5 forward+backward"}
 
 
 def stage_dense(dry_run: bool) -> dict:
-    import functools
-
     import jax.numpy as jnp
-    from bench_dense import PHI15_LAYERS, _fwd_bwd, _inputs, xla_dense
 
-    from phi_jax.kernels.dense import fused_dense
+    from tools.bench_kernels import PHI15_LAYERS, dense_rows
 
     m, layers = (128, [("fc1 (tiny)", 256, 512, "gelu_new")]) if dry_run else (8192, PHI15_LAYERS)
     dtype = jnp.float32 if dry_run else jnp.bfloat16
     warmup, iters = (1, 1) if dry_run else (2, 10)
-    rows = []
-    for name, k, n, act in layers:
-        x, w, b, ct = _inputs(m, k, n, dtype)
-        row = {"layer": name, "m": m, "k": k, "n": n, "activation": act, "dtype": jnp.dtype(dtype).name}
-        for label, f in (("fused", functools.partial(fused_dense, activation=act)),
-                         ("xla", functools.partial(xla_dense, activation=act))):
-            try:
-                sec = median_seconds(_fwd_bwd(f), x, w, b, ct, warmup=warmup, iters=iters)
-                row[f"{label}_fwd_bwd_ms"], row[f"{label}_fwd_bwd_tflops"] = sec * 1e3, 3 * 2 * m * k * n / sec / 1e12
-            except Exception as e:
-                row[f"{label}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        rows.append(row)
-        print(row, flush=True)
-    return {"rows": rows}
+    return {"rows": dense_rows([m], dtype, warmup, iters, layers, passes=("fwd_bwd",))}
 
 
 def stage_train_100m(dry_run: bool) -> dict:
-    import jax
-    import numpy as np
-    from bench_train import setup
-
     from phi_jax.flops import flops_per_token, peak_flops_per_device
+    from tools.bench_kernels import ATTENTION_IMPLS, attention_unavailable
+    from tools.bench_train import setup, time_steps
 
     model, seq, batch, steps, dtype = ("tiny", 64, 2, 2, "float32") if dry_run else ("phi-100m", 2048, 8, 30,
                                                                                     "bfloat16")
@@ -163,25 +99,15 @@ def stage_train_100m(dry_run: bool) -> dict:
     # The dry run trains with two implementations (and skips cudnn): the same code path at a third of the cost.
     for impl in ("splash", "cudnn", "xla") if dry_run else ATTENTION_IMPLS:
         row = {"model": model, "attention_impl": impl, "seq_len": seq, "batch": batch, "dtype": dtype}
-        why_not = _available(impl, dtype)
+        why_not = attention_unavailable(impl, dtype)
         if why_not:
             rows.append({**row, "skipped": why_not})
             continue
         try:
             cfg, step_fn, state, b = setup(model, seq, batch, dtype, "none", attention_impl=impl)
-            start = time.perf_counter()
-            state, metrics = step_fn(state, b)
-            jax.block_until_ready(metrics)
-            row["compile_sec"] = time.perf_counter() - start
-            times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                state, metrics = step_fn(state, b)
-                jax.block_until_ready(metrics)
-                times.append(time.perf_counter() - start)
-            tps = batch * seq / float(np.median(times))
-            row.update(steps=steps, step_sec_median=float(np.median(times)), tokens_per_sec=tps,
-                       loss=float(metrics["loss"]), mfu=tps * flops_per_token(cfg, seq) / peak if peak else None)
+            row.update(time_steps(step_fn, state, b, steps))
+            row["tokens_per_sec"] = tps = batch * seq / row["step_sec_median"]
+            row["mfu"] = tps * flops_per_token(cfg, seq) / peak if peak else None
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         rows.append(row)
@@ -198,6 +124,7 @@ def stage_step_phi15(dry_run: bool) -> dict:
     from phi_jax.sharding import batch_sharding, make_mesh, strategy_rules
     from phi_jax.train_state import create_train_state, state_shardings
     from phi_jax.train_step import jit_steps
+    from tools.bench_train import synthetic_batch, time_steps
 
     devices = jax.devices()
     memory = (devices[0].memory_stats() or {}).get("bytes_limit", 0) / 2**30 if not dry_run else 0
@@ -213,23 +140,12 @@ def stage_step_phi15(dry_run: bool) -> dict:
     _, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules)
     step_fn, _ = jit_steps(mesh, shardings, rules)
     rows = micro * mesh.shape["fsdp"]
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, rows, seq + 1), dtype=np.int32)
-    batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
-             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, rows, seq)).copy(),
-             "segment_ids": np.ones((1, rows, seq), np.int32), "loss_mask": np.ones((1, rows, seq), np.float32)}
-    batch = jax.device_put(batch, batch_sharding(mesh, leading_dims=1))
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    step = time.perf_counter() - start
+    batch = jax.device_put(synthetic_batch(cfg.vocab_size, rows, seq), batch_sharding(mesh, leading_dims=1))
+    timing = time_steps(step_fn, state, batch, steps=1)
     result = {"model": model, "mesh": dict(mesh.shape), "micro_batch_per_device": micro, "seq_len": seq,
-              "remat": "full", "first_step_sec (compile + run)": first, "step_sec": step,
-              "tokens_per_sec": rows * seq / step, "loss": float(metrics["loss"]),
-              "loss_is_finite": bool(np.isfinite(float(metrics["loss"])))}
+              "remat": "full", "first_step_sec (compile + run)": timing["compile_sec"],
+              "step_sec": timing["step_sec_median"], "tokens_per_sec": rows * seq / timing["step_sec_median"],
+              "loss": timing["loss"], "loss_is_finite": bool(np.isfinite(timing["loss"]))}
     stats = devices[0].memory_stats() if not dry_run else None
     if stats and "peak_bytes_in_use" in stats:
         result["peak_gib_device0"] = stats["peak_bytes_in_use"] / 2**30
@@ -259,7 +175,8 @@ def _run_tests(dry_run: bool, budget: float, platform: str | None) -> dict:
 def _run_stage(name: str, dry_run: bool, budget: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{name}.json"
-        cmd = [sys.executable, __file__, f"--stage={name}", f"--stage_out={out}"] + (["--dry_run"] if dry_run else [])
+        cmd = [sys.executable, "-m", "tools.accelerator_check", f"--stage={name}", f"--stage_out={out}",
+               *(["--dry_run"] if dry_run else [])]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=budget)
         if proc.returncode != 0 or not out.exists():
             return {"ok": False, "error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
@@ -285,7 +202,7 @@ def main(argv=None) -> dict:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         p.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
-    report = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "dry_run": args.dry_run,
+    report = {"command": command(__file__, argv), "dry_run": args.dry_run,
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stages": {}}
     platform = None
     for name in stages:

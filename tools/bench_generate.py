@@ -1,6 +1,6 @@
 """Generation speed: phi_jax's KV-cache decode beside transformers' `generate` on the same random weights.
 
-    python tools/bench_generate.py [--presets=quickstart,phi-100m] [--new_tokens=64] [--out=bench_generate.json]
+    python -m tools.bench_generate [--presets=quickstart,phi-100m] [--new_tokens=64] [--out=bench_generate.json]
 
 Per preset: decode latency (ms/token) at batch 1 and 8, prefill tokens/s at 2048 tokens of context (or the model's
 maximum), the same for transformers (fp32, torch CPU) on the weights exported with save_pretrained, the measured
@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import this checkout's phi_jax
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # and the tools' own helpers
-
 import numpy as np
-from _timing import median_seconds, write_json
+
+from tools._bench import command, device, machine, median_seconds, write_json
 
 
 def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
@@ -123,8 +119,6 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="bench_generate.json")
     args = p.parse_args(argv)
 
-    import jax
-
     from phi_jax import save_pretrained
     from phi_jax.config import PhiConfig
     from phi_jax.generate import Sampler
@@ -132,10 +126,8 @@ def main(argv=None) -> dict:
     from phi_jax.model import init_model
 
     bandwidth = copy_bandwidth()
-    report = {"command": " ".join([sys.executable, *sys.argv]), "machine": {
-        "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-        "jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "host_memory": status()},
-        "copy_bandwidth_gb_s": bandwidth / 1e9, "results": []}
+    report = {"command": command(__file__, argv), "machine": {**machine(), **device(), "host_memory": status()},
+              "copy_bandwidth_gb_s": bandwidth / 1e9, "results": []}
     for preset in args.presets.split(","):
         cfg = PhiConfig.preset(preset)
         model = init_model(cfg, seed=0)

@@ -1,11 +1,15 @@
-"""Benchmark phi_jax's Pallas kernels; one function per kernel, chosen with --kernels.
+"""Speed of phi_jax's Pallas kernels beside XLA (and cuDNN, splash) at phi-1.5 shapes, on a GPU or TPU.
 
-    python tools/bench_kernels.py --kernels attention --batch 8 --out bench_kernels.json
+    python -m tools.bench_kernels --out=bench_kernels.json                         # attention and dense
+    python -m tools.bench_kernels --kernels=dense --m=8192,16384 --blocks=128,128,64 --num_warps=8
 
-On a GPU/TPU each kernel is timed (warmup, then the median of --iters runs, each ended by block_until_ready) at
-phi-1.5 shapes and reported as TFLOP/s next to XLA (and cuDNN on GPU). On CPU, where Pallas only interprets, it
-runs a correctness sweep instead (small shapes, max |error| against the reference) and says so. Results go to a
-JSON file holding the command line, device kind and jax version, and a table is printed.
+attention: every implementation phi_jax.attention runs on this platform (pallas, splash, cudnn, xla), causal,
+batch x seq x heads x head_dim, with and without segment ids: forward and forward+backward TFLOP/s, and the output's
+max |difference| from XLA's. dense: fused_dense against XLA (one dot, then bias and activation in fp32, the
+model's `dense_impl=xla`) at phi-1.5's four layer shapes for each M in --m. Each figure is the median of --iters
+calls after --warmup calls (the first compiles), each ended by block_until_ready. Results: a JSON file holding the
+command, device and versions, and a table per kernel. On CPU, Pallas only interprets, so there is nothing to time:
+the kernels' correctness is tested by tests/test_flash_attention.py and tests/test_fused_dense.py.
 """
 
 from __future__ import annotations
@@ -13,129 +17,170 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import this checkout's phi_jax
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # and the tools' own helpers
+from phi_jax.layers import gelu_new
+from tools._bench import command, device, fwd_bwd, median_seconds, print_table, write_json
 
-from _timing import median_seconds, write_json
+ATTENTION_IMPLS = ("pallas", "splash", "cudnn", "xla")
+ATTENTION_FWD_BWD, DENSE_FWD_BWD = 3.5, 3  # forward+backward FLOPs / forward FLOPs
+# phi-1.5: d_model 2048, mlp 8192. (layer, K, N, activation)
+PHI15_LAYERS = (("qkv", 2048, 6144, None), ("out_proj", 2048, 2048, None), ("fc1", 2048, 8192, "gelu_new"),
+                ("fc2", 8192, 2048, None))
 
-from phi_jax.kernels.flash_attention import attention_reference, flash_attention
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
 
 
-def _fwd_bwd(attn: Callable) -> Callable:
-    def run(q, k, v, ct):
-        out, vjp = jax.vjp(attn, q, k, v)
-        return out, vjp(ct)
-    return jax.jit(run)
+def _timed(f, args: tuple, ct, flops: float, bwd_factor: float, passes, warmup: int, iters: int) -> dict:
+    """{PASS_ms, PASS_tflops} for each of `passes`: fwd is jit(f)(*args) at `flops`; fwd_bwd is f and its vjp of
+    `ct`, counted as `bwd_factor` times the forward's FLOPs."""
+    out = {}
+    for name in passes:
+        run, run_args, n = ((jax.jit(f), args, flops) if name == "fwd" else
+                            (fwd_bwd(f), (*args, ct), flops * bwd_factor))
+        sec = median_seconds(run, *run_args, warmup=warmup, iters=iters)
+        out[f"{name}_ms"], out[f"{name}_tflops"] = sec * 1e3, n / sec / 1e12
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ attention
-def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> tuple[float, float]:
-    """(forward, forward+backward) FLOPs of causal attention: two S x S x H matmuls, half of them masked;
-    the backward counts 2.5x the forward (five matmuls against two, FA-2 convention)."""
-    fwd = 2 * 2 * batch * heads * seq * seq * head_dim / 2
-    return fwd, fwd * 3.5
+def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> float:
+    """Forward FLOPs of causal attention: two S x S x H matmuls, half of them masked. Forward+backward counts 3.5x
+    this (ATTENTION_FWD_BWD): the backward's five matmuls against the forward's two (FA-2 convention)."""
+    return 2 * 2 * batch * heads * seq * seq * head_dim / 2
 
 
-def _attention_sweep() -> list[dict]:
-    """CPU: max |error| of the interpreted kernels against attention_reference (fp32), forward and grads."""
-    rows = []
-    for backend in ("gpu", "tpu"):
-        for causal, packed, seq in ((True, False, 128), (True, True, 100), (False, True, 100)):
-            keys = jax.random.split(jax.random.key(0), 5)
-            q, k, v, ct = (jax.random.normal(kk, (1, seq, 2, 64), jnp.float32) for kk in keys[:4])
-            seg = jnp.cumsum(jax.random.bernoulli(keys[4], 0.05, (1, seq)), axis=1) if packed else None
-            kernel = functools.partial(flash_attention, segment_ids=seg, causal=causal, backend=backend,
-                                       interpret=True)
-            ref = functools.partial(attention_reference, segment_ids=seg, causal=causal)
-            (o, g), (ro, rg) = _fwd_bwd(kernel)(q, k, v, ct), _fwd_bwd(ref)(q, k, v, ct)
-            rows.append({"impl": f"pallas-{backend} (interpret)", "seq": seq, "causal": causal, "segments": packed,
-                         "max_abs_err_fwd": float(jnp.max(jnp.abs(o - ro))),
-                         "max_abs_err_bwd": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(g, rg, strict=True))})
-    return rows
+def attention_unavailable(impl: str, dtype) -> str | None:
+    """None if attention `impl` runs here, else why not (phi_jax.attention's own check)."""
+    from phi_jax.attention import resolve_attention_impl
+
+    try:
+        resolve_attention_impl(impl, dtype)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
-def bench_attention(args: argparse.Namespace) -> list[dict]:
-    platform = jax.default_backend()
-    if platform == "cpu":
-        print("attention: CPU backend, Pallas runs only in interpret mode -> correctness sweep, no timings.")
-        return _attention_sweep()
-    b, s, n, h = args.batch, args.seq, args.heads, args.head_dim
-    dtype = jnp.dtype(args.dtype)
+def attention_rows(batch: int, seq: int, heads: int, head_dim: int, dtype, warmup: int, iters: int,
+                   passes: tuple[str, ...] = ("fwd", "fwd_bwd")) -> list[dict]:
+    """One row per (implementation, with or without segment ids); `passes`: which of fwd, fwd_bwd to time."""
+    from phi_jax.attention import attention
+
     keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, ct = (jax.random.normal(kk, (b, s, n, h), jnp.float32).astype(dtype) for kk in keys)
-    impls = {"pallas": functools.partial(flash_attention, causal=True),
-             "xla": functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="xla")}
-    if platform == "gpu":
-        impls["cudnn"] = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn")
-    flops_fwd, flops_fwd_bwd = causal_attention_flops(b, s, n, h)
-    rows = []
-    for name, attn in impls.items():
-        row = {"impl": name, "shape": f"{b}x{s}x{n}x{h}", "dtype": dtype.name}
-        try:
-            t_fwd = median_seconds(jax.jit(attn), q, k, v, warmup=args.warmup, iters=args.iters)
-            t_all = median_seconds(_fwd_bwd(attn), q, k, v, ct, warmup=args.warmup, iters=args.iters)
-        except Exception as e:  # report an implementation that cannot run here instead of aborting the table
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        else:
-            row.update(fwd_ms=t_fwd * 1e3, fwd_tflops=flops_fwd / t_fwd / 1e12,
-                       fwd_bwd_ms=t_all * 1e3, fwd_bwd_tflops=flops_fwd_bwd / t_all / 1e12)
-        rows.append(row)
+    q, k, v, ct = (jax.random.normal(kk, (batch, seq, heads, head_dim), jnp.float32).astype(dtype) for kk in keys)
+    segments = jnp.where(jnp.arange(seq) < seq // 3, 1, 2)[None].repeat(batch, 0).astype(jnp.int32)  # 2 documents
+    flops = causal_attention_flops(batch, seq, heads, head_dim)
+    rows, reference = [], {}
+    for packed in (False, True):
+        seg = segments if packed else None
+        for impl in ("xla", *[i for i in ATTENTION_IMPLS if i != "xla"]):  # xla first: the reference output
+            row = {"impl": impl, "segment_ids": packed, "shape": f"{batch}x{seq}x{heads}x{head_dim}",
+                   "dtype": jnp.dtype(dtype).name}
+            why_not = attention_unavailable(impl, dtype)
+            if why_not:
+                rows.append({**row, "skipped": why_not})
+                continue
+            attn = lambda q, k, v, impl=impl, seg=seg: attention(q, k, v, segment_ids=seg, impl=impl)
+            try:
+                out = jax.jit(attn)(q, k, v).astype(jnp.float32)
+                reference.setdefault(packed, out)
+                row["max_abs_diff_vs_xla"] = float(jnp.max(jnp.abs(out - reference[packed])))
+                row.update(_timed(attn, (q, k, v), ct, flops, ATTENTION_FWD_BWD, passes, warmup, iters))
+            except Exception as e:  # one implementation failing must not hide the others' figures
+                row["error"] = _error(e)
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
-def bench_dense(args: argparse.Namespace) -> list[dict]:
-    """The fused dense kernel at phi-1.5's four layer shapes (tools/bench_dense.py; CPU: a quick correctness sweep)."""
-    import bench_dense as dense
-
-    if jax.default_backend() == "cpu":
-        print("CPU backend: the fused dense kernel runs in interpret mode only; correctness sweep, no timings.")
-        rows = dense.correctness_sweep(quick=True)
-        return [{**{k: v for k, v in r.items() if k != "rel_err"}, **{f"rel_err_{k}": v for k, v in
-                                                                     r["rel_err"].items()}} for r in rows]
-    return dense.benchmark([args.batch * args.seq], jnp.dtype(args.dtype), args.iters, None)
+# ---------------------------------------------------------------------------------------------------------- dense
+def xla_dense(x, w, b, activation=None):
+    """The unfused baseline (the model's `dense_impl=xla`): one dot_general, then bias and activation in fp32."""
+    z = jnp.dot(x, w, preferred_element_type=jnp.float32) + b.astype(jnp.float32)
+    return (gelu_new(z) if activation == "gelu_new" else z).astype(x.dtype)
 
 
-# Kernel name -> benchmark function (args -> list of result rows).
-KERNELS: dict[str, Callable[[argparse.Namespace], list[dict]]] = {"attention": bench_attention, "dense": bench_dense}
+def dense_inputs(m: int, k: int, n: int, dtype, seed: int = 0):
+    """x [m, k], w [k, n] (scaled by 1/sqrt(k)), b [n] and a cotangent [m, n], all in `dtype`."""
+    kx, kw, kb, kc = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
+    w = (jax.random.normal(kw, (k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
+    b = jax.random.normal(kb, (n,), jnp.float32).astype(dtype)
+    ct = jax.random.normal(kc, (m, n), jnp.float32).astype(dtype)
+    return x, w, b, ct
 
 
-def _print_table(name: str, rows: list[dict]) -> None:
-    cols = list(dict.fromkeys(c for r in rows for c in r))
-    fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)
-    widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols}
-    print(f"\n== {name} ==")
-    print("  ".join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        print("  ".join(fmt(r.get(c, "")).ljust(widths[c]) for c in cols))
+def dense_rows(ms, dtype, warmup: int, iters: int, layers=PHI15_LAYERS, block_sizes=None,
+               passes: tuple[str, ...] = ("fwd", "fwd_bwd")) -> list[dict]:
+    """One row per (M, layer): fused_dense and XLA, TFLOP/s for each of `passes` (fwd+bwd counts 3x the forward)."""
+    from phi_jax.kernels.dense import fused_dense
+
+    rows = []
+    for m in ms:
+        for name, k, n, act in layers:
+            x, w, b, ct = dense_inputs(m, k, n, dtype)
+            row = {"layer": name, "m": m, "k": k, "n": n, "activation": act, "dtype": jnp.dtype(dtype).name}
+            impls = {"xla": functools.partial(xla_dense, activation=act),  # first: the reference output
+                     "fused": functools.partial(fused_dense, activation=act, block_sizes=block_sizes)}
+            for label, f in impls.items():
+                try:
+                    out = jax.jit(f)(x, w, b).astype(jnp.float32)
+                    if label == "xla":
+                        reference = out
+                    else:
+                        row[f"{label}_max_abs_diff_vs_xla"] = float(jnp.max(jnp.abs(out - reference)))
+                    figures = _timed(f, (x, w, b), ct, 2 * m * k * n, DENSE_FWD_BWD, passes, warmup, iters)
+                    row.update({f"{label}_{key}": value for key, value in figures.items()})
+                except Exception as e:
+                    row[f"{label}_error"] = _error(e)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernels", default="attention,dense", help=f"comma-separated, from: {','.join(KERNELS)}")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--kernels", default="attention,dense", help="comma-separated, from: attention,dense")
+    p.add_argument("--batch", type=int, default=8, help="attention")
+    p.add_argument("--seq", type=int, default=2048, help="attention")
+    p.add_argument("--heads", type=int, default=32, help="attention")
+    p.add_argument("--head_dim", type=int, default=64, help="attention")
+    p.add_argument("--m", default="8192,16384", help="dense: rows (batch x seq), comma-separated")
+    p.add_argument("--blocks", default="", help="dense: BM,BN,BK block sizes (default: fused_dense's own)")
+    p.add_argument("--num_warps", type=int, default=4, help="dense, with --blocks (Triton)")
+    p.add_argument("--num_stages", type=int, default=3, help="dense, with --blocks (Triton)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default="bench_kernels.json")
     args = p.parse_args(argv)
     names = [k.strip() for k in args.kernels.split(",") if k.strip()]
-    unknown = [k for k in names if k not in KERNELS]
-    if unknown:
-        p.error(f"unknown kernels {unknown}; available: {sorted(KERNELS)}")
-    report = {"command": " ".join([sys.executable, *sys.argv]), "backend": jax.default_backend(),
-              "device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__, "results": {}}
-    for name in names:
-        report["results"][name] = rows = KERNELS[name](args)
-        _print_table(name, rows)
+    if unknown := [k for k in names if k not in ("attention", "dense")]:
+        p.error(f"unknown kernels {unknown}; available: attention, dense")
+    if jax.default_backend() == "cpu":
+        sys.exit("bench_kernels times compiled kernels and needs a GPU or TPU: on CPU, Pallas only interprets "
+                 "(the kernels' correctness on CPU: tests/test_flash_attention.py, tests/test_fused_dense.py).")
+    dtype = jnp.dtype(args.dtype)
+    report = {"command": command(__file__, argv), **device(), "dtype": args.dtype, "results": {}}
+    if "attention" in names:
+        rows = attention_rows(args.batch, args.seq, args.heads, args.head_dim, dtype, args.warmup, args.iters)
+        report["results"]["attention"] = rows
+        print_table("attention (causal; fwd+bwd counts 3.5x the forward FLOPs)", rows)
+    if "dense" in names:
+        from phi_jax.kernels.dense import BlockSizes
+
+        blocks = None
+        if args.blocks:
+            blocks = BlockSizes(*map(int, args.blocks.split(",")), num_warps=args.num_warps,
+                                num_stages=args.num_stages)
+        rows = dense_rows([int(m) for m in args.m.split(",")], dtype, args.warmup, args.iters, block_sizes=blocks)
+        report["results"]["dense"] = rows
+        print_table("dense (fwd+bwd counts 3x the forward FLOPs)", rows)
     write_json(args.out, report)
     print(f"\nwrote {args.out}")
 

@@ -1,7 +1,7 @@
 """Measures the input pipeline's throughput (tokens/s) on the embedded stdlib corpus.
 
-    python tools/bench_loader.py --out=bench_results/loader.json
-    python tools/bench_loader.py --phi15 --out=bench_results/loader_phi15.json
+    python -m tools.bench_loader --out=bench_results/loader.json
+    python -m tools.bench_loader --phi15 --out=bench_results/loader_phi15.json
 
 --phi15: phi-1.5's shapes (global batch 2048 x 2048, packed, an 80/20 mixture of two shard directories), loaded by
 one process that takes its 1/P share of each global batch as on a P-host job, against what 64 accelerators at 45k
@@ -9,18 +9,14 @@ tokens/s each consume (2.88M tokens/s in all, 2.88M/P per host).
 """
 
 import argparse
-import os
-import platform
-import sys
 import time
-
-from _timing import write_json
 
 from phi_jax.data.corpus import stdlib_documents
 from phi_jax.data.default import ensure_default_dataset
 from phi_jax.data.loader import make_dataset, make_mixture_dataset
 from phi_jax.data.prepare import prepare_shards
 from phi_jax.data.tokenizer import load_tokenizer
+from tools._bench import command, machine, write_json
 
 DEVICES, DEVICE_TOKENS_PER_SEC = 64, 45_000
 
@@ -84,12 +80,10 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     data_dir, tok_path = ensure_default_dataset(a.cache_dir, a.vocab_size)
     ready = time.perf_counter() - start
-    machine = {"platform": platform.platform(), "python": platform.python_version(),
-               "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-               "load_average_1min": os.getloadavg()[0]}
+    host = machine()
     if a.phi15:
         rows = bench_phi15(data_dir, tok_path, [int(h) for h in a.hosts.split(",")], a.steps, a.warmup)
-        write_json(a.out, {"command": " ".join([sys.executable, *sys.argv]), "machine": machine,
+        write_json(a.out, {"command": command(__file__, argv), "machine": host,
                            "devices": DEVICES, "device_tokens_per_sec": DEVICE_TOKENS_PER_SEC, "results": rows})
         print(f"{'hosts':>6} {'rows/host':>10} {'tokens/s/host':>14} {'needed/host':>12} {'headroom':>9}")
         for r in rows:
@@ -99,8 +93,8 @@ def main(argv=None) -> None:
         return
     rows = [bench(data_dir, int(s), a.batch, packing, a.steps, a.warmup)
             for s in a.seq_lens.split(",") for packing in (False, True)]
-    result = {"command": " ".join([sys.executable, *sys.argv]), "data_dir": str(data_dir),
-              "dataset_ready_seconds": round(ready, 2), "machine": machine, "results": rows}
+    result = {"command": command(__file__, argv), "data_dir": str(data_dir),
+              "dataset_ready_seconds": round(ready, 2), "machine": host, "results": rows}
     write_json(a.out, result)
     print(f"{'seq_len':>8} {'batch':>6} {'packing':>8} {'tokens/s':>12} {'ms/batch':>9}")
     for r in rows:

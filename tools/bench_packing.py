@@ -1,20 +1,17 @@
 """Builds the packing plan for many synthetic document lengths: seconds and peak memory (the issue's bar: 100M
 documents in at most 60 s and 4 GB).
 
-    python tools/bench_packing.py --docs=100000000 --out=bench_results/packing.json
+    python -m tools.bench_packing --docs=100000000 --out=bench_results/packing.json
 """
 
 import argparse
-import os
-import platform
 import resource
-import sys
 import time
 
 import numpy as np
-from _timing import write_json
 
 from phi_jax.data.loader import pack_plan
+from tools._bench import command, machine, write_json
 
 
 def peak_rss_gb() -> float:
@@ -44,10 +41,8 @@ def main(argv=None) -> None:
     row_ptr, doc, _, length = pack_plan(lengths, a.seq_len)
     seconds = time.perf_counter() - start
     rows = len(row_ptr) - 1
-    result = {"command": " ".join([sys.executable, *sys.argv]),
-              "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                          "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                          "load_average_1min": os.getloadavg()[0]},
+    result = {"command": command(__file__, argv),
+              "machine": machine(),
               "docs": a.docs, "seq_len": a.seq_len, "tokens": int(lengths.sum()), "rows": rows,
               "chunks": len(doc), "fill": round(float(length.sum()) / (rows * (a.seq_len + 1)), 4),
               "seconds": round(seconds, 2), "peak_rss_gb": round(peak_rss_gb(), 2),

@@ -1,7 +1,7 @@
 """Preparation throughput: tokens/s of tools/prepare_data.py's engine at several --workers, and per core.
 
-    python tools/bench_prepare.py --workers=1,2 --out=bench_results/prepare.json
-    python tools/bench_prepare.py --workers=1 --copies=3 --repeats=1 --out=bench_results/prepare_x3.json
+    python -m tools.bench_prepare --workers=1,2 --out=bench_results/prepare.json
+    python -m tools.bench_prepare --workers=1 --copies=3 --repeats=1 --out=bench_results/prepare_x3.json
 
 The documents (the Python standard library's sources, ~31 MB) are read into memory first, so the figure is
 tokenizing + writing shards; the spawn of the worker processes is included. --copies streams the corpus that many
@@ -12,20 +12,16 @@ which a machine shared with other work does not distort the way it distorts wall
 
 import argparse
 import itertools
-import os
-import platform
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-from _timing import write_json
 
 from phi_jax.data.corpus import stdlib_documents
 from phi_jax.data.default import ensure_default_dataset
 from phi_jax.data.prepare import prepare_shards
 from phi_jax.data.tokenizer import load_tokenizer
+from tools._bench import command, machine, write_json
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -67,10 +63,8 @@ def main(argv=None) -> None:
                      "tokens_per_cpu_second": round(tokens / sum(best_cpu)),
                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                      "workers_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)})
-    result = {"command": " ".join([sys.executable, *sys.argv]),
-              "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                          "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                          "load_average_1min": os.getloadavg()[0]},
+    result = {"command": command(__file__, argv),
+              "machine": machine(),
               "docs_per_shard": a.docs_per_shard, "copies": a.copies, "results": rows}
     write_json(a.out, result)
     print(f"{'workers':>8} {'tokens':>12} {'seconds':>8} {'tokens/s':>12} {'per worker':>12} {'per CPU-s':>10} "

@@ -1,8 +1,8 @@
 """Training throughput: tokens/s and MFU of the jitted train step, beside this machine's measured matmul ceiling.
 
-    python tools/bench_train.py --models=quickstart,phi-100m --out=bench_results/train.json
+    python -m tools.bench_train --models=quickstart,phi-100m --out=bench_results/train.json
 
-Synthetic batches (the loader is measured by tools/bench_loader.py); one device; steps timed after a warm-up
+Synthetic batches (the loader is measured by tools.bench_loader); one device; steps timed after a warm-up
 compile. MFU counts 6 x matmul parameters + causal attention FLOPs per token (phi_jax.flops.flops_per_token), and is
 reported against both the measured float32 matmul ceiling (on CPU) and, where known, the spec-sheet peak.
 """
@@ -10,19 +10,15 @@ reported against both the measured float32 matmul ceiling (on CPU) and, where kn
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import resource
-import sys
 import time
 
-from _timing import write_json
+from tools._bench import command, device, machine, write_json
 
 
 def setup(name: str, seq_len: int, batch: int, dtype: str = "float32", remat: str = "none", **overrides):
     """(cfg, jitted train step, train state, synthetic batch) on one device; `overrides` are PhiConfig fields."""
     import jax
-    import numpy as np
 
     from phi_jax.config import PhiConfig
     from phi_jax.optim import make_optimizer
@@ -36,49 +32,61 @@ def setup(name: str, seq_len: int, batch: int, dtype: str = "float32", remat: st
     state = create_train_state(cfg, tx, mesh)
     _, shardings = state_shardings(cfg, tx, mesh)
     step_fn, _ = jit_steps(mesh, shardings)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab_size, (1, batch, seq_len + 1), dtype=np.int32)
-    b = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
-         "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (1, batch, seq_len)).copy(),
-         "segment_ids": np.ones((1, batch, seq_len), np.int32), "loss_mask": np.ones((1, batch, seq_len), np.float32)}
-    return cfg, step_fn, state, jax.device_put(b, batch_sharding(mesh, leading_dims=1))
+    batch = jax.device_put(synthetic_batch(cfg.vocab_size, batch, seq_len), batch_sharding(mesh, leading_dims=1))
+    return cfg, step_fn, state, batch
 
 
-def bench_model(name: str, seq_len: int, batch: int, steps: int, dtype: str, remat: str) -> dict:
+def synthetic_batch(vocab_size: int, rows: int, seq_len: int) -> dict:
+    """One optimizer step's batch of random tokens (one micro-batch of `rows` unpacked sequences), as numpy."""
+    import numpy as np
+
+    tokens = np.random.default_rng(0).integers(0, vocab_size, (1, rows, seq_len + 1), dtype=np.int32)
+    return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (1, rows, seq_len)).copy(),
+            "segment_ids": np.ones((1, rows, seq_len), np.int32), "loss_mask": np.ones((1, rows, seq_len), np.float32)}
+
+
+def time_steps(step_fn, state, batch, steps: int) -> dict:
+    """One untimed-for-speed first step (compile + run), then `steps` timed ones, each ended by
+    block_until_ready: their median and minimum seconds, the last loss, and host memory's cost per timed step
+    (page faults and kernel time, phi_jax/host_memory.py)."""
     import jax
     import numpy as np
 
-    from phi_jax.flops import flops_per_token, matmul_flops_per_sec
-
-    cfg, step_fn, state, b = setup(name, seq_len, batch, dtype, remat)
     start = time.perf_counter()
-    state, m = step_fn(state, b)
-    jax.block_until_ready(m)
-    compile_sec = time.perf_counter() - start
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    first_step_sec = time.perf_counter() - start
     times = []
     usage = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         start = time.perf_counter()
-        state, m = step_fn(state, b)
-        jax.block_until_ready(m)
+        state, metrics = step_fn(state, batch)
+        jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    step_time = float(np.median(times))
-    tps = batch * seq_len / step_time
+    return {"compile_sec": round(first_step_sec, 2), "steps": steps, "step_sec_median": float(np.median(times)),
+            "step_sec_min": min(times), "loss": float(metrics["loss"]),
+            "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / steps,
+            "system_sec_per_step": (after.ru_stime - usage.ru_stime) / steps}
+
+
+def bench_model(name: str, seq_len: int, batch: int, steps: int, dtype: str, remat: str) -> dict:
+    from phi_jax.flops import flops_per_token, matmul_flops_per_sec
+
+    cfg, step_fn, state, b = setup(name, seq_len, batch, dtype, remat)
+    timing = time_steps(step_fn, state, b, steps)
+    tps = batch * seq_len / timing["step_sec_median"]
     fpt = flops_per_token(cfg, seq_len)
     return {"model": name, "parameters": cfg.num_params(), "seq_len": seq_len, "batch": batch, "dtype": dtype,
-            "remat": remat, "compile_sec": round(compile_sec, 2), "step_sec_median": step_time,
-            "step_sec_min": min(times), "tokens_per_sec": tps,
-            # host memory's cost (phi_jax/host_memory.py): page faults and kernel time per step
-            "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / steps,
-            "system_sec_per_step": (after.ru_stime - usage.ru_stime) / steps, "flops_per_token": fpt,
+            "remat": remat, **timing, "tokens_per_sec": tps, "flops_per_token": fpt,
             "achieved_flops_per_sec": tps * fpt,
             # the model's own fc1 shape: a tighter CPU ceiling than a square matmul
             "model_shaped_matmul_flops_per_sec": matmul_flops_per_sec(batch * seq_len, cfg.hidden_size,
                                                                       cfg.intermediate_size, seconds=2.0)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="quickstart,phi-100m")
     p.add_argument("--seq_len", default="256,512", help="per model, comma-separated (one value: all models)")
@@ -87,7 +95,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--remat", default="none")
     p.add_argument("--out", default="bench_results/train.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     import jax
 
     from phi_jax.flops import measured_matmul_peak, peak_flops_per_device
@@ -106,9 +114,7 @@ def main() -> None:
         r["mfu"], r["peak_flops_per_sec"], r["peak_source"] = r["achieved_flops_per_sec"] / peak, peak, peak_source
         r["mfu_vs_measured_matmul"] = r["achieved_flops_per_sec"] / ceiling
         r["mfu_vs_model_shaped_matmul"] = r["achieved_flops_per_sec"] / r["model_shaped_matmul_flops_per_sec"]
-    result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "jax": jax.__version__,
-              "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-              "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+    result = {"command": command(__file__, argv), **device(), "machine": machine(),
               "matmul_ceiling_flops_per_sec": ceiling, "host_memory": status(), "results": rows}
     print(f"{'model':<12}{'params':>10}{'seq x batch':>14}{'tokens/s':>12}{'GFLOP/s':>10}{'of ceiling':>12}"
           f"{'fc1 matmul GFLOP/s':>20}{'of it':>8}{'faults/step':>13}")

@@ -1,6 +1,6 @@
 """Start N JAX processes of one command on this machine, joined through jax.distributed on 127.0.0.1.
 
-    python tools/launch_local.py --num_processes=2 --cpu_devices_per_process=2 -- \\
+    python -m tools.launch_local --num_processes=2 --cpu_devices_per_process=2 -- \\
         python -m phi_jax.train --config=configs/quickstart.py --workdir=runs/mp
 
 The same code path as a TPU pod or a GPU cluster, on one host: each process gets PHI_JAX_COORDINATOR,

@@ -1,8 +1,8 @@
 """Will a configuration fit? Compiles the real train step ahead of time and reports per-chip memory.
 
-    python tools/plan_memory.py --topology=v5e:4x4 --micro_batch=2 --remat=full      # the TPU compiler, no TPU
-    python tools/plan_memory.py --topology=v5e:2x4 --remat=save_dots --max_micro_batch  # largest that fits
-    python tools/plan_memory.py --mesh=1,8,1 --micro_batch=8                            # XLA:CPU, fake devices
+    python -m tools.plan_memory --topology=v5e:4x4 --micro_batch=2 --remat=full      # the TPU compiler, no TPU
+    python -m tools.plan_memory --topology=v5e:2x4 --remat=save_dots --max_micro_batch  # largest that fits
+    python -m tools.plan_memory --mesh=1,8,1 --micro_batch=8                            # XLA:CPU, fake devices
 
 Nothing is allocated: the state and batch are abstract (jax.ShapeDtypeStruct with shardings), the step is lowered
 and compiled for the mesh, and the figures are the compiled executable's own memory analysis.
@@ -22,12 +22,8 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's phi_jax
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # and the tools' own helpers
-
-from _timing import write_json
+from tools._bench import command, write_json
 
 # What libtpu needs to compile for a TPU topology on a host without one (set before JAX starts).
 # ALLOW_MULTIPLE_LIBTPU_LOAD: without it, a second process that loads libtpu (a test beside a memory plan) fails on
@@ -232,7 +228,7 @@ def main(argv=None) -> dict:
     mesh = make_mesh(*sizes, devices=devices)
     where = f"{args.topology} ({devices[0].device_kind}, {len(devices)} chips)" if args.topology else "fake CPU devices"
     report = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else f"main({argv})",
+        "command": command(__file__, argv),
         "model": args.model, "parameters": cfg.num_params(), "topology": args.topology or None,
         "mesh": dict(mesh.shape), "sharding": args.sharding, "accum": args.accum, "seq_len": args.seq_len,
         "dtype": args.dtype, "remat": args.remat, "jax": jax.__version__,

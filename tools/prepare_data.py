@@ -1,14 +1,14 @@
 """Tokenizes a document source into train/val ArrayRecord shards for training.
 
-    python tools/prepare_data.py --source=files --glob='~/code/**/*.py' --tokenizer=tok.model --out=data/mycode
-    python tools/prepare_data.py --source=jsonl --jsonl=corpus.jsonl --tokenizer=tokenizer.json --out=data/c
-    python tools/prepare_data.py --source=tfds --tfds_name=my_ds --tfds_data_dir=~/tfds --tokenizer=t.model --out=d
+    python -m tools.prepare_data --source=files --glob='~/code/**/*.py' --tokenizer=tok.model --out=data/mycode
+    python -m tools.prepare_data --source=jsonl --jsonl=corpus.jsonl --tokenizer=tokenizer.json --out=data/c
+    python -m tools.prepare_data --source=tfds --tfds_name=my_ds --tfds_data_dir=~/tfds --tokenizer=t.model --out=d
 
 Across machines (a SLURM array, the hosts of a TPU pod; OUT on a filesystem they share), every task reads the same
 source and writes its share of the pieces, then one merge writes the metadata:
 
-    python tools/prepare_data.py ... --out=OUT --num_tasks=8 --task_index=$SLURM_ARRAY_TASK_ID
-    python tools/prepare_data.py --merge --out=OUT
+    python -m tools.prepare_data ... --out=OUT --num_tasks=8 --task_index=$SLURM_ARRAY_TASK_ID
+    python -m tools.prepare_data --merge --out=OUT
 
 A killed run resumes where it stopped when run again with the same arguments (finished pieces are kept in
 .OUT.partial beside OUT); the shards are the same bytes whichever way they were made.
@@ -16,15 +16,12 @@ A killed run resumes where it stopped when run again with the same arguments (fi
 
 import argparse
 import logging
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _source_args import add_source_args, describe, source_documents
 
 from phi_jax.data.corpus import SkipReport
 from phi_jax.data.prepare import DOCS_PER_SHARD, merge_shards, prepare_shards
 from phi_jax.data.tokenizer import load_tokenizer
+from tools._source_args import add_source_args, describe, source_documents
 
 
 def main(argv=None) -> None:
@@ -54,7 +51,7 @@ def main(argv=None) -> None:
                               task_index=a.task_index, report=report)
         print(f"source: {report.summary()}")
         if meta is None:
-            print(f"task {a.task_index} of {a.num_tasks} done; when all are, run: python tools/prepare_data.py "
+            print(f"task {a.task_index} of {a.num_tasks} done; when all are, run: python -m tools.prepare_data "
                   f"--merge --out={a.out}")
             return
     for split, info in meta["splits"].items():

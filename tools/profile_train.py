@@ -1,6 +1,6 @@
 """Where a training step's time goes: one traced step, its XLA ops' time summed by kind.
 
-    python tools/profile_train.py --model=phi-100m --seq_len=512 --batch=4 --out=bench_results/profile_train.json
+    python -m tools.profile_train --model=phi-100m --seq_len=512 --batch=4 --out=bench_results/profile_train.json
 
 Traces one step (after a compile and a warm-up step) with jax.profiler, matches each traced op to its instruction
 in the compiled HLO, and sums op time into: matmuls of the linear layers, attention's matmuls, attention's other
@@ -14,13 +14,9 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import os
 import re
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/bench_train.py
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, str]:
@@ -43,7 +39,7 @@ def kind_of(line: str) -> str:
         "attention other" if attention else "other")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="phi-100m")
     p.add_argument("--seq_len", type=int, default=512)
@@ -52,14 +48,14 @@ def main() -> None:
     p.add_argument("--remat", default="none")
     p.add_argument("--top", type=int, default=25, help="also list the N slowest ops")
     p.add_argument("--out", default="bench_results/profile_train.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     import jax
-    from _timing import write_json
-    from bench_train import setup
     from jax.profiler import ProfileData
 
     from phi_jax.host_memory import status
+    from tools._bench import command, device, machine, write_json
+    from tools.bench_train import setup
 
     _, step_fn, state, batch = setup(args.model, args.seq_len, args.batch, args.dtype, args.remat)
     defs = hlo_instructions(step_fn.lower(state, batch).compile().as_text())
@@ -84,8 +80,7 @@ def main() -> None:
     for name, sec in per_op.items():
         kinds[op_kind[name]] += sec
     total = sum(kinds.values())
-    result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "jax": jax.__version__,
-              "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(), "host_memory": status(),
+    result = {"command": command(__file__, argv), **device(), "machine": machine(), "host_memory": status(),
               "model": args.model,
               "seq_len": args.seq_len, "batch": args.batch, "traced_step_sec": step_sec,
               "op_seconds_by_kind": dict(kinds.most_common()),

@@ -1,7 +1,7 @@
 """Compile phi_jax's Triton kernels for sm_90a and sm_80 on a CPU host and read the machine code's vital signs.
 
-    python tools/ptx_stats.py                         # every kernel, both archs, at phi-1.5 shapes (bf16)
-    python tools/ptx_stats.py --kernels attn_fwd attn_fwd_seg --archs sm_90a --out ptx_stats.json
+    python -m tools.ptx_stats                         # every kernel, both archs, at phi-1.5 shapes (bf16)
+    python -m tools.ptx_stats --kernels attn_fwd attn_fwd_seg --archs sm_90a --out ptx_stats.json
 
 Pipeline, no GPU needed: `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` gives StableHLO whose Pallas
 custom calls carry the Triton IR (MLIR bytecode in `backend_config.ir`); jaxlib's MLIR reads it back as text, the
@@ -19,13 +19,11 @@ import dataclasses
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import this checkout's phi_jax
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # and the tools' own helpers
+from tools._bench import command, write_json
 
 ARCHS = {"sm_90a": 90, "sm_80": 80}
 SHARED_LIMIT = {"sm_90a": 227 * 1024, "sm_80": 163 * 1024}  # max dynamic shared memory per block (H100, A100)
@@ -285,7 +283,6 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
     import triton
-    from _timing import write_json
 
     kernels = phi15_kernels()
     if args.list:
@@ -300,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"compiled on a CPU host with triton {versions['triton']}, ptxas {versions['ptxas']}; not timed on a GPU")
     _print_table(rows)
     if args.out:
-        write_json(args.out, {"command": " ".join(sys.argv), **versions, "rows": rows})
+        write_json(args.out, {"command": command(__file__, argv), **versions, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,19 +1,15 @@
 """Trains a code-exact SentencePiece BPE tokenizer on a document source.
 
-    python tools/train_tokenizer.py --source=files --glob='~/code/**/*.py' --vocab_size=16384 --out=tok/code
+    python -m tools.train_tokenizer --source=files --glob='~/code/**/*.py' --vocab_size=16384 --out=tok/code
     (writes tok/code.model)
 """
 
 import argparse
 import logging
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _source_args import add_source_args, source_documents
 
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from tools._source_args import add_source_args, source_documents
 
 
 def main(argv=None) -> None:

@@ -48,7 +48,8 @@ def _complete(data_dir: Path) -> bool:
 
 def ensure_default_dataset(cache_dir: str | os.PathLike | None = None, vocab_size: int = 8192,
                            workers: int | None = None) -> tuple[Path, Path]:
-    """(shard directory, tokenizer path) of the stdlib corpus, building and caching it on first use (~1-2 min)."""
+    """(shard directory, tokenizer path) of the stdlib corpus, building and caching it on first use (timed in
+    docs/PERFORMANCE.md, "Data loader")."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-sp{vocab_size}-v{FORMAT_VERSION}"
     data_dir = cache_dir / key

@@ -228,7 +228,8 @@ def merge_shards(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict
     out_dir = Path(out_dir).absolute()
     work = work_dir(out_dir)
     if not (work / "params.json").is_file():
-        raise FileNotFoundError(f"{work} holds no prepared pieces: run tools/prepare_data.py for every task first.")
+        raise FileNotFoundError(f"{work} holds no prepared pieces: run python -m tools.prepare_data for every task "
+                                "first.")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
     params = json.loads((work / "params.json").read_text())

@@ -34,7 +34,7 @@ log = logging.getLogger("phi_jax")
 
 FORMAT_VERSION = 2  # 2: contiguous shards, file sizes and checksums in metadata.json
 SPLITS = ("train", "val")
-_PREPARE_HINT = "run tools/prepare_data.py (or leave --config.data.path empty for the embedded stdlib corpus)"
+_PREPARE_HINT = "run python -m tools.prepare_data (or leave --config.data.path empty for the embedded stdlib corpus)"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -75,7 +75,8 @@ def _inside(data_dir, name: str, what: str):
         inside = path.is_relative_to(data_dir.resolve())
     if not inside:
         raise ValueError(f"{data_dir / 'metadata.json'} names {what} {name!r}, which resolves to {path} outside "
-                         f"the directory: a shard directory only reads its own files; re-run tools/prepare_data.py.")
+                         "the directory: a shard directory only reads its own files; re-run "
+                         "python -m tools.prepare_data.")
     return path
 
 
@@ -87,7 +88,7 @@ def _check_file(data_dir, record: dict, what: str):
         raise FileNotFoundError(f"{data_dir} misses {what} {record['file']}: {_PREPARE_HINT}.")
     if (size := path.stat().length) != record["bytes"]:
         raise ValueError(f"{path} is {size} bytes but metadata.json records {record['bytes']}: the file is "
-                         f"truncated or was replaced; copy it again or re-run tools/prepare_data.py.")
+                         f"truncated or was replaced; copy it again or re-run python -m tools.prepare_data.")
     return path
 
 
@@ -107,7 +108,7 @@ def read_metadata(data_dir: str | os.PathLike) -> dict:
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {meta.get('format_version')}, this code reads "
-                         f"{FORMAT_VERSION}: re-run tools/prepare_data.py.")
+                         f"{FORMAT_VERSION}: re-run python -m tools.prepare_data.")
     _inside(data_dir, meta["tokenizer_file"], "tokenizer file")
     for split, info in meta["splits"].items():
         for record in [*info["shards"], info["lengths"]]:
@@ -125,14 +126,14 @@ def verify_checksums(data_dir: str | os.PathLike, meta: dict) -> None:
             path = _check_file(data_dir, record, f"{split} file")
             if file_sha256(path) != record["sha256"]:
                 raise ValueError(f"{path} does not match the sha256 in metadata.json: the file is corrupted; copy "
-                                 "it again or re-run tools/prepare_data.py.")
+                                 "it again or re-run python -m tools.prepare_data.")
         for record in info["shards"]:
             reader = ArrayRecordReader(str(data_dir / record["file"]))
             n = reader.num_records()
             reader.close()
             if n != record["records"]:
                 raise ValueError(f"{data_dir / record['file']} holds {n} records but metadata.json records "
-                                 f"{record['records']}; re-run tools/prepare_data.py.")
+                                 f"{record['records']}; re-run python -m tools.prepare_data.")
     log.info("verified the checksums of %s in %.1f s", data_dir, time.perf_counter() - start)
 
 
@@ -142,8 +143,8 @@ def check_compatible(meta: dict, tokenizer: Tokenizer) -> None:
     if made["sha256"] != given["sha256"]:
         raise ValueError(f"The shards were made with tokenizer {made['path']} (sha256 {made['sha256'][:12]}, "
                          f"vocab {made['vocab_size']}) but the given tokenizer is {given['path']} (sha256 "
-                         f"{given['sha256'][:12]}, vocab {given['vocab_size']}): re-run tools/prepare_data.py with "
-                         "this tokenizer, or leave the tokenizer unset to use the shards' own.")
+                         f"{given['sha256'][:12]}, vocab {given['vocab_size']}): re-run python -m tools.prepare_data "
+                         "with this tokenizer, or leave the tokenizer unset to use the shards' own.")
 
 
 class SplitReader:
@@ -166,7 +167,7 @@ class SplitReader:
         self._source = grain.sources.ArrayRecordDataSource([str(data_dir / s["file"]) for s in info["shards"]])
         if len(self._source) != len(self.lengths):
             raise ValueError(f"{data_dir}: {split} shards hold {len(self._source)} records but the lengths file "
-                             f"lists {len(self.lengths)} documents; re-run tools/prepare_data.py.")
+                             f"lists {len(self.lengths)} documents; re-run python -m tools.prepare_data.")
         self.document = lru_cache(maxsize=32)(self._document)
 
     def __len__(self) -> int:
