@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/_timing.py
 from _timing import median_seconds, write_json
 
+from phi_jax.activations import apply_activation
 from phi_jax.kernels.dense import BlockSizes, dense_reference, fused_dense
-from phi_jax.kernels.dense_math import apply_activation
 
 # phi-1.5: d_model 2048, 32 heads, mlp 8192. (name, K, N, activation)
 PHI15_LAYERS = [
