@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # and the tools' own h
 
 from _timing import median_seconds, write_json
 
-from phi_jax.kernels.flash_attention import attention_reference, flash_attention
+from phi_jax.attention import xla_attention
+from phi_jax.attention_mask import causal_segment_mask
+from phi_jax.kernels.flash_attention import flash_attention
 
 
 def _fwd_bwd(attn: Callable) -> Callable:
@@ -43,7 +45,7 @@ def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> t
 
 
 def _attention_sweep() -> list[dict]:
-    """CPU: max |error| of the interpreted kernels against attention_reference (fp32), forward and grads."""
+    """CPU: max |error| of the interpreted kernels against xla_attention (fp32), forward and grads."""
     rows = []
     for backend in ("gpu", "tpu"):
         for causal, packed, seq in ((True, False, 128), (True, True, 100), (False, True, 100)):
@@ -52,7 +54,7 @@ def _attention_sweep() -> list[dict]:
             seg = jnp.cumsum(jax.random.bernoulli(keys[4], 0.05, (1, seq)), axis=1) if packed else None
             kernel = functools.partial(flash_attention, segment_ids=seg, causal=causal, backend=backend,
                                        interpret=True)
-            ref = functools.partial(attention_reference, segment_ids=seg, causal=causal)
+            ref = functools.partial(xla_attention, mask=causal_segment_mask(seg, seq, causal=causal))
             (o, g), (ro, rg) = _fwd_bwd(kernel)(q, k, v, ct), _fwd_bwd(ref)(q, k, v, ct)
             rows.append({"impl": f"pallas-{backend} (interpret)", "seq": seq, "causal": causal, "segments": packed,
                          "max_abs_err_fwd": float(jnp.max(jnp.abs(o - ro))),
