@@ -2,58 +2,19 @@
 
 `xla` is plain jnp (fp32 logits and softmax); `pallas` is phi_jax's FlashAttention-2 kernel; `splash` is JAX's
 Pallas TPU kernel (phi_jax.kernels.splash_attention); `cudnn` is jax.nn.dot_product_attention's cuDNN path.
-`auto` takes the safe default of the platform the computation runs on (docs/KERNELS.md says why and what would
-change it): TPU -> splash, GPU -> cudnn for bf16/fp16 and xla for fp32, CPU -> xla. The path that runs is logged
-once, and a path that cannot run is an error, never a silent fallback.
+`auto` takes the safe default of the platform the computation runs on, as `phi_jax.dispatch` resolves it (TPU ->
+splash, GPU -> cudnn for bf16/fp16 and xla for fp32, CPU -> xla); the path that runs is logged once, and a path
+that cannot run is an error, never a silent fallback.
 """
 
 from __future__ import annotations
 
-import logging
-
 import jax
 import jax.numpy as jnp
 
+from phi_jax.attention_mask import causal_segment_mask
+from phi_jax.dispatch import resolve_attention_impl
 from phi_jax.sharding import active_mesh_and_rules, logical_to_spec
-
-log = logging.getLogger("phi_jax")
-_LOGGED: set[tuple] = set()
-_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-# Where each explicit implementation can run ("cpu" means interpret mode for the Pallas kernels).
-_PLATFORMS = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "gpu", "tpu"), "splash": ("cpu", "tpu"),
-              "cudnn": ("gpu",)}
-
-
-def current_platform() -> str:
-    """'cpu', 'gpu' or 'tpu': the devices of the enclosing sharding context's mesh (so a step compiled ahead of
-    time for a TPU topology from a CPU host resolves for TPU), else JAX's default backend."""
-    ctx = active_mesh_and_rules()
-    platform = ctx[0].devices.flat[0].platform if ctx is not None else jax.default_backend()
-    return "gpu" if platform in ("cuda", "rocm") else platform
-
-
-def resolve_attention_impl(impl: str, dtype, platform: str | None = None) -> str:
-    """The implementation `impl` means for inputs of `dtype` on `platform` (default: `current_platform()`)."""
-    platform = platform or current_platform()
-    dtype = jnp.dtype(dtype)
-    if impl == "auto":
-        resolved = {"tpu": "splash", "gpu": "cudnn" if dtype in _HALF else "xla"}.get(platform, "xla")
-    else:
-        resolved = impl
-    if resolved not in _PLATFORMS:
-        raise ValueError(f"attention_impl={impl!r} is not one of {('auto', *_PLATFORMS)}.")
-    if platform not in _PLATFORMS[resolved]:
-        raise ValueError(f"attention_impl={impl!r} cannot run on {platform!r}: {resolved} runs on "
-                         f"{_PLATFORMS[resolved]}; use 'auto' or 'xla'.")
-    if resolved == "cudnn" and dtype not in _HALF:
-        raise ValueError(f"attention_impl='cudnn' needs bfloat16 or float16 inputs, got {dtype}; "
-                         "set the model dtype to bfloat16, or use 'auto' (xla for float32) or 'pallas'.")
-    key = (impl, resolved, platform, dtype.name)
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        mode = " (Pallas interpret mode)" if platform == "cpu" and resolved in ("pallas", "splash") else ""
-        log.info("attention: %s%s (asked for %r, %s on %r)", resolved, mode, impl, dtype.name, platform)
-    return resolved
 
 
 @jax.custom_vjp
@@ -109,37 +70,23 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask:
     return out.reshape(b, n, t, h).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def causal_segment_mask(segment_ids: jax.Array | None, seq_len: int, *, kv_segment_ids: jax.Array | None = None,
-                        q_start: jax.Array | int = 0) -> jax.Array:
-    """[B or 1, T, S] bool (True = attend): key slot s at or before query t's slot `q_start + t`, and in the
-    query's segment. segment_ids: the queries' [B, T] (None: one segment); kv_segment_ids: the keys' [B, S]
-    (default: the queries' own, S = T), e.g. a KV cache's slots, where segment 0 marks empty or padding."""
-    kv = segment_ids if kv_segment_ids is None else kv_segment_ids
-    kv_len = seq_len if kv is None else kv.shape[1]
-    mask = (jnp.arange(kv_len)[None, :] <= q_start + jnp.arange(seq_len)[:, None])[None]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == kv[:, None, :])
-    return mask
-
-
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
     """cuDNN's fused attention, causal, with packed documents as a [B, 1, S, S] boolean mask (cuDNN applies it
     as a bias). q, k, v: [B, S, N, H] in bfloat16/float16."""
-    mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    mask = None if segment_ids is None else causal_segment_mask(segment_ids, q.shape[1], causal=False)[:, None]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
 
-def _kernel(impl: str, platform: str):
-    """q, k, v, segment_ids -> out for a Pallas implementation on `platform` (interpreted on CPU)."""
+def _kernel(impl: str):
+    """q, k, v, segment_ids -> out for a Pallas implementation; each kernel resolves its lowering and interpret
+    mode for the current platform (phi_jax.dispatch.pallas_target)."""
     if impl == "splash":
         from phi_jax.kernels.splash_attention import splash_attention
 
-        return lambda q, k, v, seg: splash_attention(q, k, v, seg, interpret=platform == "cpu")
+        return splash_attention
     from phi_jax.kernels.flash_attention import flash_attention
 
-    backend = None if platform == "cpu" else platform  # the platform's lowering; on CPU the interpreted default
-    return lambda q, k, v, seg: flash_attention(q, k, v, seg, causal=True, backend=backend,
-                                                interpret=platform == "cpu")
+    return lambda q, k, v, seg: flash_attention(q, k, v, seg, causal=True)
 
 
 def _per_shard(fn, q, k, v, segment_ids):
@@ -162,10 +109,9 @@ def _per_shard(fn, q, k, v, segment_ids):
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
               impl: str = "auto") -> jax.Array:
     """Causal self-attention of a full sequence. q, k, v: [B, S, N, H]; segment_ids: int [B, S]."""
-    platform = current_platform()
-    impl = resolve_attention_impl(impl, q.dtype, platform)
+    impl = resolve_attention_impl(impl, q.dtype)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids)
     if impl == "xla":
         return xla_attention(q, k, v, causal_segment_mask(segment_ids, q.shape[1]))
-    return _per_shard(_kernel(impl, platform), q, k, v, segment_ids)
+    return _per_shard(_kernel(impl), q, k, v, segment_ids)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -10,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-log = logging.getLogger("phi_jax")
+from phi_jax.activations import gelu_new
+from phi_jax.dispatch import resolve_dense_impl
 
 Initializer = Callable[..., jax.Array]
 
@@ -21,11 +21,6 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequen
     if len(names) != len(shape):
         raise ValueError(f"{len(names)} logical names {tuple(names)} for a parameter of shape {tuple(shape)}.")
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names), eager_sharding=False)
-
-
-def gelu_new(x: jax.Array) -> jax.Array:
-    """The tanh approximation of GELU (Hugging Face's `gelu_new`), not the exact erf GELU."""
-    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 class LayerNorm(nnx.Module):
@@ -42,20 +37,6 @@ class LayerNorm(nnx.Module):
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
-
-
-_DENSE_IMPL_LOGGED: set[str] = set()
-
-
-def resolve_dense_impl(impl: str) -> str:
-    """`auto` is XLA on every platform: the fused Pallas kernel is one flag away (`pallas`) but stays off by
-    default until it is measured faster than XLA's matmuls on hardware (docs/KERNELS.md). Logged once."""
-    backend = jax.default_backend()
-    resolved = "xla" if impl == "auto" else impl
-    if resolved not in _DENSE_IMPL_LOGGED:
-        _DENSE_IMPL_LOGGED.add(resolved)
-        log.info("dense: %s (asked for %r on backend %r)", resolved, impl, backend)
-    return resolved
 
 
 class Dense(nnx.Module):

@@ -25,8 +25,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-import phi_jax.kernels.dense as dense_mod
-import phi_jax.kernels.flash_attention as fa_mod
 from phi_jax.attention import attention
 from phi_jax.kernels.dense import fused_dense
 from phi_jax.kernels.flash_attention import flash_attention
@@ -38,11 +36,6 @@ ATTENTION_CASES = ((64, 2048, True), (64, 2048, False), (80, 999, True), (128, 9
 # The phi-1.5 step as configs/phi15.py shards it (FSDP over 8 chips, bf16, remat save_dots), at a micro-batch
 # that fits v5e's 16 GiB (docs/PERFORMANCE.md's memory table).
 STEP_TOPOLOGY, STEP_MICRO_BATCH = "v5e:2x4", 2
-
-# flash_attention and fused_dense refuse to compile a lowering for a platform other than the default backend
-# (a guard against running TPU code on CPU); here the TPU compiler is the target, so the guard is lifted.
-fa_mod._resolve_backend = lambda backend, interpret: (backend, False)
-dense_mod._resolve_backend = lambda backend, interpret: (backend, False)
 
 
 def _grad_fn(fn, n_diff: int):
@@ -64,14 +57,19 @@ def _attention_check(kind: str, mesh, head_dim: int, seq: int, segments: bool, d
             with activation_sharding(mesh):  # resolves for the mesh's TPU devices: auto -> splash
                 return attention(q, k, v, segment_ids=s, impl="auto")
     else:
-        fn = functools.partial(flash_attention, causal=True, backend="tpu")
+        def fn(q, k, v, s):
+            with activation_sharding(mesh):  # resolves for the mesh's TPU devices: Mosaic, compiled
+                return flash_attention(q, k, v, s, causal=True, backend="tpu")
     return _grad_fn(fn, 3).lower(x, x, x, seg)
 
 
 def _dense_check(mesh, m: int, k: int, n: int, activation):
     x, w, b = _abstract(mesh, (m, k), jnp.bfloat16), _abstract(mesh, (k, n), jnp.bfloat16), _abstract(
         mesh, (n,), jnp.bfloat16)
-    return _grad_fn(functools.partial(fused_dense, activation=activation, backend="tpu"), 3).lower(x, w, b)
+    def fn(x, w, b):
+        with activation_sharding(mesh):  # resolves for the mesh's TPU devices: Mosaic, compiled
+            return fused_dense(x, w, b, activation=activation, backend="tpu")
+    return _grad_fn(fn, 3).lower(x, w, b)
 
 
 def _run(name: str, lower, records: list) -> None:

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-import phi_jax.attention as attention_mod
-from phi_jax import layers
-from phi_jax.attention import attention, resolve_attention_impl
+from phi_jax import dispatch
+from phi_jax.attention import attention
 from phi_jax.config import PhiConfig
+from phi_jax.dispatch import resolve_attention_impl, resolve_dense_impl
 from phi_jax.sharding import activation_sharding, make_mesh
 
 
@@ -31,10 +31,11 @@ def test_auto_attention_resolution(platform, dtype, expected):
 
 
 @pytest.mark.parametrize("platform", ["cpu", "gpu", "tpu"])
-def test_auto_dense_is_xla_everywhere(monkeypatch, platform):
-    monkeypatch.setattr(jax, "default_backend", lambda: platform)
-    assert layers.resolve_dense_impl("auto") == "xla"
-    assert layers.resolve_dense_impl("pallas") == "pallas"
+def test_auto_dense_is_xla_everywhere(platform):
+    assert resolve_dense_impl("auto", platform) == "xla"
+    assert resolve_dense_impl("pallas", platform) == "pallas"
+    with pytest.raises(ValueError, match=r"dense_impl='fused' is not one of \('auto', 'xla', 'pallas'\)"):
+        resolve_dense_impl("fused", platform)
 
 
 @pytest.mark.parametrize(("impl", "platform", "dtype", "match"), [
@@ -54,7 +55,7 @@ def test_config_accepts_splash():
 
 
 def test_resolution_is_logged(caplog):
-    attention_mod._LOGGED.clear()
+    dispatch._LOGGED.clear()
     with caplog.at_level(logging.INFO, logger="phi_jax"):
         resolve_attention_impl("auto", jnp.bfloat16, "tpu")
     assert "attention: splash (asked for 'auto', bfloat16 on 'tpu')" in caplog.text
@@ -63,9 +64,9 @@ def test_resolution_is_logged(caplog):
 def test_platform_follows_the_sharding_context():
     """A step compiled for a mesh resolves for that mesh's devices, not for the host's default backend."""
     mesh = make_mesh(devices=jax.devices()[:1])
-    assert attention_mod.current_platform() == jax.default_backend()
+    assert dispatch.current_platform() == jax.default_backend()
     with activation_sharding(mesh):
-        assert attention_mod.current_platform() == mesh.devices.flat[0].platform
+        assert dispatch.current_platform() == mesh.devices.flat[0].platform
 
 
 # ------------------------------------------------------------------------------- splash vs XLA (interpret mode)
@@ -167,7 +168,7 @@ def test_auto_on_gpu_lowers_to_cudnn_fused_attention(monkeypatch, packed):
     version query (absent without the CUDA plugin) answers 9.10; the lowering itself is JAX's real one."""
     from jax._src.cudnn import fused_attention_stablehlo
 
-    monkeypatch.setattr(attention_mod, "current_platform", lambda: "gpu")
+    monkeypatch.setattr(dispatch, "current_platform", lambda: "gpu")
     monkeypatch.setattr(fused_attention_stablehlo, "cuda_versions",
                         types.SimpleNamespace(cudnn_get_version=lambda: 91000))
     x = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
@@ -188,3 +189,56 @@ def test_auto_on_gpu_lowers_to_cudnn_fused_attention(monkeypatch, packed):
     text32 = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x32, x32, x32, seg).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "__cudnn$fmha" not in text32
+
+
+# ------------------------------------------------------------------------ Pallas lowering and interpret mode
+@pytest.mark.parametrize(("platform", "backend", "interpret", "expected"), [
+    ("cpu", None, None, ("gpu", True)),    # on CPU: the GPU-style kernel, interpreted
+    ("cpu", "tpu", None, ("tpu", True)),
+    ("gpu", None, None, ("gpu", False)),
+    ("tpu", None, None, ("tpu", False)),
+    ("gpu", "tpu", True, ("tpu", True)),
+])
+def test_pallas_target(monkeypatch, platform, backend, interpret, expected):
+    monkeypatch.setattr(dispatch, "current_platform", lambda: platform)
+    assert dispatch.pallas_target(backend, interpret) == expected
+
+
+@pytest.mark.parametrize(("platform", "backend", "interpret", "match"), [
+    ("cpu", None, False, "interpret=False needs a GPU, but this computation runs on 'cpu'"),
+    ("gpu", "tpu", None, "needs a TPU, but this computation runs on 'gpu'"),
+    ("tpu", "cuda", None, "backend='cuda' is not a Pallas lowering"),
+])
+def test_pallas_target_errors(monkeypatch, platform, backend, interpret, match):
+    monkeypatch.setattr(dispatch, "current_platform", lambda: platform)
+    with pytest.raises(ValueError, match=match):
+        dispatch.pallas_target(backend, interpret)
+
+
+def _mesh_on(platform: str):
+    """A sharding context whose mesh's devices are on `platform` (only the platform is read by the resolver)."""
+    devices = np.array([types.SimpleNamespace(platform=platform)], dtype=object)
+    return activation_sharding(types.SimpleNamespace(devices=devices))
+
+
+def _lowered_for_tpu(kernel: str) -> str:
+    from phi_jax.kernels.dense import fused_dense
+    from phi_jax.kernels.flash_attention import flash_attention
+    from phi_jax.kernels.splash_attention import splash_attention
+
+    x = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.float32)
+    args = {"fused_dense": (jax.ShapeDtypeStruct((16, 128), jnp.float32), jax.ShapeDtypeStruct((128, 128), jnp.float32),
+                            jax.ShapeDtypeStruct((128,), jnp.float32))}.get(kernel, (x, x, x))
+    fn = {"fused_dense": fused_dense, "flash_attention": flash_attention, "splash_attention": splash_attention}[kernel]
+    # A new function each time: jit's cache does not see the sharding context the kernels resolve by.
+    return jax.jit(lambda *a: fn(*a)).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+@pytest.mark.parametrize("kernel", ["flash_attention", "splash_attention", "fused_dense"])
+def test_pallas_kernels_follow_the_mesh_platform(kernel):
+    """Every Pallas entry point asks the one resolver: from this CPU host, inside a TPU mesh's sharding context
+    (as when compiling ahead of time for a TPU topology) it lowers to a compiled Mosaic kernel; outside it, it runs
+    in interpret mode (no Mosaic custom call)."""
+    with _mesh_on("tpu"):
+        assert "tpu_custom_call" in _lowered_for_tpu(kernel)
+    assert "tpu_custom_call" not in _lowered_for_tpu(kernel)

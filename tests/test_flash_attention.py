@@ -1,4 +1,7 @@
-"""FlashAttention kernel vs `attention_reference`: outputs and jax.grad, in Pallas interpret mode on CPU.
+"""FlashAttention kernel vs `xla_attention`: outputs and jax.grad, in Pallas interpret mode on CPU.
+
+The reference is the model's XLA path (phi_jax.attention.xla_attention, fp32 logits and softmax, its FA-2 style
+backward) with its mask from the one mask builder the kernels use too (phi_jax.attention_mask).
 
 Interpret mode fills every output buffer with NaN before the kernel runs (checked in `test_interpret_poisons_
 outputs`), so an element a kernel forgets to write fails the comparisons below. The `TestCompiled` class repeats
@@ -16,8 +19,11 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-import phi_jax.kernels.flash_attention as fa
-from phi_jax.kernels.flash_attention import BlockSizes, attention_reference, flash_attention
+from phi_jax import dispatch
+from phi_jax.attention import xla_attention
+from phi_jax.attention_mask import attention_mask, causal_segment_mask
+from phi_jax.kernels import flash_attention_tpu
+from phi_jax.kernels.flash_attention import BlockSizes, flash_attention
 from phi_jax.kernels.flash_attention_common import block_is_visible, causal_first_q_block, causal_num_kv_blocks
 
 # Small blocks so 100..256-token sequences span several blocks; q and k blocks differ on purpose.
@@ -38,6 +44,20 @@ def _inputs(seed: int, batch: int, seq: int, heads: int, head_dim: int, dtype, p
     return q, k, v, ct, seg
 
 
+def reference(q, k, v, segment_ids=None, *, causal=True, sm_scale=None):
+    """xla_attention under the mask the kernels compute; a non-default sm_scale is folded into q."""
+    if sm_scale is not None:
+        q = q * (sm_scale * q.shape[-1] ** 0.5)   # xla_attention scales by head_dim ** -0.5
+    return xla_attention(q, k, v, causal_segment_mask(segment_ids, q.shape[1], causal=causal))
+
+
+def _reference_fwd_and_grads(q, k, v, ct, **kw):
+    """The reference's out and grads in fp32 at full matmul precision (no TF32 / bf16 passes on a GPU/TPU)."""
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, ct)]
+    with jax.default_matmul_precision("highest"):
+        return _fwd_and_grads(functools.partial(reference, **kw), *f32)
+
+
 def _fwd_and_grads(fn, q, k, v, ct):
     """out and (dq, dk, dv) of the scalar loss sum(out * ct), in one jit."""
     def run(q, k, v, ct):
@@ -51,10 +71,8 @@ def _check(*, backend, causal, seq, packed, dtype=jnp.float32, head_dim=64, bloc
     q, k, v, ct, seg = _inputs(seed, batch, seq, heads, head_dim, dtype, packed)
     kernel = functools.partial(flash_attention, segment_ids=seg, causal=causal, block_sizes=blocks,
                                backend=backend, interpret=interpret)
-    reference = functools.partial(attention_reference, segment_ids=seg, causal=causal)
     out, grads = _fwd_and_grads(kernel, q, k, v, ct)
-    f32 = [x.astype(jnp.float32) for x in (q, k, v, ct)]
-    ref_out, ref_grads = _fwd_and_grads(reference, *f32)
+    ref_out, ref_grads = _reference_fwd_and_grads(q, k, v, ct, segment_ids=seg, causal=causal)
     assert out.dtype == dtype and out.shape == q.shape
     atol, rtol = TOL[dtype]
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True):
@@ -93,7 +111,7 @@ def test_gpu_kernel_low_precision(dtype):
 def test_gpu_kernel_default_blocks_and_sm_scale():
     q, k, v, _, _ = _inputs(1, 1, 70, 2, 64, jnp.float32, False)
     out = flash_attention(q, k, v, sm_scale=0.3)   # backend/interpret/block sizes all defaulted on CPU
-    np.testing.assert_allclose(out, attention_reference(q, k, v, sm_scale=0.3), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out, reference(q, k, v, sm_scale=0.3), atol=2e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------- TPU-style kernel, interpret
@@ -138,8 +156,7 @@ def test_fully_masked_blocks_are_never_read(backend, block, seq):
     # Forward and dq: query block 0 must not touch key block 1.
     v_bad = v.at[:, block:].set(jnp.nan)
     out, (dq, _, _) = _fwd_and_grads(fn, q, k, v_bad, ct)
-    ref_out, (ref_dq, ref_dk, ref_dv) = _fwd_and_grads(functools.partial(attention_reference, causal=True),
-                                                       q, k, v, ct)
+    ref_out, (ref_dq, ref_dk, ref_dv) = _reference_fwd_and_grads(q, k, v, ct, causal=True)
     np.testing.assert_allclose(out[:, :block], ref_out[:, :block], atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(dq[:, :block], ref_dq[:, :block], atol=2e-5, rtol=1e-5)
     # dk/dv: key block 1 must not touch query block 0 (whose rows, and so delta, are NaN here).
@@ -214,14 +231,14 @@ class TestCompiled:
 @pytest.mark.parametrize(("head_dim", "dtype"), [(64, jnp.bfloat16), (80, jnp.float32)])
 def test_lowers_for_accelerator(monkeypatch, backend, platform, head_dim, dtype):
     """Forward and backward lower (Pallas -> Triton IR / Mosaic MLIR, done in Python) for a GPU/TPU from this CPU
-    host. This checks block shapes and that every primitive has a lowering rule; it does not run the Triton or
-    Mosaic compilers (those ship with the GPU/TPU runtimes)."""
-    monkeypatch.setattr(fa, "_resolve_backend", lambda backend, interpret: (backend, False))
+    host, the platform set as the resolver sees it. This checks block shapes and that every primitive has a
+    lowering rule; it does not run the Triton or Mosaic compilers (those ship with the GPU/TPU runtimes)."""
+    monkeypatch.setattr(dispatch, "current_platform", lambda: backend)
     x = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), dtype)
     seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
 
     def loss(q, k, v, seg):
-        return jnp.sum(flash_attention(q, k, v, seg, causal=True, backend=backend).astype(jnp.float32))
+        return jnp.sum(flash_attention(q, k, v, seg, causal=True).astype(jnp.float32))
 
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg).lower(
         lowering_platforms=(platform,)).as_text()
@@ -252,9 +269,7 @@ def test_loop_bounds_cover_every_visible_block(docs, causal, per_key_block):
 
     seg = _documents(DOCS[docs])
     seq, bq, bk = seg.shape[1], 32, 64
-    mask = np.asarray(seg[0][:, None] == seg[0][None, :])
-    if causal:
-        mask = mask & np.tril(np.ones((seq, seq), bool))
+    mask = np.asarray(causal_segment_mask(seg, seq, causal=causal)[0])
     blocks = mask.reshape(seq // bq, bq, seq // bk, bk).transpose(0, 2, 1, 3)   # [nq, nk, bq, bk]
     any_vis, all_vis = blocks.any((2, 3)), blocks.all((2, 3))
     if per_key_block:
@@ -279,7 +294,56 @@ def test_gpu_kernel_interior_and_masked_loops(docs):
     blocks = BlockSizes(block_q=32, block_k=64, block_q_dkv=32, block_k_dkv=64, block_q_dq=64, block_k_dq=32)
     kernel = functools.partial(flash_attention, segment_ids=seg, causal=True, block_sizes=blocks, backend="gpu")
     out, grads = _fwd_and_grads(kernel, q, k, v, ct)
-    ref_out, ref_grads = _fwd_and_grads(functools.partial(attention_reference, segment_ids=seg, causal=True),
-                                        q, k, v, ct)
+    ref_out, ref_grads = _reference_fwd_and_grads(q, k, v, ct, segment_ids=seg, causal=True)
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------- one mask
+def _mask_by_definition(q_seg: np.ndarray, kv_seg: np.ndarray, q_start: int, causal: bool) -> np.ndarray:
+    """[T, S]: query t (at position q_start + t) sees key s when s is not later (if causal) and in its segment."""
+    return np.array([[(not causal or s <= q_start + t) and q_seg[t] == kv_seg[s] for s in range(len(kv_seg))]
+                     for t in range(len(q_seg))])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_mask_form_is_the_xla_mask(causal):
+    """One mask builder (phi_jax.attention_mask) serves every path: XLA attention's [S, S] mask equals the definition
+    written out in numpy, and every block form the kernels build (the GPU kernels' [q, k] tiles and transposed
+    [k, q] tiles; the TPU kernels' tiles from their lane- and sublane-broadcast segment layouts, both orientations)
+    equals the same block of it. Random segment ids, an id repeated after another, blocks at every offset."""
+    rng = np.random.default_rng(7)
+    seq, bq, bk = 256, 64, 128
+    seg = np.cumsum(rng.random(seq) < 0.05).astype(np.int32)
+    seg[200:] = seg[0]                                       # an id that reappears (non-contiguous document)
+    full = np.asarray(causal_segment_mask(jnp.asarray(seg)[None], seq, causal=causal)[0])
+    np.testing.assert_array_equal(full, _mask_by_definition(seg, seg, 0, causal))
+    for qs in range(0, seq, bq):
+        for ks in range(0, seq, bk):
+            want = full[qs:qs + bq, ks:ks + bk]
+            q_seg, k_seg = jnp.asarray(seg[qs:qs + bq]), jnp.asarray(seg[ks:ks + bk])
+            forms = {
+                "gpu [q, k]": attention_mask((bq, bk), causal=causal, q_start=qs, k_start=ks,
+                                             q_segment_ids=q_seg[:, None], kv_segment_ids=k_seg[None, :]),
+                "gpu [k, q]": attention_mask((bk, bq), causal=causal, q_start=qs, k_start=ks,
+                                             q_segment_ids=q_seg[None, :], kv_segment_ids=k_seg[:, None],
+                                             keys_on_rows=True).T,
+                "tpu [q, k]": flash_attention_tpu._mask(
+                    jnp.broadcast_to(q_seg[:, None], (bq, 128)), jnp.broadcast_to(k_seg[None, :], (8, bk)),
+                    jnp.int32(qs), jnp.int32(ks), (bq, bk), causal),
+                "tpu [k, q]": flash_attention_tpu._mask(
+                    jnp.broadcast_to(k_seg[:, None], (bk, 128)), jnp.broadcast_to(q_seg[None, :], (8, bq)),
+                    jnp.int32(qs), jnp.int32(ks), (bk, bq), causal, keys_on_rows=True).T,
+            }
+            for name, got in forms.items():
+                np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{name} at ({qs}, {ks})")
+
+
+def test_cache_mask_with_a_traced_offset_is_the_definition():
+    """The KV-cache form: queries at slots q_start + t against a cache's segment ids (0 = empty), q_start traced."""
+    rng = np.random.default_rng(8)
+    q_seg, kv_seg = rng.integers(1, 3, (2, 5)).astype(np.int32), rng.integers(0, 3, (2, 16)).astype(np.int32)
+    mask = jax.jit(lambda q, kv, start: causal_segment_mask(q, 5, kv_segment_ids=kv, q_start=start))(
+        q_seg, kv_seg, jnp.int32(6))
+    for b in range(2):
+        np.testing.assert_array_equal(np.asarray(mask[b]), _mask_by_definition(q_seg[b], kv_seg[b], 6, True))

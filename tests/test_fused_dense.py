@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 
+from phi_jax import layers
+from phi_jax.activations import gelu_new, gelu_new_grad
 from phi_jax.kernels import dense_gpu, dense_tpu
-from phi_jax.kernels.dense import BlockSizes, dense_reference, fused_dense, gelu_new
-from phi_jax.kernels.dense_math import gelu_new_grad
+from phi_jax.kernels.dense import BlockSizes, dense_reference, fused_dense
 
 # Small blocks so that a few-hundred-element problem still spans several tiles in every dimension.
 GPU_BLOCKS = BlockSizes(block_m=64, block_n=64, block_k=64)
@@ -106,6 +107,8 @@ def test_layer_call_signature_bf16_bias():
 
 
 def test_gelu_new_matches_definition():
+    # One definition: Dense's XLA path uses it, and the kernels through phi_jax.activations.apply_activation.
+    assert layers.gelu_new is gelu_new
     z = jnp.linspace(-6.0, 6.0, 101)
     expected = 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
     np.testing.assert_allclose(gelu_new(z), expected, rtol=1e-6, atol=1e-5)

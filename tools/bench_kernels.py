@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phi_jax.layers import gelu_new
+from phi_jax.activations import gelu_new
 from tools._bench import command, device, fwd_bwd, median_seconds, print_table, write_json
 
 ATTENTION_IMPLS = ("pallas", "splash", "cudnn", "xla")
@@ -57,7 +57,7 @@ def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> f
 
 def attention_unavailable(impl: str, dtype) -> str | None:
     """None if attention `impl` runs here, else why not (phi_jax.attention's own check)."""
-    from phi_jax.attention import resolve_attention_impl
+    from phi_jax.dispatch import resolve_attention_impl
 
     try:
         resolve_attention_impl(impl, dtype)

@@ -24,10 +24,11 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from phi_jax.activations import activation_grad, apply_activation
+from phi_jax.dispatch import pallas_target
 from phi_jax.kernels import dense_gpu, dense_tpu
-from phi_jax.kernels.dense_math import activation_grad, apply_activation, gelu_new
 
-__all__ = ["BlockSizes", "dense_reference", "fused_dense", "gelu_new"]
+__all__ = ["BlockSizes", "dense_reference", "fused_dense"]
 
 Backend = Literal["gpu", "tpu"]
 _ACTIVATIONS = (None, "gelu_new")
@@ -66,20 +67,6 @@ def dense_reference(x: jax.Array, w: jax.Array, b: jax.Array, activation: str | 
 
 
 # ------------------------------------------------------------------------------------------- validation
-def _resolve_backend(backend: str | None, interpret: bool | None) -> tuple[Backend, bool]:
-    platform = jax.default_backend()
-    if interpret is None:
-        interpret = platform == "cpu"
-    if backend is None:
-        backend = "tpu" if platform == "tpu" else "gpu"  # cpu: the Triton-style kernel, interpreted
-    if backend not in ("gpu", "tpu"):
-        raise ValueError(f"backend={backend!r} is not one of (None, 'gpu', 'tpu').")
-    if not interpret and platform != backend and not (backend == "gpu" and platform in ("cuda", "rocm")):
-        raise ValueError(f"backend={backend!r} with interpret=False needs a {backend.upper()}, but "
-                         f"jax.default_backend() is {platform!r}; pass interpret=True to run it in interpret mode.")
-    return backend, bool(interpret)
-
-
 def _round_up(v: int, multiple: int) -> int:
     return -(-v // multiple) * multiple
 
@@ -177,17 +164,23 @@ _fused_dense_padded.defvjp(_fwd, _bwd)
 
 
 # ------------------------------------------------------------------------------------------- public API
-@functools.partial(jax.jit, static_argnames=("activation", "block_sizes", "backend", "interpret"))
 def fused_dense(x: jax.Array, w: jax.Array, b: jax.Array, *, activation: str | None = None,
                 block_sizes: BlockSizes | None = None, backend: Backend | None = None,
                 interpret: bool | None = None) -> jax.Array:
     """act(x @ w + b) in x.dtype, fp32 accumulation and epilogue; x [..., K], w [K, N], b [N] -> [..., N].
 
-    backend: 'gpu' (Triton) or 'tpu' (Mosaic); None follows jax.default_backend() (the GPU kernel on CPU).
-    interpret: None means True on CPU (the only way Pallas runs there) and False on GPU/TPU.
+    backend: 'gpu' (Triton) or 'tpu' (Mosaic); interpret: Pallas interpret mode. None resolves both for the platform
+    this runs on (phi_jax.dispatch.pallas_target): its own lowering, compiled; on CPU the GPU-style one, interpreted.
     """
     _validate(x, w, b, activation)
-    backend, interpret = _resolve_backend(backend, interpret)
+    # Resolved outside the jit: the platform follows the sharding context, which jit's cache does not see.
+    backend, interpret = pallas_target(backend, interpret)
+    return _fused_dense(x, w, b, activation=activation, block_sizes=block_sizes, backend=backend,
+                        interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "block_sizes", "backend", "interpret"))
+def _fused_dense(x, w, b, *, activation, block_sizes, backend: Backend, interpret: bool):
     *batch_shape, k = x.shape
     n = w.shape[1]
     x2 = x.reshape(-1, k)  # [M, K]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from phi_jax.kernels.dense_math import activation_grad, apply_activation
+from phi_jax.activations import activation_grad, apply_activation
 
 
 def _compiler_params(num_warps: int, num_stages: int) -> plgpu.CompilerParams:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from phi_jax.kernels.dense_math import activation_grad, apply_activation
+from phi_jax.activations import activation_grad, apply_activation
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")
 

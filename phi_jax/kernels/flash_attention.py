@@ -12,7 +12,7 @@ program per query block). Causal key blocks wholly above the diagonal are skippe
 Two lowerings of the same algorithm: `flash_attention_gpu.py` (Triton) and `flash_attention_tpu.py` (Mosaic).
 This file validates inputs, pads the sequence to a block multiple (padded keys get a segment id that matches no
 real token, so they are masked; padded rows are sliced off), picks block sizes, and wires the custom VJP.
-`attention_reference` is the plain-jnp definition the kernels are tested against.
+The kernels are tested against `phi_jax.attention.xla_attention`, the model's XLA path.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from phi_jax.dispatch import pallas_target
 from phi_jax.kernels import flash_attention_gpu, flash_attention_tpu
-from phi_jax.kernels.flash_attention_common import MASK_VALUE, PAD_SEGMENT_ID
+from phi_jax.kernels.flash_attention_common import PAD_SEGMENT_ID
 
 _LOWERINGS = {"gpu": flash_attention_gpu, "tpu": flash_attention_tpu}
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -125,20 +126,6 @@ def _flash_bwd(st: _Static, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _resolve_backend(backend: str | None, interpret: bool | None) -> tuple[str, bool]:
-    platform = jax.default_backend()
-    if interpret is None:
-        interpret = platform == "cpu"
-    if backend is None:
-        backend = platform if platform in _LOWERINGS else "gpu"
-    if backend not in _LOWERINGS:
-        raise ValueError(f"{backend=} is not a flash-attention lowering; use 'gpu' (Triton) or 'tpu' (Mosaic).")
-    if not interpret and backend != platform:
-        raise ValueError(f"The {backend} lowering cannot be compiled on the {platform!r} platform; "
-                         f"pass interpret=True to run it in Pallas interpret mode.")
-    return backend, interpret
-
-
 def flash_attention(
     q: jax.Array,  # [batch, seq, heads, head_dim]
     k: jax.Array,  # [batch, seq, heads, head_dim]
@@ -153,8 +140,8 @@ def flash_attention(
 ) -> jax.Array:  # [batch, seq, heads, head_dim], q.dtype
     """FlashAttention-2 self-attention; differentiable (custom VJP) in q, k, v.
 
-    backend: "gpu" (Triton) or "tpu" (Mosaic); None picks the platform's, and the GPU-style kernel on CPU.
-    interpret: Pallas interpret mode; None means True on CPU (the only way Pallas runs there), False elsewhere.
+    backend: "gpu" (Triton) or "tpu" (Mosaic); interpret: Pallas interpret mode. None resolves both for the platform
+    this runs on (phi_jax.dispatch.pallas_target): its own lowering, compiled; on CPU the GPU-style one, interpreted.
     sm_scale defaults to head_dim ** -0.5. Any sequence length works (padded internally to a block multiple).
     """
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
@@ -173,7 +160,7 @@ def flash_attention(
             raise ValueError(f"segment_ids must be an integer [batch, seq] = {(batch, seq)} array; got "
                              f"{segment_ids.shape=} {segment_ids.dtype=}.")
         segment_ids = segment_ids.astype(jnp.int32)
-    backend, interpret = _resolve_backend(backend, interpret)
+    backend, interpret = pallas_target(backend, interpret)
     blocks = (block_sizes or BlockSizes.default(backend, head_dim)).fit(backend, seq)
     sm_scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
 
@@ -190,27 +177,3 @@ def flash_attention(
     out = _flash(q, k, v, segment_ids, _Static(causal, sm_scale, blocks, backend, interpret))
     return out[:, :seq, :, :head_dim]
 
-
-def attention_reference(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None, *, causal: bool = True,
-    sm_scale: float | None = None,
-) -> jax.Array:
-    """Plain-jnp attention with an fp32 (or wider) softmax; same shapes and masking semantics as the kernel.
-
-    A row with no visible key (only possible with segment ids and causal=False) outputs zeros, as the kernel.
-    """
-    seq, head_dim = q.shape[1], q.shape[-1]
-    compute = jnp.promote_types(q.dtype, jnp.float32)
-    scale = head_dim ** -0.5 if sm_scale is None else sm_scale
-    s = jnp.einsum("bqnh,bknh->bnqk", q.astype(compute), k.astype(compute),
-                   precision=jax.lax.Precision.HIGHEST) * scale
-    mask = jnp.ones((1, 1, seq, seq), bool)
-    if causal:
-        mask = mask & jnp.tril(jnp.ones((seq, seq), bool))
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    s = jnp.where(mask, s, MASK_VALUE)
-    p = jnp.where(mask, jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)), 0.0)
-    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), jnp.finfo(compute).tiny)
-    out = jnp.einsum("bnqk,bknh->bqnh", p, v.astype(compute), precision=jax.lax.Precision.HIGHEST)
-    return out.astype(q.dtype)

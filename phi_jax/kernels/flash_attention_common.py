@@ -6,7 +6,6 @@ and the tests all use one definition.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -39,20 +38,3 @@ def causal_first_q_block(kv_block, block_k: int, block_q: int):
 def block_is_visible(q_block, block_q: int, kv_block, block_k: int):
     """True unless key block `kv_block` lies entirely above the causal diagonal of query block `q_block`."""
     return kv_block * block_k <= (q_block + 1) * block_q - 1
-
-
-def make_mask(q_start, k_start, block_q: int, block_k: int, *, causal: bool,
-              q_seg: jax.Array | None, k_seg: jax.Array | None) -> jax.Array | None:
-    """bool [block_q, block_k] (True = attend) or None when nothing needs masking.
-
-    q_seg / k_seg must already broadcast to [block_q, block_k] (e.g. [block_q, 1] and [1, block_k]).
-    """
-    mask = None
-    if causal:
-        q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
-        k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-        mask = q_pos >= k_pos
-    if q_seg is not None:
-        seg = q_seg == k_seg
-        mask = seg if mask is None else jnp.logical_and(mask, seg)
-    return mask

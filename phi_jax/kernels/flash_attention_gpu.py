@@ -29,7 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from phi_jax.kernels.flash_attention_common import MASK_VALUE, make_mask
+from phi_jax.attention_mask import attention_mask
+from phi_jax.kernels.flash_attention_common import MASK_VALUE
 
 LOG2E = math.log2(math.e)
 
@@ -121,8 +122,8 @@ def _fwd_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
         mask = None
         if masked:
             k_seg = _seg_slice(seg_ref, k_start, block_k)
-            mask = make_mask(q_start, k_start, block_q, block_k, causal=causal, q_seg=q_seg,
-                             k_seg=None if k_seg is None else k_seg[None, :])
+            mask = attention_mask((block_q, block_k), causal=causal, q_start=q_start, k_start=k_start,
+                                  q_segment_ids=q_seg, kv_segment_ids=None if k_seg is None else k_seg[None, :])
             s = jnp.where(mask, s, MASK_VALUE)
         # Online softmax (FA-2 Alg. 1 lines 8-10); scale > 0, so the row max is taken before scaling.
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1) * scale)
@@ -198,13 +199,9 @@ def _dkv_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
         p_t = jnp.exp2(_dot(k, q, (1, 1)) * scale - lse2[None, :])   # recomputed P^T [block_k, block_q]
         if masked:
             q_seg = _seg_slice(seg_ref, q_start, block_q)
-            mask_t = make_mask(k_start, q_start, block_k, block_q, causal=False,
-                               q_seg=None if k_seg is None else k_seg[:, None],
-                               k_seg=None if q_seg is None else q_seg[None, :])
-            if causal:   # key position <= query position, rows are keys here
-                k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_k, block_q), 0)
-                q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_k, block_q), 1)
-                mask_t = (k_pos <= q_pos) if mask_t is None else mask_t & (k_pos <= q_pos)
+            mask_t = attention_mask((block_k, block_q), causal=causal, q_start=q_start, k_start=k_start,
+                                    q_segment_ids=None if q_seg is None else q_seg[None, :],
+                                    kv_segment_ids=None if k_seg is None else k_seg[:, None], keys_on_rows=True)
             p_t = jnp.where(mask_t, p_t, 0.0)
         dv = dv + _dot(p_t.astype(do.dtype), do, (1, 0))
         ds_t = p_t * (_dot(v, do, (1, 1)) - delta[None, :])
@@ -237,8 +234,8 @@ def _dq_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: int
         p = jnp.exp2(_dot(q, k, (1, 1)) * scale - lse2[:, None])
         if masked:
             k_seg = _seg_slice(seg_ref, k_start, block_k)
-            mask = make_mask(q_start, k_start, block_q, block_k, causal=causal, q_seg=q_seg,
-                             k_seg=None if k_seg is None else k_seg[None, :])
+            mask = attention_mask((block_q, block_k), causal=causal, q_start=q_start, k_start=k_start,
+                                  q_segment_ids=q_seg, kv_segment_ids=None if k_seg is None else k_seg[None, :])
             p = jnp.where(mask, p, 0.0)
         ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, (1, 0))

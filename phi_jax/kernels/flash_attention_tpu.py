@@ -27,12 +27,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from phi_jax.attention_mask import attention_mask
 from phi_jax.kernels.flash_attention_common import (
     MASK_VALUE,
     block_is_visible,
     causal_first_q_block,
     causal_num_kv_blocks,
-    make_mask,
 )
 
 LANES = 128
@@ -89,27 +89,16 @@ def _segments(segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array] | No
     return column, row
 
 
-def _mask(q_seg_ref, kv_seg_ref, q_start, k_start, block_q: int, block_k: int, causal: bool):
-    """bool [block_q, block_k] or None; q_seg_ref: a [block_q, 128] column block, kv_seg_ref: an [8, block_k] row."""
-    q_seg = k_seg = None
-    if q_seg_ref is not None:
-        q_seg = _tile_lanes(q_seg_ref[...], block_k)                  # [block_q, block_k]
-        k_seg = kv_seg_ref[:1, :]                                     # [1, block_k]
-    return make_mask(q_start, k_start, block_q, block_k, causal=causal, q_seg=q_seg, k_seg=k_seg)
-
-
-def _mask_transposed(k_seg_ref, q_seg_ref, k_start, q_start, block_k: int, block_q: int, causal: bool):
-    """The mask of s^T: bool [block_k, block_q] or None; k_seg_ref a [block_k, 128] column, q_seg_ref an [8,
-    block_q] row."""
-    mask = None
-    if causal:
-        k_pos = k_start + lax.broadcasted_iota(jnp.int32, (block_k, block_q), 0)
-        q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_k, block_q), 1)
-        mask = q_pos >= k_pos
-    if k_seg_ref is not None:
-        seg = _tile_lanes(k_seg_ref[...], block_q) == q_seg_ref[:1, :]
-        mask = seg if mask is None else jnp.logical_and(mask, seg)
-    return mask
+def _mask(row_seg_ref, col_seg_ref, q_start, k_start, shape: tuple[int, int], causal: bool, keys_on_rows=False):
+    """bool `shape` or None (phi_jax.attention_mask, from the kernel's layout): the rows' ids come as a
+    lane-broadcast [rows, 128] column block, the columns' as a sublane-broadcast [8, cols] row block. Rows are
+    queries, or keys for the transposed scores s^T of the dK/dV kernel (`keys_on_rows`)."""
+    rows = cols = None
+    if row_seg_ref is not None:
+        rows, cols = _tile_lanes(row_seg_ref[...], shape[1]), col_seg_ref[:1, :]
+    q_seg, k_seg = (cols, rows) if keys_on_rows else (rows, cols)
+    return attention_mask(shape, causal=causal, q_start=q_start, k_start=k_start, q_segment_ids=q_seg,
+                          kv_segment_ids=k_seg, keys_on_rows=keys_on_rows)
 
 
 # ----------------------------------------------------------------------------------------------------- forward
@@ -131,7 +120,7 @@ def _fwd_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
     def step(causal_mask: bool):
         v = v_ref[...]
         s = _qk(q_ref[...], k_ref[...]) * sm_scale                    # [block_q, block_k] fp32
-        mask = _mask(q_seg_ref, kv_seg_ref, qi * block_q, kj * block_k, block_q, block_k, causal_mask)
+        mask = _mask(q_seg_ref, kv_seg_ref, qi * block_q, kj * block_k, (block_q, block_k), causal_mask)
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_prev, l_prev = m_sc[...], l_sc[...]                         # [block_q, 128]
@@ -218,7 +207,8 @@ def _dkv_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s_t = _qk(k, q) * sm_scale                                    # [block_k, block_q]
         p_t = jnp.exp(s_t - lse_ref[...])                             # lse: a [1, block_q] row
-        mask = _mask_transposed(k_seg_ref, q_seg_ref, kj * block_k, qi * block_q, block_k, block_q, causal_mask)
+        mask = _mask(k_seg_ref, q_seg_ref, qi * block_q, kj * block_k, (block_k, block_q), causal_mask,
+                     keys_on_rows=True)
         if mask is not None:
             p_t = jnp.where(mask, p_t, 0.0)
         dv_sc[...] += lax.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
@@ -250,7 +240,7 @@ def _dq_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: int
         k = k_ref[...]
         s = _qk(q_ref[...], k) * sm_scale
         p = jnp.exp(s - _tile_lanes(_row_to_column(lse_ref[...]), block_k))
-        mask = _mask(q_seg_ref, kv_seg_ref, qi * block_q, kj * block_k, block_q, block_k, causal_mask)
+        mask = _mask(q_seg_ref, kv_seg_ref, qi * block_q, kj * block_k, (block_q, block_k), causal_mask)
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         ds = p * (_qk(do_ref[...], v_ref[...]) - _tile_lanes(_row_to_column(delta_ref[...]), block_k))

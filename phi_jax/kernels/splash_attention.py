@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from phi_jax.dispatch import pallas_target
 from phi_jax.kernels.flash_attention_common import PAD_SEGMENT_ID
 
 LANES = 128
@@ -52,7 +53,8 @@ def splash_attention(
 ) -> jax.Array:  # [batch, seq, heads, head_dim], q.dtype
     """Causal self-attention with splash attention's forward and backward kernels (differentiable in q, k, v).
 
-    interpret: Pallas TPU interpret mode; None means True on CPU (tests) and False on a TPU.
+    interpret: Pallas TPU interpret mode; None means True on CPU (tests) and False on a TPU
+    (phi_jax.dispatch.pallas_target; any other platform is an error).
     """
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must all be [batch, seq, heads, head_dim] of one shape; got {q.shape=}, "
@@ -60,8 +62,7 @@ def splash_attention(
     batch, seq, heads, head_dim = q.shape
     if segment_ids is not None and segment_ids.shape != (batch, seq):
         raise ValueError(f"segment_ids must be [batch, seq] = {(batch, seq)}; got {segment_ids.shape}.")
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+    _, interpret = pallas_target("tpu", interpret)
     block = block_size(seq)
     padded = -(-seq // block) * block
     q = q * jnp.asarray(head_dim**-0.5, q.dtype)  # splash computes q @ k.T unscaled
@@ -71,7 +72,7 @@ def splash_attention(
         if segment_ids is not None:
             segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded - seq)), constant_values=PAD_SEGMENT_ID)
     with jax.ensure_compile_time_eval():  # concrete mask tables, cached across traces (no leaked tracers)
-        kernel = _kernel(padded, heads, block, bool(interpret))
+        kernel = _kernel(padded, heads, block, interpret)
     if segment_ids is None:
         out = jax.vmap(lambda q, k, v: kernel(q, k, v))(q, k, v)
     else:

@@ -1,6 +1,7 @@
-"""Elementwise math shared by the fused dense kernels and their reference: gelu_new and its derivative.
+"""phi's activation, gelu_new, and its derivative: the one definition, used by Dense's XLA path, the fused dense
+kernels (forward epilogue, backward prologue) and their reference.
 
-Both take and return fp32 (callers upcast): the tanh approximation loses ~3 digits if evaluated in bf16.
+The kernels call these on fp32 (they upcast): the tanh approximation loses ~3 digits if evaluated in bf16.
 """
 
 import math
@@ -12,14 +13,19 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_COEF = 0.044715
 
 
+def _tanh(z: jax.Array) -> jax.Array:
+    # z^3 first, then the coefficient: Hugging Face's order of operations (0.044715 * pow(z, 3)), to the bit.
+    return jnp.tanh(_SQRT_2_OVER_PI * (z + _GELU_COEF * (z * z * z)))
+
+
 def gelu_new(z: jax.Array) -> jax.Array:
     """GPT-2 / phi "gelu_new": 0.5*z*(1 + tanh(sqrt(2/pi)*(z + 0.044715*z^3))) (Hendrycks & Gimpel 2016, eq. 2)."""
-    return 0.5 * z * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (z + _GELU_COEF * z * z * z)))
+    return 0.5 * z * (1.0 + _tanh(z))
 
 
 def gelu_new_grad(z: jax.Array) -> jax.Array:
     """d gelu_new / dz = 0.5*(1+t) + 0.5*z*(1-t^2)*sqrt(2/pi)*(1 + 3*0.044715*z^2), t = tanh(...)."""
-    t = jnp.tanh(_SQRT_2_OVER_PI * (z + _GELU_COEF * z * z * z))
+    t = _tanh(z)
     return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_COEF * z * z)
 
 
