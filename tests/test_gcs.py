@@ -61,6 +61,38 @@ def _finish(proc: subprocess.Popen) -> str:
     return out
 
 
+def test_the_emulator_keeps_gcs_generation_contract(gcs):
+    """What tensorstore (orbax's OCDBT manifest) and the workdir lock rely on. The stock gcp-storage-emulator fails
+    every check below: reads carried no generation (tensorstore saw 0, then refused its conditional write as
+    "Malformed StorageGeneration"), preconditions were ignored, and a bounded listing listed the whole bucket."""
+    import tensorstore as ts
+    from google.api_core.exceptions import PreconditionFailed
+    from google.cloud import storage
+
+    kv = ts.KvStore.open({"driver": "gcs", "bucket": BUCKET, "path": "contract/"}).result()
+    absent = kv.read("a").result().stamp.generation
+    first = kv.write("a", b"1", if_equal=absent).result().generation
+    assert first and kv.write("a", b"x", if_equal=absent).result().generation == b""  # it exists now: 412
+    read = kv.read("a").result().stamp.generation  # a media read's x-goog-generation
+    assert read == first and kv.read("a", byte_range=slice(0, 1)).result().stamp.generation == first
+    second = kv.write("a", b"2", if_equal=read).result().generation  # stock: "Malformed StorageGeneration"
+    assert second not in (b"", first)
+    assert kv.write("a", b"3", if_equal=first).result().generation == b""  # a stale condition loses
+    assert kv.read("a").result().value == b"2"
+    assert kv.read("a", if_not_equal=second).result().state == "unspecified"  # 304: not modified
+    kv.write("b", b"b").result()
+    assert kv.list(ts.KvStore.KeyRange("a", "b")).result() == [b"a"]  # startOffset/endOffset
+
+    blob = storage.Client().bucket(BUCKET).blob("contract/created")
+    blob.upload_from_string("one", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        blob.upload_from_string("two", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        blob.delete(if_generation_match=blob.generation + 1)
+    assert blob.download_as_text() == "one"
+    blob.delete(if_generation_match=blob.generation)
+
+
 def test_a_missing_or_incomplete_bucket_path_is_a_clear_error_within_seconds(shards):
     from etils import epath
 
