@@ -110,10 +110,14 @@ class _GcsStore:
             return False
 
     def read(self) -> tuple[dict, object] | None:
-        blob = self.bucket.get_blob(self.blob_name)
-        if blob is None:
+        # Content and generation from one response (x-goog-generation): reading the metadata first and then
+        # downloading that generation lost a race with a taker that deleted the object in between.
+        blob = self._blob()
+        try:
+            text = blob.download_as_text()
+        except self.exceptions.NotFound:
             return None
-        return json.loads(blob.download_as_text(if_generation_match=blob.generation)), blob.generation
+        return json.loads(text), blob.generation
 
     def replace(self, text: str, version) -> object:
         blob = self._blob()
