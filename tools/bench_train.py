@@ -20,21 +20,21 @@ from _timing import write_json
 
 
 def setup(name: str, seq_len: int, batch: int, dtype: str = "float32", remat: str = "none", **overrides):
-    """(cfg, jitted train step, train state, synthetic batch) on one device; `overrides` are PhiConfig fields."""
+    """(cfg, jitted train step, train state, synthetic batch) on one device; `overrides` are Compute fields."""
     import jax
     import numpy as np
 
-    from phi_jax.config import PhiConfig
+    from phi_jax.config import Compute, PhiConfig
     from phi_jax.optim import make_optimizer
     from phi_jax.sharding import batch_sharding, make_mesh
     from phi_jax.train_state import create_train_state, state_shardings
     from phi_jax.train_step import jit_steps
 
-    cfg = PhiConfig.preset(name, dtype=dtype, remat=remat, **overrides)
+    cfg, compute = PhiConfig.preset(name), Compute(dtype=dtype, remat=remat, **overrides)
     mesh = make_mesh(devices=jax.devices()[:1])
     tx = make_optimizer(1e-4)
-    state = create_train_state(cfg, tx, mesh)
-    _, shardings = state_shardings(cfg, tx, mesh)
+    state = create_train_state(cfg, tx, mesh, compute=compute)
+    _, shardings = state_shardings(cfg, tx, mesh, compute=compute)
     step_fn, _ = jit_steps(mesh, shardings)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (1, batch, seq_len + 1), dtype=np.int32)
