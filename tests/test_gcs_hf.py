@@ -155,16 +155,16 @@ def test_a_failed_upload_leaves_nothing_a_reader_takes_for_a_model(workdir, monk
     from phi_jax.hf.convert import export_hf
 
     gpath = type(epath.Path(f"gs://{BUCKET}/x"))
-    write_bytes = gpath.write_bytes
+    open_ = gpath.open
 
-    def failing(self, data):
-        if self.name == "tokenizer.json":
+    def failing(self, mode="r", *args, **kwargs):
+        if self.name == "tokenizer.json" and "w" in mode:
             raise OSError("injected: the bucket refused the object")
-        return write_bytes(self, data)
+        return open_(self, mode, *args, **kwargs)
 
     fresh, replaced = f"gs://{BUCKET}/failed", f"gs://{BUCKET}/replaced"
     export_hf(workdir, replaced)
-    monkeypatch.setattr(gpath, "write_bytes", failing)
+    monkeypatch.setattr(gpath, "open", failing)
     with pytest.raises(OSError, match=r"Uploading .*failed \(OSError: injected: .*\); nothing was left in the bucket"):
         export_hf(workdir, fresh)
     assert _names(fresh) == []

@@ -275,7 +275,8 @@ def _upload(local: Path, out_dir: epath.Path, previous: set[str]) -> None:
         if "config.json" in previous:
             (out_dir / "config.json").unlink()
         for name in [f for f in files if f != "config.json"] + ["config.json"]:
-            (out_dir / name).write_bytes((local / name).read_bytes())
+            with (local / name).open("rb") as src, (out_dir / name).open("wb") as dst:  # streamed: shards are GBs
+                shutil.copyfileobj(src, dst, 64 * 1024**2)
             uploaded.append(name)
         for name in sorted(previous - set(files) - {MANIFEST}):
             (out_dir / name).unlink(missing_ok=True)
