@@ -28,20 +28,13 @@ def _fresh_gcs_clients() -> None:
 
 @pytest.fixture(scope="module")
 def gcs():
-    """The emulator's environment, also set in this process (for etils.epath)."""
-    with gcs_emulator() as env:
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+    """The emulator (tests/gcs_emulator.py), its environment also set in this process (for etils.epath)."""
+    with gcs_emulator() as env, pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
         _fresh_gcs_clients()
-        try:
-            yield env
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            _fresh_gcs_clients()
+        yield env
+    _fresh_gcs_clients()
 
 
 def _names(url: str) -> list[str]:
