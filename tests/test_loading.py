@@ -113,3 +113,16 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(model, hf_dir, tmp_path):
     error = result.stdout.split("error: ", 1)[1]
     assert error.startswith("phi-test/missing is not a local path, and the Hugging Face Hub did not provide it")
     assert "or a Hugging Face Hub id such as microsoft/phi-1_5" in error
+
+
+def test_init_from_hf_compares_the_whole_architecture_before_reading_weights(hf_dir, monkeypatch):
+    """rope_theta is outside the three fields train.py used to compare by hand; the check is now `==`."""
+    import types
+
+    from phi_jax import train
+
+    monkeypatch.setattr(loading, "from_pretrained", lambda *a, **k: pytest.fail("weights read before the check"))
+    c = types.SimpleNamespace(init_from_hf=str(hf_dir), model="tiny")
+    with pytest.raises(ValueError, match=r"does not have the architecture of model 'tiny' \(checkpoint vs run: "
+                                         r"rope_theta: 10000.0 vs 500.0\); choose the preset"):
+        train._load_hf_params(None, c, PhiConfig.preset("tiny", rope_theta=500.0), None)
