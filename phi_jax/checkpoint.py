@@ -15,7 +15,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from phi_jax.config import PhiConfig, architecture_diff
+from phi_jax.config import Compute, PhiConfig, as_dtype
 from phi_jax.paths import user_path
 
 log = logging.getLogger("phi_jax")
@@ -79,12 +79,24 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def check_architecture(self, step: int, cfg: PhiConfig) -> dict:
-        """The checkpoint's metadata, after checking it belongs to the same architecture as `cfg`."""
+    def check_architecture(self, step: int, cfg: PhiConfig, compute: Compute) -> dict:
+        """The checkpoint's metadata, after checking that it holds `cfg`'s architecture with parameters of
+        `compute.param_dtype` (a resumed run restores its parameters and optimizer moments as they were saved:
+        changing their dtype on the way would be a silent cast of the whole state, so it is refused)."""
         meta = self.read_meta(step)
-        if diff := architecture_diff(meta["model"], cfg):
-            raise ValueError(f"The checkpoint at {self.directory / str(step)} belongs to a different architecture ("
-                             + "; ".join(diff) + "). Use a new --workdir, or the config that wrote it.")
+        where = self.directory / str(step)
+        if (saved := PhiConfig.from_dict(meta["model"])) != cfg:
+            raise ValueError(f"The checkpoint at {where} belongs to a different architecture (checkpoint vs run: "
+                             + "; ".join(saved.diff(cfg)) + "). Use a new --workdir, or the config that wrote it.")
+        stored = saved_param_dtype(meta)
+        if stored is None:
+            log.warning("the checkpoint at %s does not record its param_dtype; assuming it is %s", where,
+                        compute.param_dtype.name)
+        elif stored != compute.param_dtype:
+            raise ValueError(f"The checkpoint at {where} holds {stored.name} parameters but the run has "
+                             f"param_dtype={compute.param_dtype.name}; resuming does not cast the train state. Set "
+                             f"--config.param_dtype={stored.name}, or start a new --workdir from it with "
+                             "--config.init_from_hf=<its export> (tools/export_hf.py).")
         return meta
 
     def restore(self, step: int, abstract_state):
@@ -104,11 +116,18 @@ class Checkpointer:
             self.manager.close()
 
 
+def saved_param_dtype(meta: dict):
+    """The dtype a checkpoint's parameters were saved in: its run config's param_dtype (checkpoints written before
+    Compute existed also hold it in their model config), or None when neither records it."""
+    name = meta.get("run", {}).get("param_dtype") or meta.get("model", {}).get("param_dtype")
+    return None if name is None else as_dtype(name, "the checkpoint's param_dtype")
+
+
 def read_meta(workdir: str | os.PathLike, step: int | None = None) -> dict:
     """The metadata (model, run config, data identity) of a workdir's newest (or chosen) checkpoint, read-only."""
     ckpt, steps = _checkpoint_steps(workdir)
     try:
-        return ckpt.read_meta(steps[-1] if step is None else step)
+        return ckpt.read_meta(_choose(ckpt, steps, step))
     finally:
         ckpt.close()
 
@@ -125,11 +144,20 @@ def _checkpoint_steps(workdir: str | os.PathLike) -> tuple[Checkpointer, list[in
     return ckpt, steps
 
 
-def load_model(workdir: str | os.PathLike, step: int | None = None, **config_overrides):
+def _choose(ckpt: Checkpointer, steps: list[int], step: int | None) -> int:
+    """`step`, or the newest when None; a step without a complete checkpoint is an error listing the others."""
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise ValueError(f"No checkpoint at step {step} in {ckpt.directory}; available steps: {steps}.")
+    return step
+
+
+def load_model(workdir: str | os.PathLike, step: int | None = None, compute: Compute = Compute()):
     """(model, meta, step): the model of a workdir's newest (or chosen) checkpoint, without the optimizer state.
 
-    Only the "params" subtree of the train state is read (an orbax partial restore). `config_overrides` (dtype,
-    param_dtype, attention_impl, ...; None = as trained) change how the model runs, never its shapes.
+    Only the "params" subtree of the train state is read (an orbax partial restore), in the dtype it was saved in,
+    then cast to `compute.param_dtype` (a reader chooses how to run a model: bf16 inference of an fp32 run).
     """
     from flax import nnx
 
@@ -137,16 +165,12 @@ def load_model(workdir: str | os.PathLike, step: int | None = None, **config_ove
 
     ckpt, steps = _checkpoint_steps(workdir)
     try:
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise ValueError(f"No checkpoint at step {step} in {ckpt.directory}; available steps: {steps}.")
+        step = _choose(ckpt, steps, step)
         meta = ckpt.read_meta(step)
-        saved = PhiConfig.from_dict(meta["model"])
-        cfg = saved.replace(**{k: v for k, v in config_overrides.items() if v is not None})
-        if diff := architecture_diff(saved.to_dict(), cfg.replace(param_dtype=saved.param_dtype)):
-            raise ValueError(f"config_overrides may not change the architecture: {diff}.")
-        target = nnx.to_pure_dict(nnx.state(abstract_model(saved), nnx.Param))
+        cfg = PhiConfig.from_dict(meta["model"])
+        stored = saved_param_dtype(meta)  # (a numpy dtype is falsy: compare with None)
+        stored = compute.param_dtype if stored is None else stored
+        target = nnx.to_pure_dict(nnx.state(abstract_model(cfg, Compute(param_dtype=stored)), nnx.Param))
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)}
         restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -154,8 +178,8 @@ def load_model(workdir: str | os.PathLike, step: int | None = None, **config_ove
         params = ckpt.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
     finally:
         ckpt.close()
-    graphdef, state = nnx.split(abstract_model(cfg), nnx.Param)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x.astype(cfg.params_dtype), params))
+    graphdef, state = nnx.split(abstract_model(cfg, compute), nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x.astype(compute.param_dtype), params))
     model = nnx.merge(graphdef, state)
-    log.info("loaded %s step %d (%s params)", ckpt.directory, step, cfg.param_dtype)
+    log.info("loaded %s step %d (%s params)", ckpt.directory, step, compute.param_dtype.name)
     return model, meta, step

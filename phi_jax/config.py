@@ -1,4 +1,9 @@
-"""The architecture of a phi model: one frozen dataclass, the only thing model modules see."""
+"""What a phi model is and how it runs: two frozen dataclasses.
+
+`PhiConfig` is the architecture, the fields a Hugging Face config.json maps to: two models with equal PhiConfigs
+hold the same parameter shapes and compute the same function. `Compute` is how that function is run (dtypes,
+attention and dense implementations, rematerialisation): it never changes what a checkpoint holds.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,51 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "splash", "cudnn")
 DENSE_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "save_dots")
+
+
+def as_dtype(value: Any, what: str = "dtype") -> jnp.dtype:
+    """`value` ("bfloat16", jnp.bfloat16, np.dtype(...)) as a jnp dtype, if it is one of DTYPES."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in DTYPES:
+        raise ValueError(f"{what}={value!r} is not one of {sorted(DTYPES)}.")
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+    """How a model runs: none of these changes its parameters' shapes or what a checkpoint holds.
+
+    dtype: activations and matmuls (softmax, norms and logits stay float32); param_dtype: the stored parameters.
+    Both are jnp dtypes; their names ("bfloat16") are accepted and converted.
+    """
+
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_impl: str = "auto"  # auto | xla | pallas | splash | cudnn (phi_jax.attention)
+    dense_impl: str = "auto"  # auto | xla | pallas
+    remat: str = "none"  # none | full | save_dots: what the backward pass recomputes per layer
+
+    def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, as_dtype(getattr(self, name), f"Compute.{name}"))
+        for name, allowed in (("attention_impl", ATTENTION_IMPLS), ("dense_impl", DENSE_IMPLS),
+                              ("remat", REMAT_POLICIES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Compute.{name}={getattr(self, name)!r} is not one of {allowed}.")
+
+    def replace(self, **changes) -> Compute:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain values (dtype names), as run configs and JSON hold them."""
+        return {**dataclasses.asdict(self), "dtype": self.dtype.name, "param_dtype": self.param_dtype.name}
+
+
+# The Compute fields that PhiConfig held before the two were separated: old checkpoints' meta["model"] has them.
+LEGACY_COMPUTE_KEYS = frozenset(f.name for f in dataclasses.fields(Compute))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +79,6 @@ class PhiConfig:
     rope_theta: float = 10000.0
     layer_norm_eps: float = 1e-5
     max_position_embeddings: int = 2048
-    dtype: str = "float32"  # compute dtype of activations and matmuls (softmax, norms and logits stay fp32)
-    param_dtype: str = "float32"
-    attention_impl: str = "auto"  # auto | xla | pallas | splash | cudnn (phi_jax.attention)
-    dense_impl: str = "auto"  # auto | xla | pallas
-    remat: str = "none"  # none | full | save_dots: what the backward pass recomputes per layer
     bos_token_id: int = 50256
     eos_token_id: int = 50256
     initializer_range: float = 0.02
@@ -53,35 +98,28 @@ class PhiConfig:
                 "(phi-1.5: 32 of 64).")
         if self.rope_theta <= 0 or self.layer_norm_eps <= 0:
             raise ValueError(f"rope_theta={self.rope_theta} and layer_norm_eps={self.layer_norm_eps} must be positive.")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"PhiConfig.{name}={getattr(self, name)!r} is not one of {sorted(DTYPES)}.")
-        for name, allowed in (("attention_impl", ATTENTION_IMPLS), ("dense_impl", DENSE_IMPLS),
-                              ("remat", REMAT_POLICIES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"PhiConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    @property
-    def compute_dtype(self) -> Any:
-        return DTYPES[self.dtype]
-
-    @property
-    def params_dtype(self) -> Any:
-        return DTYPES[self.param_dtype]
-
     def replace(self, **changes) -> PhiConfig:
         return dataclasses.replace(self, **changes)
+
+    def diff(self, other: PhiConfig) -> list[str]:
+        """The fields that differ, worded for an error message ("num_layers: 24 vs 2"); equality is `==`."""
+        return [f"{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}"
+                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> PhiConfig:
+        """A PhiConfig from `to_dict()`'s output. Checkpoints written before Compute existed also hold the compute
+        fields (LEGACY_COMPUTE_KEYS) in their model config: those are dropped; any other unknown key is an error."""
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in LEGACY_COMPUTE_KEYS}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"Unknown PhiConfig fields {unknown}; known fields are {sorted(known)}.")
@@ -113,14 +151,3 @@ PRESETS: dict[str, PhiConfig] = {
     "tiny": PhiConfig(vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=2,
                       rotary_dim=16, max_position_embeddings=1024, eos_token_id=2, bos_token_id=1),
 }
-
-
-# Fields that change parameter shapes or semantics; a checkpoint only resumes into the same values of these.
-ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "rotary_dim",
-                       "rope_theta", "layer_norm_eps", "param_dtype")
-
-
-def architecture_diff(saved: dict, cfg: PhiConfig) -> list[str]:
-    """Human-readable differences between a saved config dict and `cfg` in the architecture fields."""
-    return [f"{k}: checkpoint {saved.get(k)!r} vs run {getattr(cfg, k)!r}"
-            for k in ARCHITECTURE_FIELDS if saved.get(k) != getattr(cfg, k)]

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from phi_jax.config import Compute
+from phi_jax.loading import Source, resolve
 from phi_jax.model import Phi
 
 
@@ -76,15 +78,15 @@ def evaluate(model: Phi, tokenizer, tokens: np.ndarray, *, seq_len: int, batch_s
             "seq_len": seq_len, "seconds": time.perf_counter() - start}
 
 
-def training_seq_len(path: str | Path, step: int | None = None) -> int | None:
+def training_seq_len(path: str | Path | Source, step: int | None = None) -> int | None:
     """The seq_len a training workdir's run used (from its newest or `step` checkpoint's saved run config), or
-    None for anything else (a Hugging Face directory, a workdir without checkpoints)."""
+    None for anything else (a Hugging Face directory or Hub id)."""
     from phi_jax.checkpoint import read_meta
 
-    try:
-        run = read_meta(path, step).get("run", {})  # read-only: a reader never touches a run's checkpoints
-    except FileNotFoundError:  # not a workdir (no checkpoints/), or no complete checkpoint yet
+    source = path if isinstance(path, Source) else resolve(path)
+    if not source.is_workdir:
         return None
+    run = read_meta(source.path, step).get("run", {})  # read-only: a reader never touches a run's checkpoints
     return int(run["seq_len"]) if run.get("seq_len") else None
 
 
@@ -97,10 +99,11 @@ def default_seq_len(path: str | Path, model: Phi, step: int | None = None) -> tu
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from phi_jax.generate import load
+    from phi_jax.generate import load_model_arg
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a training workdir or a Hugging Face phi directory")
+    parser.add_argument("--model", required=True,
+                        help="a training workdir, a Hugging Face phi directory (local or gs://) or a Hub id")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text_file", help="a UTF-8 text file")
     source.add_argument("--data_dir", help="token shards written by tools/prepare_data.py")
@@ -119,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.data_dir and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir={args.data_dir} does not exist; write shards with tools/prepare_data.py.")
 
-    model, tok = load(args.model, dtype=args.dtype, step=args.step, tokenizer=args.tokenizer)
+    model, tok = load_model_arg(parser, args.model, compute=Compute(dtype=args.dtype, param_dtype=args.dtype),
+                                step=args.step, tokenizer=args.tokenizer)
     text = None
     if args.text_file:
         text = Path(args.text_file).read_text(encoding="utf-8")

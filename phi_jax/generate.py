@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -29,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi_jax.data.tokenizer import load_tokenizer
+from phi_jax.config import Compute
+from phi_jax.loading import load
 from phi_jax.model import Phi
-from phi_jax.paths import user_path
 
 log = logging.getLogger("phi_jax")
 
@@ -180,41 +179,6 @@ def generate(sampler: Sampler, tokenizer, prompts: Sequence[str], *, max_new_tok
     return [tokenizer.decode([t for t in o if eos is None or t != eos]) for o in out]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loading a model and its tokenizer from a training workdir or a Hugging Face directory.
-
-def tokenizer_path(path: str | os.PathLike, step: int | None = None):
-    """The tokenizer file of a workdir (from its checkpoint metadata) or of a Hugging Face directory."""
-    path = user_path(path)  # local or gs://
-    if (path / "checkpoints").is_dir():
-        from phi_jax.checkpoint import read_meta
-
-        meta = read_meta(path, step)  # read-only: a running trainer's in-progress checkpoint is left alone
-        found = meta.get("data", {}).get("tokenizer_path")
-        if not found or not user_path(found).exists():
-            raise FileNotFoundError(f"The checkpoint metadata in {path} names tokenizer {found!r}, which does not "
-                                    "exist; pass --tokenizer=FILE.")
-        return user_path(found)
-    for name in ("tokenizer.json", "tokenizer.model"):
-        if (path / name).exists():
-            return path / name
-    raise FileNotFoundError(f"No tokenizer.json or tokenizer.model in {path}; pass --tokenizer=FILE.")
-
-
-def load(path: str | os.PathLike, *, dtype: str = "float32", step: int | None = None,
-         tokenizer: str | os.PathLike | None = None):
-    """(model, tokenizer) from a training workdir (newest or `step` checkpoint) or a Hugging Face directory."""
-    from phi_jax.checkpoint import load_model
-    from phi_jax.hf import from_pretrained
-
-    path = user_path(path)
-    if (path / "checkpoints").is_dir():
-        model = load_model(path, step, dtype=dtype, param_dtype=dtype)[0]
-    else:
-        model = from_pretrained(path, dtype=dtype, param_dtype=dtype)
-    return model, load_tokenizer(tokenizer or tokenizer_path(path, step))
-
-
 class _Streamer:
     """Prints row 0's text as it grows (decoding all its ids each time keeps multi-byte characters whole)."""
 
@@ -236,7 +200,8 @@ class _Streamer:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a training workdir or a Hugging Face phi directory")
+    parser.add_argument("--model", required=True,
+                        help="a training workdir, a Hugging Face phi directory (local or gs://) or a Hub id")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -249,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print all completions as JSON at the end")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    model, tok = load_model_arg(parser, args.model, dtype=args.dtype, step=args.step, tokenizer=args.tokenizer)
+    model, tok = load_model_arg(parser, args.model, compute=Compute(dtype=args.dtype, param_dtype=args.dtype),
+                                step=args.step, tokenizer=args.tokenizer)
     ids = encode_prompts(tok, args.prompt)
     check_prompts([len(p) for p in ids], model.cfg.max_position_embeddings)  # before anything is printed
     sampler = Sampler(model)
@@ -269,12 +235,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def load_model_arg(parser: argparse.ArgumentParser, path: str, **kwargs):
-    """`load(path)` for a `--model` flag: a path that is not a model is a usage error that says what is accepted."""
+    """`loading.load(path)` for a `--model` flag: a path that is not a model is a usage error that says what is
+    accepted (a training workdir, a Hugging Face directory, or a Hub id)."""
     try:
         return load(path, **kwargs)
     except FileNotFoundError as e:
-        parser.error(f"--model={path}: {e} --model takes a training workdir (it holds checkpoints/) or a Hugging "
-                     "Face phi directory (config.json and model.safetensors).")
+        parser.error(f"--model={path}: {e}")
+
 
 if __name__ == "__main__":
     from phi_jax.cli import run

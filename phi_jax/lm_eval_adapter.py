@@ -2,7 +2,7 @@
 
 Importing this module registers the model, so `lm_eval.simple_evaluate(model="phi_jax", ...)` works in the same
 process; the `python -m` form is lm_eval's own CLI (any of its flags) with the model registered and
-`--model phi_jax` filled in. `path` is a training workdir or a Hugging Face phi directory; other model_args:
+`--model phi_jax` filled in. `path` is a training workdir, a Hugging Face phi directory or a Hub id; other model_args:
 batch_size, dtype, step, tokenizer, max_length.
 
 Contexts longer than the model's context are truncated from the left; loglikelihood_rolling scores disjoint
@@ -26,7 +26,9 @@ except ModuleNotFoundError as e:  # lm-eval is an optional dependency (requireme
                               ) from e
 
 from phi_jax import generate as gen
+from phi_jax.config import Compute
 from phi_jax.evaluate import token_logprobs
+from phi_jax.loading import ACCEPTED, load
 
 
 @register_model("phi_jax")
@@ -37,9 +39,9 @@ class PhiJaxLM(LM):
         super().__init__()
         if model is None:
             if path is None:
-                raise ValueError("Pass model_args path=DIR (a training workdir or a Hugging Face phi directory).")
-            model, tokenizer = gen.load(path, dtype=dtype, step=None if step is None else int(step),
-                                        tokenizer=tokenizer)
+                raise ValueError(f"Pass model_args path=MODEL: {ACCEPTED}.")
+            model, tokenizer = load(path, compute=Compute(dtype=dtype, param_dtype=dtype),
+                                    step=None if step is None else int(step), tokenizer=tokenizer)
         elif tokenizer is None:
             raise ValueError("A model object needs its tokenizer object too.")
         self.model, self.tok = model, tokenizer

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phi_jax.attention import attention, cached_attention, causal_segment_mask
-from phi_jax.config import PhiConfig
+from phi_jax.config import Compute, PhiConfig
 from phi_jax.layers import Dense, LayerNorm, param
 from phi_jax.rotary import apply_partial_rotary, rotary_tables
 from phi_jax.sharding import constrain
@@ -51,22 +51,22 @@ class Cache(NamedTuple):
     index: jax.Array  # int32 scalar
 
 
-def _dense(cfg: PhiConfig, rngs: nnx.Rngs, in_shape, out_shape, in_names, out_names, *, activation=None,
-           impl=None) -> Dense:
+def _dense(cfg: PhiConfig, compute: Compute, rngs: nnx.Rngs, in_shape, out_shape, in_names, out_names, *,
+           activation=None, impl=None) -> Dense:
     return Dense(in_shape, out_shape, in_names=in_names, out_names=out_names, activation=activation,
-                 impl=impl or cfg.dense_impl, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                 impl=impl or compute.dense_impl, dtype=compute.dtype, param_dtype=compute.param_dtype,
                  init_std=cfg.initializer_range, rngs=rngs)
 
 
 class Attention(nnx.Module):
     """Multi-head causal self-attention with partial rotary on q and k; owns the layout of its KV cache."""
 
-    def __init__(self, cfg: PhiConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: PhiConfig, compute: Compute, *, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        self.impl, self.num_heads, self.head_dim = cfg.attention_impl, n, h
+        self.impl, self.num_heads, self.head_dim = compute.attention_impl, n, h
         # q, k and v in one [embed, 3, heads, head_dim] kernel: one matmul, heads visible to tensor parallelism.
-        self.qkv = _dense(cfg, rngs, (d,), (3, n, h), ("embed",), ("qkv", "heads", "head_dim"))
-        self.dense = _dense(cfg, rngs, (n, h), (d,), ("heads", "head_dim"), ("embed",))
+        self.qkv = _dense(cfg, compute, rngs, (d,), (3, n, h), ("embed",), ("qkv", "heads", "head_dim"))
+        self.dense = _dense(cfg, compute, rngs, (n, h), (d,), ("heads", "head_dim"), ("embed",))
 
     def init_cache(self, batch: int, max_len: int, dtype) -> LayerCache:
         shape = (batch * self.num_heads, max_len, self.head_dim)
@@ -93,10 +93,10 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: PhiConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: PhiConfig, compute: Compute, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.fc1 = _dense(cfg, rngs, (d,), (f,), ("embed",), ("mlp",), activation="gelu_new")
-        self.fc2 = _dense(cfg, rngs, (f,), (d,), ("mlp",), ("embed",))
+        self.fc1 = _dense(cfg, compute, rngs, (d,), (f,), ("embed",), ("mlp",), activation="gelu_new")
+        self.fc2 = _dense(cfg, compute, rngs, (f,), (d,), ("mlp",), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(constrain(self.fc1(x), ("batch", "length", "act_mlp")))
@@ -105,11 +105,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Parallel residual block: h + Attention(LN(h)) + MLP(LN(h)), one LayerNorm shared by both branches."""
 
-    def __init__(self, cfg: PhiConfig, *, rngs: nnx.Rngs):
-        self.input_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
-                                         param_dtype=cfg.params_dtype, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+    def __init__(self, cfg: PhiConfig, compute: Compute, *, rngs: nnx.Rngs):
+        self.input_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=compute.dtype,
+                                         param_dtype=compute.param_dtype, rngs=rngs)
+        self.attn = Attention(cfg, compute, rngs=rngs)
+        self.mlp = MLP(cfg, compute, rngs=rngs)
 
     def __call__(self, h, rope, segment_ids, cache=None, **cache_args):
         x = self.input_layernorm(h)
@@ -125,22 +125,25 @@ _REMAT_POLICIES = {
 
 
 class Phi(nnx.Module):
-    """phi-1 / phi-1.5 causal language model: `model(tokens)` -> (float32 logits [batch, seq, vocab], cache)."""
+    """phi-1 / phi-1.5 causal language model: `model(tokens)` -> (float32 logits [batch, seq, vocab], cache).
 
-    def __init__(self, cfg: PhiConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+    `cfg` is the architecture, `compute` how it runs (dtypes, kernels, remat); the model keeps both."""
+
+    def __init__(self, cfg: PhiConfig, compute: Compute = Compute(), *, rngs: nnx.Rngs):
+        self.cfg, self.compute = cfg, compute
         self.embed_tokens = param(rngs, nnx.initializers.normal(cfg.initializer_range),
-                                  (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.params_dtype)
+                                  (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), compute.param_dtype)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs=rngs)
+            return Block(cfg, compute, rngs=rngs)
 
         self.layers: Block | nnx.List[Block] = make_blocks(rngs)  # stacked until unstack_layers()
-        self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
-                                         param_dtype=cfg.params_dtype, rngs=rngs)
-        self.lm_head = _dense(cfg, rngs, (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), impl="xla")
+        self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=compute.dtype,
+                                         param_dtype=compute.param_dtype, rngs=rngs)
+        self.lm_head = _dense(cfg, compute, rngs, (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",),
+                              impl="xla")
 
     @property
     def stacked(self) -> bool:
@@ -182,7 +185,7 @@ class Phi(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
         """An empty cache of `max_len` slots per row (dtype: the compute dtype by default)."""
-        dtype = dtype or self.cfg.compute_dtype
+        dtype = self.compute.dtype if dtype is None else dtype
         blocks = self.layers if not self.stacked else [self.layers] * self.cfg.num_layers
         return Cache(tuple(b.attn.init_cache(batch, max_len, dtype) for b in blocks),
                      jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
@@ -203,7 +206,7 @@ class Phi(nnx.Module):
 
         # Gather the (vocab/FSDP-sharded) table whole in the compute dtype before the lookup: a gather from a
         # sharded table makes the SPMD partitioner replicate it implicitly, and less efficiently.
-        table = constrain(self.embed_tokens[...].astype(cfg.compute_dtype), (None, None))
+        table = constrain(self.embed_tokens[...].astype(self.compute.dtype), (None, None))
         h = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "act_embed"))
 
         if cache is not None:
@@ -224,8 +227,8 @@ class Phi(nnx.Module):
         def layer(h, state):
             return nnx.merge(graphdef, state)(h, rope, segment_ids)[0], None
 
-        if self.cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=False)
+        if self.compute.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.compute.remat], prevent_cse=False)
         return jax.lax.scan(layer, h, state)[0]
 
     def _decode_layers(self, h, rope, segment_ids, cache: Cache):
@@ -246,13 +249,13 @@ class Phi(nnx.Module):
         return h, Cache(tuple(layers), slots, cache.index + seq)
 
 
-def init_model(cfg: PhiConfig, seed: int = 0) -> Phi:
-    return Phi(cfg, rngs=nnx.Rngs(params=seed))
+def init_model(cfg: PhiConfig, seed: int = 0, compute: Compute = Compute()) -> Phi:
+    return Phi(cfg, compute, rngs=nnx.Rngs(params=seed))
 
 
-def abstract_model(cfg: PhiConfig) -> Phi:
+def abstract_model(cfg: PhiConfig, compute: Compute = Compute()) -> Phi:
     """The model's structure and shapes without allocating any parameter (for full-size checks and restores)."""
-    return nnx.eval_shape(lambda: Phi(cfg, rngs=nnx.Rngs(params=0)))
+    return nnx.eval_shape(lambda: Phi(cfg, compute, rngs=nnx.Rngs(params=0)))
 
 
 def count_params(model: Phi) -> int:

@@ -19,7 +19,7 @@ from ml_collections import config_flags
 
 from phi_jax import distributed, host_memory, memory_check, restart, validate
 from phi_jax.checkpoint import Checkpointer, CheckpointWriteError
-from phi_jax.config import PhiConfig
+from phi_jax.config import Compute, PhiConfig
 from phi_jax.data.setup import resolve_data
 from phi_jax.flops import flops_per_token, peak_flops_per_device
 from phi_jax.metrics import MetricsWriter
@@ -40,8 +40,7 @@ class NonFiniteError(RuntimeError):
 
 def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> PhiConfig:
     """The architecture for this run; the tokenizer's ids must fit the embedding."""
-    cfg = PhiConfig.preset(c.model, dtype=c.dtype, param_dtype=c.param_dtype, attention_impl=c.attention_impl,
-                           dense_impl=c.dense_impl, remat=c.remat)
+    cfg = PhiConfig.preset(c.model)
     if vocab_size > cfg.vocab_size:
         raise ValueError(f"The tokenizer has {vocab_size} ids but model {c.model!r} embeds {cfg.vocab_size}: "
                          "use a model with a larger vocab_size or a smaller tokenizer.")
@@ -49,6 +48,12 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> PhiConfig:
         raise ValueError(f"seq_len={c.seq_len} exceeds the model's max_position_embeddings="
                          f"{cfg.max_position_embeddings}; lower --config.seq_len.")
     return cfg
+
+
+def compute_options(c: ml_collections.ConfigDict) -> Compute:
+    """How this run computes: the run config's dtype, param_dtype, attention_impl, dense_impl and remat."""
+    return Compute(dtype=c.dtype, param_dtype=c.param_dtype, attention_impl=c.attention_impl,
+                   dense_impl=c.dense_impl, remat=c.remat)
 
 
 def accumulation_steps(c: ml_collections.ConfigDict, mesh) -> int:
@@ -93,6 +98,7 @@ def _train(c: ml_collections.ConfigDict, workdir, preemption: Preemption,
         lock.acquire()
     data = resolve_data(c)  # builds the embedded corpus on first use; checks shards against the tokenizer
     cfg = model_config(c, data.tokenizer.vocab_size)
+    compute = compute_options(c)
     data.check_model_vocab(cfg.vocab_size)
     param_rules, opt_rules = strategy_rules(c.sharding)
     tx = make_optimizer(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
@@ -102,14 +108,14 @@ def _train(c: ml_collections.ConfigDict, workdir, preemption: Preemption,
              c.model, cfg.num_params() / 1e6, dict(mesh.shape), c.sharding, accum)
 
     ckpt = Checkpointer(workdir, max_to_keep=c.keep_checkpoints)
-    abstract, shardings = state_shardings(cfg, tx, mesh, param_rules, opt_rules, fp16)
+    abstract, shardings = state_shardings(cfg, tx, mesh, param_rules, opt_rules, fp16, compute=compute)
     meta = {"model": cfg.to_dict(), "run": c.to_dict(), "data": data.identity()}
 
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     latest = ckpt.latest_step()
     start_batch = 0  # the data position: global batches consumed, whatever the process count that consumed them
     if latest is not None:
-        saved_meta = ckpt.check_architecture(latest, cfg)
+        saved_meta = ckpt.check_architecture(latest, cfg, compute)
         if (position := ckpt.data_position(latest, saved_meta)) is not None:  # the data must be the same
             restart.check_restart(saved_meta, c, data.identity(), str(ckpt.directory / str(latest)))
             start_batch = position // c.batch_size  # exact: check_restart keeps the global batch size
@@ -141,7 +147,7 @@ def _train(c: ml_collections.ConfigDict, workdir, preemption: Preemption,
         log.info("resumed from %s at step %d", ckpt.directory, latest)
     else:
         state = create_train_state(cfg, tx, mesh, seed=c.seed, fp16_loss_scale=fp16, rules=param_rules,
-                                   opt_rules=opt_rules)
+                                   opt_rules=opt_rules, compute=compute)
         if c.init_from_hf:
             state = _load_hf_params(state, c, cfg, shardings)
 
@@ -234,15 +240,17 @@ def _train(c: ml_collections.ConfigDict, workdir, preemption: Preemption,
 
 
 def _load_hf_params(state: TrainState, c, cfg: PhiConfig, shardings: TrainState) -> TrainState:
-    """Replaces freshly initialised parameters with a Hugging Face checkpoint's (fine-tuning)."""
+    """Replaces freshly initialised parameters with a Hugging Face checkpoint's (fine-tuning), cast to the run's
+    param_dtype; its architecture must equal the run's."""
     from flax import nnx
 
-    from phi_jax.hf import from_pretrained
+    from phi_jax.loading import from_pretrained, load_config, resolve
 
-    hf = from_pretrained(c.init_from_hf, dtype=c.dtype, param_dtype=c.param_dtype)
-    if (d := {k: (getattr(hf.cfg, k), getattr(cfg, k)) for k in ("vocab_size", "hidden_size", "num_layers")
-              if getattr(hf.cfg, k) != getattr(cfg, k)}):
-        raise ValueError(f"{c.init_from_hf} does not match model {c.model!r}: {d} (checkpoint, run).")
+    source = resolve(c.init_from_hf)  # a Hugging Face directory (local or gs://), a Hub id or a workdir
+    if (saved := load_config(source)) != cfg:  # before reading any weight
+        raise ValueError(f"{c.init_from_hf} does not have the architecture of model {c.model!r} (checkpoint vs run: "
+                         + "; ".join(saved.diff(cfg)) + "); choose the preset it was trained as.")
+    hf = from_pretrained(source, compute_options(c))
     params = jax.device_put(nnx.to_pure_dict(nnx.state(hf, nnx.Param)), shardings.params)
     log.info("initialised parameters from %s", c.init_from_hf)
     return state.replace(params=params)

@@ -10,7 +10,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from phi_jax.config import PhiConfig
+from phi_jax.config import Compute, PhiConfig
 from phi_jax.model import Phi
 from phi_jax.optim import LossScale
 from phi_jax.sharding import logical_to_spec
@@ -30,14 +30,15 @@ class TrainState:
 
 def logical_names(cfg: PhiConfig) -> dict:
     """The logical axis names of every parameter (a dict shaped like the params)."""
-    abstract = nnx.eval_shape(lambda: Phi(cfg, rngs=nnx.Rngs(params=0)))
+    abstract = nnx.eval_shape(lambda: Phi(cfg, rngs=nnx.Rngs(params=0)))  # the names do not depend on Compute
     names = jax.tree.map(lambda v: v.out_sharding, nnx.state(abstract, nnx.Param),
                          is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(names)
 
 
-def _init(cfg: PhiConfig, tx: optax.GradientTransformation, seed: int, fp16_loss_scale: bool) -> TrainState:
-    model = Phi(cfg, rngs=nnx.Rngs(params=seed))
+def _init(cfg: PhiConfig, compute: Compute, tx: optax.GradientTransformation, seed: int,
+          fp16_loss_scale: bool) -> TrainState:
+    model = Phi(cfg, compute, rngs=nnx.Rngs(params=seed))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     zero = jnp.zeros((), jnp.int32)
@@ -51,10 +52,11 @@ def _dict_keys(path) -> tuple[str, ...]:
 
 
 def state_shardings(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: dict | None = None,
-                    opt_rules: dict | None = None, fp16_loss_scale: bool = False) -> tuple[TrainState, TrainState]:
+                    opt_rules: dict | None = None, fp16_loss_scale: bool = False, *,
+                    compute: Compute = Compute()) -> tuple[TrainState, TrainState]:
     """(abstract state, shardings). Parameters follow `rules`; optimizer moments (the leaves whose dict path is a
     parameter's) follow `opt_rules`, so ZeRO can shard moments further than parameters; the rest is replicated."""
-    abstract = jax.eval_shape(lambda: _init(cfg, tx, 0, fp16_loss_scale))
+    abstract = jax.eval_shape(lambda: _init(cfg, compute, tx, 0, fp16_loss_scale))
     is_names = lambda x: isinstance(x, tuple)
     names = logical_names(cfg)
     param_sh = jax.tree.map(lambda n: NamedSharding(mesh, logical_to_spec(n, rules)), names, is_leaf=is_names)
@@ -77,7 +79,7 @@ def state_shardings(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh
 
 def create_train_state(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh, *, seed: int = 0,
                        fp16_loss_scale: bool = False, rules: dict | None = None,
-                       opt_rules: dict | None = None) -> TrainState:
+                       opt_rules: dict | None = None, compute: Compute = Compute()) -> TrainState:
     """Initialises parameters and optimizer state already sharded: nothing is materialised whole on one host."""
-    _, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, fp16_loss_scale)
-    return jax.jit(lambda: _init(cfg, tx, seed, fp16_loss_scale), out_shardings=shardings)()
+    _, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, fp16_loss_scale, compute=compute)
+    return jax.jit(lambda: _init(cfg, compute, tx, seed, fp16_loss_scale), out_shardings=shardings)()

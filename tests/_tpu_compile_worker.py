@@ -118,17 +118,17 @@ def _vmem_control(mesh, rows: int):
 def step_check(records: list) -> None:
     from configs.phi15 import get_config
     from phi_jax.config import PhiConfig
+    from phi_jax.train import compute_options
 
     c = get_config()
-    cfg = PhiConfig.preset(c.model, dtype=c.dtype, remat=c.remat, attention_impl=c.attention_impl,
-                           dense_impl=c.dense_impl)
+    cfg, compute = PhiConfig.preset(c.model), compute_options(c)
     mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=tpu_devices(STEP_TOPOLOGY))
     start = time.perf_counter()
     name = (f"{STEP_TOPOLOGY} phi-1.5 train step, configs/phi15.py ({c.sharding}, mesh {dict(mesh.shape)}, "
             f"{c.dtype}, remat {c.remat}), micro-batch {STEP_MICRO_BATCH} x {c.seq_len}")
     try:
         result = compile_step(cfg, mesh, c.sharding, STEP_MICRO_BATCH, 1, c.seq_len,
-                              AVAILABLE_HBM_GIB[mesh.devices.flat[0].device_kind])
+                              AVAILABLE_HBM_GIB[mesh.devices.flat[0].device_kind], compute)
         record = {"name": name, "ok": result["fits"], "result": result}
         if not result["fits"]:
             record["error"] = result.get("compiler_message", f"memory analysis exceeds HBM: {result}")

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from phi_jax import dispatch
 from phi_jax.attention import attention
-from phi_jax.config import PhiConfig
+from phi_jax.config import Compute, PhiConfig
 from phi_jax.dispatch import resolve_attention_impl, resolve_dense_impl
 from phi_jax.sharding import activation_sharding, make_mesh
 
@@ -51,7 +51,7 @@ def test_impossible_choices_raise(impl, platform, dtype, match):
 
 
 def test_config_accepts_splash():
-    assert PhiConfig.preset("tiny", attention_impl="splash").attention_impl == "splash"
+    assert Compute(attention_impl="splash").attention_impl == "splash"
 
 
 def test_resolution_is_logged(caplog):
@@ -136,7 +136,7 @@ def test_phi_model_with_splash_matches_xla():
     pos = jnp.concatenate([jnp.arange(40), jnp.arange(60)])[None].repeat(2, 0)
 
     def loss_and_grads(impl):
-        model = Phi(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(params=0))
+        model = Phi(cfg, Compute(attention_impl=impl), rngs=nnx.Rngs(params=0))
         graphdef, params = nnx.split(model, nnx.Param)
 
         def loss(params):

@@ -52,4 +52,7 @@ def test_generate_checks_the_prompt_before_echoing_it(hf_dir, capsys):
 def test_generate_model_error_names_what_is_accepted(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate.main(["--model", str(tmp_path / "missing"), "--prompt", "x"])
-    assert "a training workdir (it holds checkpoints/) or a Hugging Face phi directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--model={tmp_path / 'missing'}: {tmp_path / 'missing'} is not a model directory (it does not exist)" in err
+    assert ("pass a training workdir (it holds checkpoints/), a Hugging Face phi directory (config.json and "
+            "model.safetensors; local or gs://), or a Hugging Face Hub id such as microsoft/phi-1_5") in err

@@ -1,7 +1,7 @@
-"""tools/export_hf.py and tools/import_hf.py: a workdir checkpoint -> transformers (weights and tokenizer) and back."""
+"""export_hf and import_hf (phi_jax.hf.convert; tools/export_hf.py and tools/import_hf.py are their command lines): a
+workdir checkpoint -> transformers (weights and tokenizer) and back."""
 
 import glob
-import importlib.util
 import os
 from pathlib import Path
 
@@ -11,19 +11,13 @@ import pytest
 
 from phi_jax.checkpoint import Checkpointer, load_model
 from phi_jax.config import PhiConfig
+from phi_jax.hf.convert import export_hf, import_hf
 from phi_jax.optim import make_optimizer
 from phi_jax.sharding import make_mesh
 from phi_jax.train_state import create_train_state
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = Path(os.__file__).parent
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _source(names):
@@ -57,7 +51,7 @@ def workdir(tmp_path_factory, sp_model):
 
 @pytest.fixture(scope="module")
 def exported(workdir, tmp_path_factory):
-    return _tool("export_hf").export(str(workdir), str(tmp_path_factory.mktemp("hf") / "model"), step=10)
+    return export_hf(str(workdir), str(tmp_path_factory.mktemp("hf") / "model"), step=10)
 
 
 def test_load_model_chooses_steps_and_reports_missing_ones(workdir, tmp_path):
@@ -127,7 +121,7 @@ def test_hf_tokenizer_encodes_like_sentencepiece(exported, sp_model):
 
 
 def test_export_refuses_existing_dir_and_bad_steps(workdir, exported, tmp_path):
-    export = _tool("export_hf").export
+    export = export_hf
     with pytest.raises(FileExistsError, match="--overwrite"):
         export(str(workdir), str(exported))
     with pytest.raises(ValueError, match="available steps"):
@@ -140,10 +134,10 @@ def test_export_refuses_existing_dir_and_bad_steps(workdir, exported, tmp_path):
 def test_import_hf_round_trip(exported, tmp_path):
     from flax import nnx
 
-    from phi_jax.hf import from_pretrained
+    from phi_jax import from_pretrained
 
     wd = tmp_path / "imported"
-    _tool("import_hf").import_hf(str(exported), str(wd))
+    import_hf(str(exported), str(wd))
     model, meta, step = load_model(wd)
     assert step == 0 and meta["data"]["tokenizer_path"].endswith("tokenizer.json")
     direct = from_pretrained(exported)
@@ -160,10 +154,11 @@ def test_import_hf_round_trip(exported, tmp_path):
 def test_overwrite_replaces_only_an_empty_dir_or_a_previous_export(workdir, tmp_path, capsys):
     import stat
 
-    tool = _tool("export_hf")
-    previous = tool.export(str(workdir), str(tmp_path / "model"), step=10)
-    replaced = tool.export(str(workdir), str(previous), step=20, overwrite=True)  # a previous export: replaced
-    from phi_jax.hf import from_pretrained
+    from phi_jax import from_pretrained
+    from tools import export_hf as tool
+
+    previous = export_hf(str(workdir), str(tmp_path / "model"), step=10)
+    replaced = export_hf(str(workdir), str(previous), step=20, overwrite=True)  # a previous export: replaced
 
     np.testing.assert_array_equal(np.asarray(from_pretrained(replaced).embed_tokens[...]),
                                   np.asarray(load_model(workdir, 20)[0].embed_tokens[...]))
@@ -176,16 +171,35 @@ def test_overwrite_replaces_only_an_empty_dir_or_a_previous_export(workdir, tmp_
     mine.mkdir()
     (mine / "notes.txt").write_text("a user's own file")
     with pytest.raises(FileExistsError, match=r"mine is not a phi_jax export \(notes.txt\); overwriting replaces only"):
-        tool.export(str(workdir), str(mine), overwrite=True)
+        export_hf(str(workdir), str(mine), overwrite=True)
     (replaced / "my_eval.json").write_text("{}")  # a file added to a previous export is a user's too
     with pytest.raises(FileExistsError, match=r"holds files the previous export did not write \(my_eval.json\)"):
-        tool.export(str(workdir), str(replaced), overwrite=True)
+        export_hf(str(workdir), str(replaced), overwrite=True)
     assert (mine / "notes.txt").read_text() == "a user's own file" and (replaced / "my_eval.json").exists()
     (tmp_path / "empty").mkdir()
-    tool.export(str(workdir), str(tmp_path / "empty"), overwrite=True)  # an empty directory: replaced
+    export_hf(str(workdir), str(tmp_path / "empty"), overwrite=True)  # an empty directory: replaced
     assert (tmp_path / "empty" / "model.safetensors").exists()
 
     with pytest.raises(SystemExit):
         tool.main(["--help"])
     assert "previous export" in " ".join(capsys.readouterr().out.split())
 
+
+
+def test_the_command_lines_run_as_modules(workdir, tmp_path):
+    """`python -m tools.export_hf` from the checkout (no sys.path edits); a bad --workdir is one line naming the
+    accepted forms (phi_jax.cli.run), before anything is written."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    ok = subprocess.run([sys.executable, "-m", "tools.export_hf", f"--workdir={workdir}", f"--out={tmp_path / 'out'}",
+                         "--step=20"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "tokenizer.json").exists()
+    bad = subprocess.run([sys.executable, "-m", "tools.import_hf", f"--hf_dir={tmp_path / 'missing'}",
+                          f"--workdir={tmp_path / 'wd'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'missing'} is not a model directory")
+    assert not (tmp_path / "wd").exists()

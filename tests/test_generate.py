@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from phi_jax import from_pretrained
 from phi_jax import generate as gen
-from phi_jax.hf import from_pretrained
 from tests.hf_reference import make_hf_phi
 
 EOS = 2

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from phi_jax.config import PhiConfig
+from phi_jax.config import Compute, PhiConfig
 from phi_jax.model import Phi
 from phi_jax.optim import make_optimizer
 from phi_jax.sharding import make_mesh
@@ -25,15 +25,15 @@ def batch(accum: int = 1, seed: int = 0, vocab: int = 512):
     return {k: v.reshape(accum, ROWS // accum, SEQ) for k, v in b.items()}
 
 
-def config(impl: str) -> PhiConfig:
-    return PhiConfig.preset("tiny", attention_impl=impl, dense_impl=impl)
+def compute(impl: str) -> Compute:
+    return Compute(attention_impl=impl, dense_impl=impl)
 
 
 def test_logits_and_gradients_match_xla():
     b = {k: v[0] for k, v in batch().items()}
     results = {}
     for impl in ("xla", "pallas"):
-        graphdef, params = nnx.split(Phi(config(impl), rngs=nnx.Rngs(params=0)), nnx.Param)
+        graphdef, params = nnx.split(Phi(PhiConfig.preset("tiny"), compute(impl), rngs=nnx.Rngs(params=0)), nnx.Param)
         params = nnx.to_pure_dict(params)
         logits, _ = nnx.merge(graphdef, params)(b["inputs"], b["positions"], segment_ids=b["segment_ids"])
         grads = jax.grad(lambda p, g=graphdef: loss_sum(p, g, b)[0])(params)
@@ -49,7 +49,7 @@ def test_training_with_both_kernels_matches_xla():
     losses = {}
     mesh = make_mesh(devices=jax.devices()[:1])
     for impl in ("xla", "pallas"):
-        state = create_train_state(config(impl), make_optimizer(3e-3), mesh)
+        state = create_train_state(PhiConfig.preset("tiny"), make_optimizer(3e-3), mesh, compute=compute(impl))
         step = jax.jit(train_step)
         losses[impl] = []
         for _ in range(3):

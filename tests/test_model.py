@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from phi_jax.config import PRESETS, PhiConfig
+from phi_jax.config import PRESETS, Compute, PhiConfig
 from phi_jax.model import abstract_model, count_params, init_model
 
 
@@ -29,12 +29,46 @@ def test_param_formula_matches_tree(name):
     (dict(rotary_dim=31), "rotary_dim=31 must be even"),
     (dict(rotary_dim=128), "at most head_dim=64"),
     (dict(num_layers=0), "num_layers=0 must be positive"),
-    (dict(dtype="float8"), "dtype='float8' is not one of"),
-    (dict(attention_impl="flash"), "attention_impl='flash' is not one of"),
 ])
 def test_invalid_config(bad, match):
     with pytest.raises(ValueError, match=match):
         PhiConfig(**bad)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(dtype="float8"), "Compute.dtype='float8' is not one of"),
+    (dict(param_dtype="float64"), "Compute.param_dtype='float64' is not one of"),
+    (dict(param_dtype=jnp.int8), "Compute.param_dtype=.*int8.* is not one of"),
+    (dict(attention_impl="flash"), "Compute.attention_impl='flash' is not one of"),
+    (dict(dense_impl="cuda"), "Compute.dense_impl='cuda' is not one of"),
+    (dict(remat="some"), "Compute.remat='some' is not one of"),
+])
+def test_invalid_compute(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Compute(**bad)
+
+
+def test_compute_holds_jnp_dtypes_and_names_them():
+    c = Compute(dtype="bfloat16", param_dtype=jnp.float16)
+    assert c.dtype == jnp.bfloat16 and c.param_dtype == jnp.float16 and isinstance(c.dtype, jnp.dtype)
+    assert c == Compute(dtype=jnp.bfloat16, param_dtype="float16")  # one value whichever way it was written
+    assert c.to_dict() == {"dtype": "bfloat16", "param_dtype": "float16", "attention_impl": "auto",
+                           "dense_impl": "auto", "remat": "none"}
+    assert Compute(**c.to_dict()) == c
+
+
+def test_phi_config_is_the_architecture_only():
+    """An old checkpoint's meta["model"] holds the compute fields too: they are dropped, anything else unknown
+    is still an error; a model keeps both objects."""
+    old = {**PhiConfig.preset("tiny").to_dict(), "dtype": "bfloat16", "param_dtype": "float32",
+           "attention_impl": "auto", "dense_impl": "xla", "remat": "full"}
+    assert PhiConfig.from_dict(old) == PhiConfig.preset("tiny")
+    assert not {"dtype", "param_dtype", "attention_impl", "dense_impl", "remat"} & set(PhiConfig().to_dict())
+    with pytest.raises(ValueError, match=r"Unknown PhiConfig fields \['n_layer'\]"):
+        PhiConfig.from_dict({**old, "n_layer": 2})
+    assert PhiConfig.preset("tiny").diff(PhiConfig.preset("tiny", num_layers=3)) == ["num_layers: 2 vs 3"]
+    model = abstract_model(PhiConfig.preset("tiny"), Compute(param_dtype="bfloat16"))
+    assert model.compute.param_dtype == jnp.bfloat16 and model.embed_tokens.dtype == jnp.bfloat16
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +124,13 @@ def test_bfloat16_compute_keeps_float32_logits(monkeypatch):
 
     cfg32 = PhiConfig.preset("tiny", initializer_range=0.2)
     ids = np.random.default_rng(2).integers(0, 512, (1, 64))
-    a, b = np.asarray(init_model(cfg32, seed=3)(ids)[0]), init_model(cfg32.replace(dtype="bfloat16"), seed=3)(ids)[0]
+    bf16 = Compute(dtype="bfloat16")
+    a, b = np.asarray(init_model(cfg32, seed=3)(ids)[0]), init_model(cfg32, seed=3, compute=bf16)(ids)[0]
     assert b.dtype == jnp.float32
     tolerance = 0.2
     np.testing.assert_allclose(np.asarray(b), a, atol=tolerance)
     monkeypatch.setattr(model_module, "apply_partial_rotary", lambda x, cos, sin: x)  # a rotary bug
-    broken = np.asarray(init_model(cfg32.replace(dtype="bfloat16"), seed=3)(ids)[0])
+    broken = np.asarray(init_model(cfg32, seed=3, compute=bf16)(ids)[0])
     assert np.abs(broken - a).max() > 5 * tolerance
 
 
@@ -103,8 +138,8 @@ def test_bfloat16_compute_keeps_float32_logits(monkeypatch):
 def test_remat_changes_nothing_numerically(remat):
     ids = np.random.default_rng(3).integers(0, 512, (2, 32))
 
-    def grads(cfg):
-        model = init_model(cfg, seed=4)
+    def grads(compute):
+        model = init_model(PhiConfig.preset("tiny"), seed=4, compute=compute)
         graphdef, params = nnx.split(model, nnx.Param)
 
         def loss(p):
@@ -112,7 +147,7 @@ def test_remat_changes_nothing_numerically(remat):
 
         return jax.grad(loss)(params)
 
-    base, other = grads(PhiConfig.preset("tiny")), grads(PhiConfig.preset("tiny", remat=remat))
+    base, other = grads(Compute()), grads(Compute(remat=remat))
     for x, y in zip(jax.tree.leaves(base), jax.tree.leaves(other), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 

@@ -5,8 +5,7 @@ import jax
 
 from phi_jax.checkpoint import Checkpointer, load_model, read_meta
 from phi_jax.config import PhiConfig
-from phi_jax.generate import tokenizer_path
-from phi_jax.hf import from_pretrained
+from phi_jax.loading import from_pretrained, tokenizer_file
 from phi_jax.optim import make_optimizer
 from phi_jax.sharding import make_mesh
 from phi_jax.train_state import create_train_state
@@ -31,9 +30,9 @@ def test_readers_leave_an_in_progress_checkpoint_alone(tmp_path):
     (partial / "state" / "half-written").write_bytes(b"x" * 100)
     before = _listing(tmp_path)
 
-    assert load_model(tmp_path)[2] == 3  # export_hf.py and generate.load
-    from_pretrained(tmp_path)  # evaluate, lm_eval_adapter and the library
-    assert tokenizer_path(tmp_path) == tmp_path / "tokenizer.model"
+    assert load_model(tmp_path)[2] == 3
+    from_pretrained(tmp_path)  # generate, export, evaluate, lm_eval_adapter and the library
+    assert tokenizer_file(tmp_path) == tmp_path / "tokenizer.model"
     assert read_meta(tmp_path)["model"] == cfg.to_dict()
     assert _listing(tmp_path) == before  # nothing created, removed or changed
 

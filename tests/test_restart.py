@@ -7,6 +7,7 @@ from runs import make_shards, metrics, tiny_config
 
 from phi_jax import restart
 from phi_jax.checkpoint import Checkpointer
+from phi_jax.config import Compute, PhiConfig
 from phi_jax.run_config import base_config
 from phi_jax.train import train
 
@@ -27,6 +28,9 @@ def test_corrupting_changes_are_refused_safe_ones_pass_and_fp16_gets_a_fresh_los
         train(config(shards, seq_len=16, batch_size=16, seed=1, **{"data.packing": True}), tmp_path)
     with pytest.raises(ValueError, match=r"allow_changes names \['sede'\], which a restart does not check"):
         train(config(shards, seed=1, allow_changes="sede"), tmp_path)
+    with pytest.raises(ValueError, match=r"holds float32 parameters but the run has param_dtype=bfloat16; resuming "
+                                         r"does not cast the train state\. Set --config.param_dtype=float32"):
+        train(config(shards, param_dtype="bfloat16"), tmp_path)
     assert Checkpointer(tmp_path).all_steps() == [2]  # nothing was written by the refused restarts
 
     # Allowed with --config.allow_changes, together with the safe changes: learning rate, total_steps, cadences,
@@ -55,3 +59,31 @@ def test_the_identity_covers_every_data_key_including_later_ones():
     restart.check_restart(saved, c, {"path": "/shards", "tokenizer": {"sha256": "x"}}, "here")
     assert "data.cache_dir" not in restart.identity(run, {})  # where the corpus is built, not what it holds
     assert "data.verify_checksums" not in restart.identity(run, {})  # how the shards are checked, not what they are
+
+
+def test_a_restart_checks_the_architecture_by_equality_and_the_parameter_dtype(tmp_path):
+    """meta["model"] is the architecture (compared with ==); the saved parameters' dtype comes from the run config,
+    or, in a checkpoint written before Compute existed, from the model config that then held it."""
+    import jax
+
+    from phi_jax.optim import make_optimizer
+    from phi_jax.sharding import make_mesh
+    from phi_jax.train_state import create_train_state
+
+    cfg = PhiConfig.preset("tiny")
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    state = create_train_state(cfg, make_optimizer(1e-3), make_mesh(devices=jax.devices()[:1]))
+    legacy_model = {**cfg.to_dict(), "dtype": "float32", "param_dtype": "bfloat16", "attention_impl": "auto",
+                    "dense_impl": "auto", "remat": "none"}
+    ckpt.save(1, state, {"model": cfg.to_dict(), "run": {"param_dtype": "float32"}})
+    ckpt.save(2, state, {"model": legacy_model, "run": {}})
+    assert ckpt.check_architecture(1, cfg, Compute())["run"] == {"param_dtype": "float32"}
+    with pytest.raises(ValueError, match="holds float32 parameters but the run has param_dtype=float16"):
+        ckpt.check_architecture(1, cfg, Compute(param_dtype="float16"))
+    ckpt.check_architecture(2, cfg, Compute(param_dtype="bfloat16"))
+    with pytest.raises(ValueError, match="holds bfloat16 parameters but the run has param_dtype=float32"):
+        ckpt.check_architecture(2, cfg, Compute())
+    with pytest.raises(ValueError, match=r"different architecture \(checkpoint vs run: num_layers: 2 vs 3; "
+                                         r"rope_theta: 10000.0 vs 500.0\)"):
+        ckpt.check_architecture(1, cfg.replace(num_layers=3, rope_theta=500.0), Compute())
+    ckpt.close()

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from phi_jax.config import PhiConfig
+from phi_jax.config import Compute, PhiConfig
 from phi_jax.optim import make_optimizer
 from phi_jax.sharding import make_mesh
 from phi_jax.train_state import create_train_state
@@ -28,10 +28,10 @@ def synthetic_batch(rows: int, accum: int, seed: int = 0, vocab: int = 64) -> di
     return {k: v.reshape(accum, rows // accum, *v.shape[1:]) for k, v in batch.items()}
 
 
-def new_state(cfg=None, lr=3e-3, **kw):
+def new_state(cfg=None, lr=3e-3, compute=Compute(), **kw):
     cfg = cfg or PhiConfig.preset("tiny")
     return create_train_state(cfg, make_optimizer(lr, **kw), make_mesh(devices=jax.devices()[:1]), seed=0,
-                              fp16_loss_scale=cfg.dtype == "float16")
+                              fp16_loss_scale=compute.dtype == jnp.float16, compute=compute)
 
 
 step_fn = jax.jit(train_step)
@@ -89,8 +89,7 @@ def test_non_finite_batch_skips_the_update():
 
 
 def test_fp16_overflow_halves_the_loss_scale_and_skips():
-    cfg = PhiConfig.preset("tiny", dtype="float16")
-    state = new_state(cfg)
+    state = new_state(compute=Compute(dtype="float16"))
     state = state.replace(loss_scale=state.loss_scale.replace(scale=jnp.float32(3e38)))  # forces fp16 overflow
     params_before = jax.tree.map(np.asarray, state.params)
     state, m = step_fn(state, synthetic_batch(8, 1))

@@ -119,7 +119,7 @@ def stage_step_phi15(dry_run: bool) -> dict:
     import jax
     import numpy as np
 
-    from phi_jax.config import PhiConfig
+    from phi_jax.config import Compute, PhiConfig
     from phi_jax.optim import make_optimizer
     from phi_jax.sharding import batch_sharding, make_mesh, strategy_rules
     from phi_jax.train_state import create_train_state, state_shardings
@@ -132,12 +132,12 @@ def stage_step_phi15(dry_run: bool) -> dict:
     # by the TPU compiler, docs/PERFORMANCE.md); 4 on 40+ GiB devices, where one device holds the whole 17 GiB
     # state plus remat-full activations.
     model, seq, micro = ("tiny", 64, 1) if dry_run else ("phi-1.5", 2048, 4 if memory >= 40 else 2)
-    cfg = PhiConfig.preset(model, dtype="float32" if dry_run else "bfloat16", remat="full")
+    cfg, compute = PhiConfig.preset(model), Compute(dtype="float32" if dry_run else "bfloat16", remat="full")
     mesh = make_mesh(1, -1, 1, devices=devices[:1] if dry_run else devices)
     rules, opt_rules = strategy_rules("fsdp")
     tx = make_optimizer(2e-4)
-    state = create_train_state(cfg, tx, mesh, rules=rules, opt_rules=opt_rules)
-    _, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules)
+    state = create_train_state(cfg, tx, mesh, rules=rules, opt_rules=opt_rules, compute=compute)
+    _, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, compute=compute)
     step_fn, _ = jit_steps(mesh, shardings, rules)
     rows = micro * mesh.shape["fsdp"]
     batch = jax.device_put(synthetic_batch(cfg.vocab_size, rows, seq), batch_sharding(mesh, leading_dims=1))

@@ -17,20 +17,20 @@ from tools._bench import command, device, machine, write_json
 
 
 def setup(name: str, seq_len: int, batch: int, dtype: str = "float32", remat: str = "none", **overrides):
-    """(cfg, jitted train step, train state, synthetic batch) on one device; `overrides` are PhiConfig fields."""
+    """(cfg, jitted train step, train state, synthetic batch) on one device; `overrides` are Compute fields."""
     import jax
 
-    from phi_jax.config import PhiConfig
+    from phi_jax.config import Compute, PhiConfig
     from phi_jax.optim import make_optimizer
     from phi_jax.sharding import batch_sharding, make_mesh
     from phi_jax.train_state import create_train_state, state_shardings
     from phi_jax.train_step import jit_steps
 
-    cfg = PhiConfig.preset(name, dtype=dtype, remat=remat, **overrides)
+    cfg, compute = PhiConfig.preset(name), Compute(dtype=dtype, remat=remat, **overrides)
     mesh = make_mesh(devices=jax.devices()[:1])
     tx = make_optimizer(1e-4)
-    state = create_train_state(cfg, tx, mesh)
-    _, shardings = state_shardings(cfg, tx, mesh)
+    state = create_train_state(cfg, tx, mesh, compute=compute)
+    _, shardings = state_shardings(cfg, tx, mesh, compute=compute)
     step_fn, _ = jit_steps(mesh, shardings)
     batch = jax.device_put(synthetic_batch(cfg.vocab_size, batch, seq_len), batch_sharding(mesh, leading_dims=1))
     return cfg, step_fn, state, batch

@@ -77,7 +77,7 @@ def tpu_devices(topology: str) -> list:
                          "v4:2x2x1, v5e:2x4, v5e:4x4, v5p:2x2x1, v6e:2x4).") from e
 
 
-def abstract_step_inputs(cfg, mesh, sharding: str, micro_batch: int, accum: int, seq_len: int):
+def abstract_step_inputs(cfg, mesh, sharding: str, micro_batch: int, accum: int, seq_len: int, compute=None):
     """(jitted train step, abstract state, abstract batch, state shardings) for `mesh`; nothing is allocated."""
     import jax
 
@@ -88,7 +88,11 @@ def abstract_step_inputs(cfg, mesh, sharding: str, micro_batch: int, accum: int,
 
     rules, opt_rules = strategy_rules(sharding)
     tx = make_optimizer(2e-4)
-    abstract, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, fp16_loss_scale=cfg.dtype == "float16")
+    from phi_jax.config import Compute
+
+    compute = compute or Compute()
+    abstract, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules,
+                                          fp16_loss_scale=compute.dtype.name == "float16", compute=compute)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     rows = micro_batch * mesh.shape["data"] * mesh.shape["fsdp"]
     bsh = batch_sharding(mesh, leading_dims=1)
@@ -100,7 +104,7 @@ def abstract_step_inputs(cfg, mesh, sharding: str, micro_batch: int, accum: int,
 
 
 def compile_step(cfg, mesh, sharding: str, micro_batch: int, accum: int = 1, seq_len: int = 2048,
-                 available_gib: float | None = None) -> dict:
+                 available_gib: float | None = None, compute=None) -> dict:
     """Compiles the train step; returns its per-device memory in GiB, or the compiler's out-of-memory message.
 
     `fits` is the compiler's verdict and, when `available_gib` is given, also that its memory analysis (arguments
@@ -109,7 +113,7 @@ def compile_step(cfg, mesh, sharding: str, micro_batch: int, accum: int = 1, seq
     import jax
 
     step_fn, state, batch, (abstract, shardings) = abstract_step_inputs(cfg, mesh, sharding, micro_batch, accum,
-                                                                        seq_len)
+                                                                        seq_len, compute)
     start = time.perf_counter()
     try:
         compiled = step_fn.lower(state, batch).compile()
@@ -218,12 +222,12 @@ def main(argv=None) -> dict:
             sys.exit("--mesh: give every size on fake CPU devices (no -1).")
         jax.config.update("jax_num_cpu_devices", math.prod(sizes))  # before the backend starts
 
-    from phi_jax.config import PhiConfig
+    from phi_jax.config import Compute, PhiConfig
     from phi_jax.sharding import make_mesh
 
     # On a topology, attention and dense are what `auto` picks on a TPU; XLA:CPU cannot compile Pallas kernels.
     impls = {} if args.topology else {"attention_impl": "xla", "dense_impl": "xla"}
-    cfg = PhiConfig.preset(args.model, dtype=args.dtype, remat=args.remat, **impls)
+    cfg, compute = PhiConfig.preset(args.model), Compute(dtype=args.dtype, remat=args.remat, **impls)
     devices = tpu_devices(args.topology) if args.topology else jax.devices()
     mesh = make_mesh(*sizes, devices=devices)
     where = f"{args.topology} ({devices[0].device_kind}, {len(devices)} chips)" if args.topology else "fake CPU devices"
@@ -236,7 +240,7 @@ def main(argv=None) -> dict:
     available = AVAILABLE_HBM_GIB.get(devices[0].device_kind) if args.topology else None
     if args.topology and available is None:
         print(f"note: no available-HBM figure for {devices[0].device_kind}; the verdict is the compiler's alone")
-    compile_at = lambda mb: compile_step(cfg, mesh, args.sharding, mb, args.accum, args.seq_len, available)
+    compile_at = lambda mb: compile_step(cfg, mesh, args.sharding, mb, args.accum, args.seq_len, available, compute)
     title = (f"{args.model} ({cfg.num_params() / 1e9:.2f}B) on {where}, mesh {dict(mesh.shape)} {args.sharding}, "
              f"{args.dtype}, remat {args.remat}, seq {args.seq_len}")
     if args.max_micro_batch:

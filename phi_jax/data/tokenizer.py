@@ -119,13 +119,24 @@ class HFTokenizer(_Base):
         self.__init__(state["path"])
 
 
+# The tokenizer files a model directory may hold, in order of preference (a Hugging Face directory's own, or what
+# tools/import_hf.py and an export carry).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def tokenizer_in(directory: str | os.PathLike) -> epath.Path | None:
+    """The tokenizer file inside a model directory (local or gs://), or None if it holds none."""
+    directory = user_path(directory)
+    return next((directory / n for n in TOKENIZER_FILES if (directory / n).is_file()), None)
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """SentencePiece for `*.model`, Hugging Face `tokenizers` for `*.json`; a gs:// file is read into a local copy
-    (both libraries read local files only)."""
+    """SentencePiece for `*.model`, Hugging Face `tokenizers` for `*.json` (a directory: the one it holds); a gs://
+    file is read into a local copy (both libraries read local files only)."""
     if is_url(path):
         path = user_path(path)
-        if path.is_dir() and (path / "tokenizer.json").is_file():
-            path = path / "tokenizer.json"
+        if path.is_dir() and (found := tokenizer_in(path)) is not None:
+            path = found
         if not path.is_file():
             raise FileNotFoundError(f"Tokenizer file {path} does not exist: pass a SentencePiece .model or a Hugging "
                                     "Face tokenizer.json.")
@@ -133,8 +144,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         local.write_bytes(path.read_bytes())
         path = local
     path = Path(path)
-    if path.is_dir() and (path / "tokenizer.json").is_file():
-        path = path / "tokenizer.json"
+    if path.is_dir() and (found := tokenizer_in(path)) is not None:
+        path = Path(found)
     if not path.is_file():
         raise FileNotFoundError(f"Tokenizer file {path} does not exist: pass a SentencePiece .model or a Hugging Face "
                                 "tokenizer.json (tools/train_tokenizer.py trains one).")

@@ -12,17 +12,25 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+
+from phi_jax.paths import user_path
 
 SPIECE_UNDERLINE = "▁"
 
 
+def _sentencepiece(model_file: str | os.PathLike):
+    """A SentencePiece processor of a .model file, local or gs:// (read as bytes: sentencepiece opens local files
+    only)."""
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_proto=user_path(model_file).read_bytes())
+
+
 def sentencepiece_to_tokenizer_json(model_file: str | os.PathLike) -> str:
     """The tokenizer.json text equivalent to a SentencePiece BPE model with byte fallback."""
-    import sentencepiece as spm
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    sp = _sentencepiece(model_file)
     n = sp.get_piece_size()
     vocab = {sp.id_to_piece(i): i for i in range(n)}
     types = _piece_types(sp)
@@ -68,16 +76,15 @@ def _piece_types(sp) -> list[str]:
 
 
 def eos_piece(model_file: str | os.PathLike) -> str:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    sp = _sentencepiece(model_file)
     eot = sp.piece_to_id("<|endoftext|>")
     return "<|endoftext|>" if eot != sp.unk_id() else sp.id_to_piece(sp.eos_id())
 
 
 def hf_tokenizer_files(tokenizer_file: str | os.PathLike, *, model_max_length: int) -> dict[str, str]:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for a phi_jax tokenizer file."""
-    path = Path(tokenizer_file)
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for a phi_jax tokenizer file (local or
+    gs://)."""
+    path = user_path(tokenizer_file)
     if path.suffix == ".json":
         tokenizer_json = path.read_text(encoding="utf-8")
         added = {t["content"] for t in json.loads(tokenizer_json).get("added_tokens", [])}
@@ -85,10 +92,8 @@ def hf_tokenizer_files(tokenizer_file: str | os.PathLike, *, model_max_length: i
         bos = next((t for t in ("<s>", "<bos>") if t in added), None)
         unk = next((t for t in ("<unk>",) if t in added), None)
     else:
-        import sentencepiece as spm
-
         tokenizer_json = sentencepiece_to_tokenizer_json(path)
-        sp = spm.SentencePieceProcessor(model_file=str(path))
+        sp = _sentencepiece(path)
         eos = eos_piece(path)
         bos = sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None
         unk = sp.id_to_piece(sp.unk_id())
