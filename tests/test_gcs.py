@@ -147,9 +147,9 @@ def test_train_sigterm_resume_export_and_generate_in_a_bucket(tmp_path, gcs, sha
     assert not epath.Path(workdir, "lock.json").exists()
 
     # Export and generate read the bucket's checkpoint; each must give what it gives for the local reference run.
-    # --tokenizer: the run recorded gs://bkt/data/sp512.model, which main's tools/export_hf.py checks with pathlib.
+    # The bucket run's export carries the tokenizer it recorded, gs://bkt/data/sp512.model, read from the bucket.
     generate = ["phi_jax.generate", "--prompt=def f(x):", "--max_new_tokens=8"]
-    export = ["tools.export_hf", f"--tokenizer={shards / 'sp512.model'}"]
+    export = ["tools.export_hf"]
     procs = [_tool(*generate, f"--model={workdir}", env=env),
              _tool(*generate, f"--model={tmp_path / 'reference'}", env=env),
              _tool(*export, f"--workdir={workdir}", f"--out={tmp_path / 'from_bucket'}", env=env),
