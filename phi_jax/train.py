@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from phi_jax import distributed, host_memory, memory_check, restart, validate
 from phi_jax.checkpoint import Checkpointer, CheckpointWriteError
 from phi_jax.config import PhiConfig
-from phi_jax.data.setup import resolve_data
+from phi_jax.data.training_data import resolve_data
 from phi_jax.flops import flops_per_token, peak_flops_per_device
 from phi_jax.metrics import MetricsWriter
 from phi_jax.optim import LossScale, make_optimizer

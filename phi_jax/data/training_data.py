@@ -1,5 +1,6 @@
-"""From run config to checked data: which shards (one directory or a weighted mixture), which tokenizer, and
-whether they fit the model; then the train pipeline, the validation batches and the per-source metrics."""
+"""A run's training data, resolved from its run config: the shards (the embedded corpus, one directory or a weighted
+mixture), their tokenizer and whether both fit the model; then the train pipeline, the validation batches, the
+per-source metrics and the identity a checkpoint records."""
 
 from __future__ import annotations
 
