@@ -38,7 +38,8 @@ def run(main: Callable[[], object], *, failed_write: Callable[[OSError], str] = 
 def configure_logging(stream=None) -> None:
     """phi_jax's INFO lines and every library's warnings, on stderr (or `stream`) in absl's format. Left out: the
     INFO that orbax and grain log through absl (screens of it per checkpoint read or written), orbax's per-thread
-    tracebacks of a failed write (phi_jax reports the error itself), and JAX's probe of platforms this host lacks."""
+    tracebacks of a failed write (phi_jax reports the error itself) and its warnings that a read-only reader is
+    read-only, and JAX's probe of platforms this host lacks."""
     from absl.logging import PythonFormatter
 
     handler = logging.StreamHandler(stream)
@@ -49,6 +50,7 @@ def configure_logging(stream=None) -> None:
     absl = logging.getLogger("absl")
     absl.setLevel(logging.WARNING)
     absl.addFilter(_without_orbax_tracebacks)
+    absl.addFilter(_without_read_only_notes)
     logging.getLogger("jax._src.xla_bridge").addFilter(_without_backend_probe)
 
 
@@ -57,6 +59,13 @@ def _without_orbax_tracebacks(record: logging.LogRecord) -> bool:
     if "orbax" in record.pathname and record.exc_info:
         record.exc_info, record.exc_text = None, None
     return True
+
+
+def _without_read_only_notes(record: logging.LogRecord) -> bool:
+    """orbax warns three times that a read-only CheckpointManager is read-only; the readers (generate, export,
+    evaluate) open workdirs read-only on purpose."""
+    return not (record.pathname.endswith("checkpoint_manager.py") and record.getMessage().startswith(
+        ("CheckpointManagerOptions.read_only=True", "Given directory is read only")))
 
 
 def _without_backend_probe(record: logging.LogRecord) -> bool:
