@@ -24,6 +24,8 @@ from phi_jax.paths import is_url, user_path
 
 log = logging.getLogger("phi_jax")
 
+SHOWN = ("loss", "val_loss", "tokens_per_sec", "mfu")  # on the console, in this order
+
 
 class MetricsWriter:
     """Writes on process 0 only; other processes get a writer that does nothing."""
@@ -51,9 +53,9 @@ class MetricsWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, float | int) and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
-        shown = {k: record[k] for k in ("loss", "val_loss", "tokens_per_sec", "mfu") if k in record}
+        shown = {k: record[k] for k in SHOWN if k in record}
         self._shown.update(shown)
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in self._shown.items()}, refresh=False)
+        self._bar.set_postfix({k: f"{self._shown[k]:.4g}" for k in SHOWN if k in self._shown}, refresh=False)
         self._eta = record.get("eta_sec", self._eta)
         if self._bar.disable:  # not a terminal: log a line instead of drawing a bar
             eta = "?" if self._eta is None else tqdm.format_interval(self._eta)  # "?" before the first timed step

@@ -103,7 +103,7 @@ def test_log_lines_go_above_the_bar_and_the_final_bar_keeps_the_loss(tmp_path, m
     line = next(line for line in text.split("\n") if "a log line while" in line)
     assert line.split("\r")[-1].startswith("I"), repr(line)  # on a line of its own, not after the bar's text
     final_bar = [s for s in text.split("\r") if "10/10" in s][-1]
-    assert "loss=1.5" in final_bar and "val_loss=2.25" in final_bar, repr(final_bar)
+    assert "loss=1.5, val_loss=2.25, tokens_per_sec=1000" in final_bar, repr(final_bar)
     assert text.rstrip("\n").split("\n")[-1].startswith("I") and "after the bar" in text  # logging restored
 
 
