@@ -101,7 +101,7 @@ class Run:
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return global_batch(local, self.accum, self.shardings[0])
 
-    def log(self, step: int, state: TrainState, metrics: dict, step_time: float | None) -> dict[str, float]:
+    def log_metrics(self, step: int, state: TrainState, metrics: dict, step_time: float | None) -> dict[str, float]:
         """The step's metrics plus throughput (once a step time is known), written to every sink."""
         c, (fpt, peak) = self.c, self.flops
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -193,7 +193,7 @@ def train_loop(run: Run, preemption: Preemption) -> dict[str, float]:
             timer.start(step)  # throughput is measured from here
         run.writer.advance()
         if step % c.log_every == 0 or step in (run.start + 1, c.total_steps):
-            last = run.log(step, state, metrics, timer.lap(step))
+            last = run.log_metrics(step, state, metrics, timer.lap(step))
         if int(state.skipped) >= c.max_consecutive_skips:
             raise NonFiniteError(f"{int(state.skipped)} consecutive updates had a non-finite loss or gradient "
                                  f"(step {step}); stopping. Lower the learning rate, enable grad clipping, or "
