@@ -1,22 +1,75 @@
-"""Command-line entry points: CPU hosts' malloc on huge pages first, and a user's mistake as one line."""
+"""Command-line entry points: one start-up (CPU hosts' malloc on huge pages, logging) and one error policy."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
+log = logging.getLogger("phi_jax")
+
+# A user's mistake: a bad path, an existing output, an invalid value. Reported in one line, no traceback.
 USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError)
 
 
-def run(main: Callable[[], object]) -> None:
-    """Calls `main()`; a bad path, an existing output, an invalid value or a failed write exits with status 1 and its
-    message.
+class RunFailure(Exception):
+    """A failure whose message says what happened and what to do (e.g. a loss that stays non-finite)."""
+
+
+def run(main: Callable[[], object], *, failed_write: Callable[[OSError], str] = str) -> None:
+    """Calls `main()` with the start-up every entry point shares; a user error, a `RunFailure` or a failed write
+    exits with status 1 and one line `error: MESSAGE`. `failed_write` words an OSError (disk full, a size limit,
+    permissions) for this entry point: what the failure left intact (outputs are atomic) and how to go on.
 
     Before anything else, a CPU host's process restarts once with glibc's malloc on huge pages (host_memory.py)."""
-    from phi_jax.host_memory import ensure_huge_pages
+    from phi_jax.host_memory import ensure_huge_pages, status
 
     ensure_huge_pages()
+    configure_logging()
+    log.info("host memory: %s", status())
     try:
         main()
-    except (*USER_ERRORS, OSError) as e:  # OSError: disk full, a size limit, permissions (outputs are atomic)
+    except (*USER_ERRORS, RunFailure) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {failed_write(e)}")
+
+
+def configure_logging(stream=None) -> None:
+    """phi_jax's INFO lines and every library's warnings, on stderr (or `stream`) in absl's format. Left out: the
+    INFO that orbax and grain log through absl (screens of it per checkpoint read or written), orbax's per-thread
+    tracebacks of a failed write (phi_jax reports the error itself) and its warnings that a read-only reader is
+    read-only, and JAX's probe of platforms this host lacks."""
+    from absl.logging import PythonFormatter
+
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(PythonFormatter())
+    root = logging.getLogger()
+    root.handlers = [handler]  # one handler, whatever was configured before (e.g. absl's own)
+    root.setLevel(logging.INFO)
+    absl = logging.getLogger("absl")
+    absl.setLevel(logging.WARNING)
+    absl.addFilter(_without_orbax_tracebacks)
+    absl.addFilter(_without_read_only_notes)
+    logging.getLogger("jax._src.xla_bridge").addFilter(_without_backend_probe)
+
+
+def _without_orbax_tracebacks(record: logging.LogRecord) -> bool:
+    """orbax logs a failed background write with a traceback from each of its threads: keep the first line."""
+    if "orbax" in record.pathname and record.exc_info:
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _without_read_only_notes(record: logging.LogRecord) -> bool:
+    """orbax warns three times that a read-only CheckpointManager is read-only; the readers (generate, export,
+    evaluate) open workdirs read-only on purpose."""
+    return not (record.pathname.endswith("checkpoint_manager.py") and record.getMessage().startswith(
+        ("CheckpointManagerOptions.read_only=True", "Given directory is read only")))
+
+
+def _without_backend_probe(record: logging.LogRecord) -> bool:
+    """JAX tries every platform it knows (TPU first) and logs each that fails at INFO, "Unable to initialize backend
+    'tpu': ...", on every CPU host. JAX's own logging shows no INFO, so dropping it keeps JAX's default; a platform
+    named in JAX_PLATFORMS that fails still raises."""
+    return not (record.levelno == logging.INFO and record.getMessage().startswith("Unable to initialize backend"))

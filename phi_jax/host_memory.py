@@ -90,7 +90,7 @@ def status() -> str:
 def ensure_huge_pages() -> None:
     """Re-executes this process (same interpreter, same arguments) with glibc's malloc on transparent huge pages,
     where that applies; otherwise returns. Call it first thing in a command-line entry point, before JAX starts
-    (phi_jax.cli.run and train's `__main__` do)."""
+    (phi_jax.cli.run does, for every entry point)."""
     if not _plan_here()[0]:
         return
     tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), f"{TUNABLE}=1") if t)

@@ -1,4 +1,5 @@
-"""Where metrics go: metrics.jsonl and TensorBoard in the workdir, a progress bar on the console (process 0).
+"""Where metrics go: metrics.jsonl and TensorBoard in the workdir, and the console (process 0): a progress bar in a
+terminal (log lines are written above it, not through it), otherwise a log line per write with step/total and ETA.
 
 In a bucket (gs://) an object cannot be appended to: metrics.jsonl is rewritten whole, at most every
 `flush_every_s` seconds and at the end; tensorboardX writes its event file to gs:// itself (google-cloud-storage).
@@ -6,19 +7,24 @@ In a bucket (gs://) an object cannot be appended to: metrics.jsonl is rewritten 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 
 import jax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from phi_jax.paths import is_url, user_path
 
 log = logging.getLogger("phi_jax")
+
+SHOWN = ("loss", "val_loss", "tokens_per_sec", "mfu")  # on the console, in this order
 
 
 class MetricsWriter:
@@ -33,6 +39,11 @@ class MetricsWriter:
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
         self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                          disable=None, mininterval=1.0)
+        self._shown: dict[str, float] = {}  # the bar's latest figures: a validation write keeps the loss
+        self._eta: float | None = None  # seconds, from the latest training metrics
+        self._console = contextlib.ExitStack()
+        if not self._bar.disable:  # a terminal: log records go through tqdm.write, above the bar
+            self._console.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -42,10 +53,14 @@ class MetricsWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, float | int) and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
-        shown = {k: record[k] for k in ("loss", "val_loss", "tokens_per_sec", "mfu") if k in record}
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        shown = {k: record[k] for k in SHOWN if k in record}
+        self._shown.update(shown)
+        self._bar.set_postfix({k: f"{self._shown[k]:.4g}" for k in SHOWN if k in self._shown}, refresh=False)
+        self._eta = record.get("eta_sec", self._eta)
         if self._bar.disable:  # not a terminal: log a line instead of drawing a bar
-            log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+            eta = "?" if self._eta is None else tqdm.format_interval(self._eta)  # "?" before the first timed step
+            log.info("%s", " ".join([f"step {step} of {self._bar.total}", *(f"{k}={v:.4g}" for k, v in shown.items()),
+                                     f"eta {eta}"]))
 
     def advance(self, steps: int = 1) -> None:
         if self.enabled:
@@ -54,8 +69,29 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self._bar.close()
+            self._console.close()
             self._tb.close()
             self._jsonl.close()
+
+
+class StepTimer:
+    """Seconds per step between log points, measured from `start`: the loop starts it after the first step, whose
+    time (the executable's first run, the data pipeline's start) is not throughput."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self._mark: tuple[float, int] | None = None  # (time, step)
+
+    def start(self, step: int) -> None:
+        self._mark = (self._clock(), step)
+
+    def lap(self, step: int) -> float | None:
+        """Seconds per step since the last lap (or the start); None before the start or with no step since."""
+        if self._mark is None or step == self._mark[1]:
+            return None
+        (then, since), now = self._mark, self._clock()
+        self._mark = (now, step)
+        return (now - then) / (step - since)
 
 
 class _JsonLines:

@@ -5,10 +5,14 @@ Restarting the same command with the same workdir resumes from the newest comple
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import shlex
 import sys
-import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +21,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from phi_jax import distributed, host_memory, memory_check, restart, validate
+from phi_jax import cli, distributed, memory_check, restart, validate
 from phi_jax.checkpoint import Checkpointer, CheckpointWriteError
+from phi_jax.cli import RunFailure
 from phi_jax.config import Compute, PhiConfig
-from phi_jax.data.setup import resolve_data
+from phi_jax.data.training_data import TrainingData, resolve_data
 from phi_jax.flops import flops_per_token, peak_flops_per_device
-from phi_jax.metrics import MetricsWriter
+from phi_jax.metrics import MetricsWriter, StepTimer
 from phi_jax.optim import LossScale, make_optimizer
 from phi_jax.paths import user_path
 from phi_jax.preemption import PREEMPTED_EXIT_CODE, Preemption
@@ -34,8 +39,8 @@ from phi_jax.workdir_lock import WorkdirLock
 log = logging.getLogger("phi_jax")
 
 
-class NonFiniteError(RuntimeError):
-    pass
+class NonFiniteError(RunFailure):
+    """The loss, a gradient or the parameters stopped being finite."""
 
 
 def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> PhiConfig:
@@ -76,20 +81,139 @@ def all_finite(params) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
 
 
+@dataclasses.dataclass
+class Run:
+    """A run that `setup` has built and checked: everything the loop reads, and the steps it calls."""
+
+    c: ml_collections.ConfigDict
+    workdir: Path
+    data: TrainingData
+    ckpt: Checkpointer
+    writer: MetricsWriter
+    state: TrainState  # restored or freshly initialised; the loop's first step donates it
+    batches: Iterator[dict[str, np.ndarray]]  # this process's rows, from the resumed data position on
+    step_fn: Callable  # the train step, compiled ahead of time
+    eval_fn: Callable
+    eval_batches: dict[str, list]  # per source ("" for a single directory); empty when validation is off
+    accum: int  # micro-batches per step
+    shardings: tuple  # (train batch [accum, micro_batch, seq], eval batch [batch, seq])
+    start: int  # the step the state holds
+    start_batch: int  # global batches consumed before `start` (the data position)
+    saved_step: int | None  # the step the newest durable checkpoint holds
+    meta: dict  # what every checkpoint records: model, run config, data identity
+    flops: tuple[float, float]  # (FLOPs per token, peak FLOP/s per device)
+
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return global_batch(local, self.accum, self.shardings[0])
+
+    def log_metrics(self, step: int, state: TrainState, metrics: dict, step_time: float | None) -> dict[str, float]:
+        """The step's metrics plus throughput (once a step time is known), written to every sink."""
+        c, (fpt, peak) = self.c, self.flops
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if step_time is not None:
+            tokens_per_sec = c.batch_size * c.seq_len / step_time
+            metrics.update(step_time=step_time, tokens_per_sec=tokens_per_sec,
+                           mfu=tokens_per_sec * fpt / (peak * jax.device_count()),
+                           eta_sec=step_time * (c.total_steps - step))
+        metrics["total_skipped"] = float(state.total_skipped)
+        metrics.update(self.data.tokens_seen(step * c.batch_size, c.seq_len))  # tokens/<source> of a mixture
+        if metrics["skipped"]:
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
+                        int(metrics["consecutive_skips"]))
+        self.writer.write(step, metrics)
+        return metrics
+
+    def evaluate(self, state: TrainState, step: int) -> dict[str, float]:
+        """Validation loss of every source (val_loss, and val_loss/<source> for a mixture), written to every sink."""
+        per_process = self.c.batch_size // self.accum // jax.process_count()
+        rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+        losses = {}
+        for name, batches in self.eval_batches.items():
+            total = tokens = 0.0
+            for b in batches:
+                sharded = {k: jax.make_array_from_process_local_data(self.shardings[1], v[rows], v.shape)
+                           for k, v in b.items()}
+                t, n = self.eval_fn(state, sharded)
+                total, tokens = total + float(t), tokens + float(n)
+            losses[name] = total / max(tokens, 1.0)
+        val = self.data.val_metrics(losses)
+        self.writer.write(step, val)
+        return val
+
+    def save(self, state: TrainState, step: int) -> None:
+        """Checkpoints `step` with its data position; non-finite parameters never overwrite the last good state."""
+        if not bool(all_finite(state.params)):
+            raise NonFiniteError(f"Parameters are not finite at step {step}; not checkpointing over the last good "
+                                 "state. Lower the learning rate or enable --config.grad_clip_norm.")
+        position = (step - self.start + self.start_batch) * self.c.batch_size
+        self.ckpt.save(step, state, {**self.meta, "data_position": position})
+        self.saved_step = step
+
+    def exit_preempted(self, state: TrainState, step: int) -> NoReturn:
+        """A signal arrived: checkpoint `step` (unless that is already being written), wait until it is durable and
+        exit with status 75."""
+        if self.saved_step != step:
+            self.save(state, step)
+        self.ckpt.close()
+        log.warning("preempted: checkpoint of step %d is durable; exiting with %d", step, PREEMPTED_EXIT_CODE)
+        sys.exit(PREEMPTED_EXIT_CODE)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.ckpt.close()  # waits for the asynchronous write: the checkpoint is durable
+
+
 def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, float]:
     """Runs (or resumes) training; returns the last logged metrics. A SIGTERM/SIGINT exits with status 75."""
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None  # one trainer per workdir
     preemption = Preemption(before_immediate_exit=lock.release if lock is not None else None)
     try:
-        return _train(c, user_path(workdir), preemption, lock)
+        run = setup(c, user_path(workdir), lock)
+        try:
+            last = train_loop(run, preemption)
+        finally:
+            run.close()
+        if jax.process_index() == 0:
+            log.info("%s", summary(run, last))
+        return last
     finally:
         if lock is not None:
             lock.release()
         preemption.close()
 
 
-def _train(c: ml_collections.ConfigDict, workdir, preemption: Preemption,
-           lock: WorkdirLock | None) -> dict[str, float]:
+def train_loop(run: Run, preemption: Preemption) -> dict[str, float]:
+    """Steps from `run.start` to total_steps: log, validate, checkpoint; a signal checkpoints and exits with 75."""
+    c, state, last = run.c, run.state, {}
+    if run.start == 0 and run.eval_batches:
+        last = run.evaluate(state, 0)
+    timer = StepTimer()
+    for step in range(run.start + 1, c.total_steps + 1):
+        if preemption.agreed():
+            run.exit_preempted(state, step - 1)
+        state, metrics = run.step_fn(state, run.global_batch(next(run.batches)))
+        if step == run.start + 1:  # the first step is a warm-up (the executable's first run, the data's start)
+            jax.block_until_ready(metrics)
+            preemption.trained()  # from now on a signal checkpoints at the next step boundary
+            timer.start(step)  # throughput is measured from here
+        run.writer.advance()
+        if step % c.log_every == 0 or step in (run.start + 1, c.total_steps):
+            last = run.log_metrics(step, state, metrics, timer.lap(step))
+        if int(state.skipped) >= c.max_consecutive_skips:
+            raise NonFiniteError(f"{int(state.skipped)} consecutive updates had a non-finite loss or gradient "
+                                 f"(step {step}); stopping. Lower the learning rate, enable grad clipping, or "
+                                 "check the data. The last checkpoint holds the last good state.")
+        if run.eval_batches and (step % c.eval_every == 0 or step == c.total_steps):
+            last = {**last, **run.evaluate(state, step)}
+        if step % c.checkpoint_every == 0 or step == c.total_steps:
+            run.save(state, step)
+    return last
+
+
+def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None) -> Run:
+    """Checks the config, takes the workdir, resolves the data, checks a restart against the newest checkpoint,
+    compiles the step and checks the memory, then restores or initialises the state: cheap checks first, nothing
+    allocated before it is known to fit."""
     validate.check_values(c)  # every key's type and range, before anything is read, built or compiled
     mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, dcn_data=c.mesh.dcn_data)
     accum = accumulation_steps(c, mesh)
@@ -108,135 +232,88 @@ def _train(c: ml_collections.ConfigDict, workdir, preemption: Preemption,
              c.model, cfg.num_params() / 1e6, dict(mesh.shape), c.sharding, accum)
 
     ckpt = Checkpointer(workdir, max_to_keep=c.keep_checkpoints)
-    abstract, shardings = state_shardings(cfg, tx, mesh, param_rules, opt_rules, fp16, compute=compute)
-    meta = {"model": cfg.to_dict(), "run": c.to_dict(), "data": data.identity()}
+    try:
+        abstract, shardings = state_shardings(cfg, tx, mesh, param_rules, opt_rules, fp16, compute=compute)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        latest, saved_meta, start_batch = resume_point(ckpt, c, cfg, compute, data)
+        dataset = data.train_dataset(c, jax.process_index(), jax.process_count(), start_batch)
+        train_sharding, eval_sharding = batch_sharding(mesh, leading_dims=1), batch_sharding(mesh)
+        step_fn, eval_fn = jit_steps(mesh, shardings, param_rules)
+        memory_check.check_state_fits(target, target.params)  # before compiling or allocating anything
+        log.info("compiling the train step")
+        compiled_step = step_fn.lower(target, abstract_batch(dataset, c, accum, train_sharding, data)).compile()
+        memory_check.check_compiled_fits(compiled_step)  # still before allocating the state
 
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    latest = ckpt.latest_step()
-    start_batch = 0  # the data position: global batches consumed, whatever the process count that consumed them
-    if latest is not None:
-        saved_meta = ckpt.check_architecture(latest, cfg, compute)
-        if (position := ckpt.data_position(latest, saved_meta)) is not None:  # the data must be the same
-            restart.check_restart(saved_meta, c, data.identity(), str(ckpt.directory / str(latest)))
-            start_batch = position // c.batch_size  # exact: check_restart keeps the global batch size
+        if latest is not None:
+            state = ckpt.restore(latest, target)
+            if restart.loss_scale_reset(saved_meta, c):
+                log.warning("dtype changed from %s to %s: the loss scale starts afresh", saved_meta["run"]["dtype"],
+                            c.dtype)
+                state = state.replace(loss_scale=jax.device_put(LossScale.create(dynamic=fp16), shardings.loss_scale))
+            log.info("resumed from %s at step %d", ckpt.directory, latest)
         else:
-            log.info("checkpoint %d holds no data-iterator state (position); the data starts from the beginning",
-                     latest)
-    dataset = data.train_dataset(c, jax.process_index(), jax.process_count(), start_batch)
-    data_iter = iter(dataset)
+            state = create_train_state(cfg, tx, mesh, seed=c.seed, fp16_loss_scale=fp16, rules=param_rules,
+                                       opt_rules=opt_rules, compute=compute)
+            if c.init_from_hf:
+                state = _load_hf_params(state, c, cfg, shardings)
+        eval_batches = {}
+        if c.eval_every > 0 and c.eval_batches > 0:
+            eval_batches = data.eval_batches(c.seq_len, c.batch_size // accum, c.eval_batches)
 
-    train_batch_sh, eval_batch_sh = batch_sharding(mesh, leading_dims=1), batch_sharding(mesh)
-    step_fn, eval_fn = jit_steps(mesh, shardings, param_rules)
-    memory_check.check_state_fits(target, target.params)  # before compiling or allocating anything
-    first = next(iter(dataset), None)  # the batch's keys, shapes and dtypes (a fresh iterator: data_iter stays put)
+        start = int(state.step)
+        if start >= c.total_steps:
+            log.info("the run is complete at step %d (total_steps=%d); raise --config.total_steps to train further",
+                     start, c.total_steps)
+        fpt = flops_per_token(cfg, c.seq_len)
+        peak, peak_source = peak_flops_per_device(c.peak_flops_per_device)
+        log.info("%.3g FLOPs/token (causal attention counted); peak %.3g FLOP/s per device (%s)", fpt, peak,
+                 peak_source)
+        return Run(c=c, workdir=workdir, data=data, ckpt=ckpt, writer=MetricsWriter(workdir, c.total_steps, start),
+                   state=state, batches=iter(dataset), step_fn=compiled_step, eval_fn=eval_fn,
+                   eval_batches=eval_batches, accum=accum, shardings=(train_sharding, eval_sharding), start=start,
+                   start_batch=start_batch, saved_step=latest,
+                   meta={"model": cfg.to_dict(), "run": c.to_dict(), "data": data.identity()}, flops=(fpt, peak))
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def resume_point(ckpt: Checkpointer, c, cfg: PhiConfig, compute: Compute,
+                 data: TrainingData) -> tuple[int | None, dict, int]:
+    """(newest checkpoint step or None, its metadata, the global batches consumed before it), after checking that
+    the checkpoint holds this architecture and that the run's data and settings may continue it."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return None, {}, 0
+    saved_meta = ckpt.check_architecture(latest, cfg, compute)
+    if (position := ckpt.data_position(latest, saved_meta)) is None:
+        log.info("checkpoint %d holds no data-iterator state (position); the data starts from the beginning", latest)
+        return latest, saved_meta, 0
+    restart.check_restart(saved_meta, c, data.identity(), str(ckpt.directory / str(latest)))  # the same data
+    return latest, saved_meta, position // c.batch_size  # exact: check_restart keeps the global batch size
+
+
+def abstract_batch(dataset, c, accum: int, sharding, data: TrainingData) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global train batch's keys, shapes and dtypes, read from a first batch (of a fresh iterator)."""
+    first = next(iter(dataset), None)
     if first is None:
         raise ValueError(f"The train split of {data.path} holds less than one global batch (batch_size={c.batch_size}"
                          f" x seq_len={c.seq_len} tokens): lower --config.batch_size or --config.seq_len, or add data.")
-    abstract_batch = {k: jax.ShapeDtypeStruct((accum, c.batch_size // accum, *v.shape[1:]), v.dtype,
-                                              sharding=train_batch_sh) for k, v in first.items()}
-    log.info("compiling the train step")
-    compiled_step = step_fn.lower(target, abstract_batch).compile()
-    memory_check.check_compiled_fits(compiled_step)  # still before allocating the state
+    return {k: jax.ShapeDtypeStruct((accum, c.batch_size // accum, *v.shape[1:]), v.dtype, sharding=sharding)
+            for k, v in first.items()}
 
-    if latest is not None:
-        state = ckpt.restore(latest, target)
-        if restart.loss_scale_reset(saved_meta, c):
-            log.warning("dtype changed from %s to %s: the loss scale starts afresh", saved_meta["run"]["dtype"],
-                        c.dtype)
-            state = state.replace(loss_scale=jax.device_put(LossScale.create(dynamic=fp16), shardings.loss_scale))
-        log.info("resumed from %s at step %d", ckpt.directory, latest)
-    else:
-        state = create_train_state(cfg, tx, mesh, seed=c.seed, fp16_loss_scale=fp16, rules=param_rules,
-                                   opt_rules=opt_rules, compute=compute)
-        if c.init_from_hf:
-            state = _load_hf_params(state, c, cfg, shardings)
 
-    eval_batches = {}  # per source ("" for a single directory)
-    if c.eval_every > 0 and c.eval_batches > 0:
-        eval_batches = data.eval_batches(c.seq_len, c.batch_size // accum, c.eval_batches)
-
-    def evaluate(state: TrainState) -> dict[str, float]:
-        per_process = c.batch_size // accum // jax.process_count()
-        losses = {}
-        for name, batches in eval_batches.items():
-            total = tokens = 0.0
-            for b in batches:
-                local = {k: v[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
-                         for k, v in b.items()}
-                sh = {k: jax.make_array_from_process_local_data(eval_batch_sh, v, b[k].shape)
-                      for k, v in local.items()}
-                t, n = eval_fn(state, sh)
-                total, tokens = total + float(t), tokens + float(n)
-            losses[name] = total / max(tokens, 1.0)
-        return data.val_metrics(losses)  # val_loss, and val_loss/<source> for a mixture
-
-    def save(state: TrainState, step: int) -> None:
-        if not bool(all_finite(state.params)):
-            raise NonFiniteError(f"Parameters are not finite at step {step}; not checkpointing over the last good "
-                                 "state. Lower the learning rate or enable --config.grad_clip_norm.")
-        ckpt.save(step, state, {**meta, "data_position": (step - start + start_batch) * c.batch_size})
-
-    start = int(state.step)
-    if start >= c.total_steps:
-        log.info("the run is complete at step %d (total_steps=%d); raise --config.total_steps to train further",
-                 start, c.total_steps)
-    tokens_per_step = c.batch_size * c.seq_len
-    fpt = flops_per_token(cfg, c.seq_len)
-    peak, peak_source = peak_flops_per_device(c.peak_flops_per_device)
-    log.info("%.3g FLOPs/token (causal attention counted); peak %.3g FLOP/s per device (%s)", fpt, peak,
-             peak_source)
-    writer = MetricsWriter(workdir, c.total_steps, start)
-    saved_step = start if latest is not None else None  # the step the newest durable checkpoint holds
-    last: dict[str, float] = {}
-    if start == 0 and eval_batches:
-        last = evaluate(state)
-        writer.write(0, last)
-    tick, tick_step = time.perf_counter(), start
-    try:
-        for step in range(start + 1, c.total_steps + 1):
-            if preemption.agreed():
-                if saved_step != step - 1:  # a signal on a checkpoint step: that step is already being saved
-                    save(state, step - 1)
-                ckpt.close()  # waits for the asynchronous write: the checkpoint is durable
-                log.warning("preempted: checkpoint of step %d is durable; exiting with %d", step - 1,
-                            PREEMPTED_EXIT_CODE)
-                sys.exit(PREEMPTED_EXIT_CODE)
-            batch = global_batch(next(data_iter), accum, train_batch_sh)
-            state, metrics = compiled_step(state, batch)
-            if step == start + 1:
-                jax.block_until_ready(metrics)
-                preemption.trained()  # from now on a signal checkpoints at the next step boundary
-            writer.advance()
-            if step % c.log_every == 0 or step == c.total_steps or step == start + 1:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                step_time = (now - tick) / max(step - tick_step, 1)
-                tick, tick_step = now, step
-                tokens_per_sec = tokens_per_step / step_time
-                metrics.update(step_time=step_time, tokens_per_sec=tokens_per_sec,
-                               mfu=tokens_per_sec * fpt / (peak * jax.device_count()),
-                               eta_sec=step_time * (c.total_steps - step), total_skipped=float(state.total_skipped))
-                metrics.update(data.tokens_seen(step * c.batch_size, c.seq_len))  # tokens/<source> of a mixture
-                if metrics["skipped"]:
-                    log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step,
-                                int(metrics["consecutive_skips"]))
-                last = metrics
-                writer.write(step, metrics)
-            if int(state.skipped) >= c.max_consecutive_skips:
-                raise NonFiniteError(f"{int(state.skipped)} consecutive updates had a non-finite loss or gradient "
-                                     f"(step {step}); stopping. Lower the learning rate, enable grad clipping, or "
-                                     "check the data. The last checkpoint holds the last good state.")
-            if eval_batches and (step % c.eval_every == 0 or step == c.total_steps):
-                val = evaluate(state)
-                last = {**last, **val}
-                writer.write(step, val)
-            if step % c.checkpoint_every == 0 or step == c.total_steps:
-                save(state, step)
-                saved_step = step
-    finally:
-        writer.close()
-        ckpt.close()
-    return last
+def summary(run: Run, last: dict[str, float]) -> str:
+    """The run's last line: where it ended, its newest checkpoint, and the commands that use it."""
+    step = run.saved_step
+    losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if k in last)
+    workdir = shlex.quote(str(run.workdir))
+    name = run.workdir.name or "run"
+    return "\n".join([
+        f"finished at step {step} of {run.c.total_steps}" + (f": {losses}" if losses else ""),
+        f"  newest checkpoint: {run.ckpt.directory / str(step)}",
+        f"  export to Hugging Face: python -m tools.export_hf --workdir={workdir} --out=exported/{name}",
+        f"  generate: python -m phi_jax.generate --model={workdir} --prompt='def fibonacci(n):'"])
 
 
 def _load_hf_params(state: TrainState, c, cfg: PhiConfig, shardings: TrainState) -> TrainState:
@@ -271,38 +348,24 @@ def define_flags() -> None:
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         sys.exit(f"error: unknown or invalid --config key: {_one_line(e)}")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go (default runs/<model>).")
+    app.define_help_flags()  # --help
 
 
-def _without_orbax_tracebacks(record: logging.LogRecord) -> bool:
-    """orbax logs a failed background write with a traceback from each of its threads; phi_jax reports the error
-    itself (CheckpointWriteError), so orbax's records keep only their first line."""
-    if "orbax" in record.pathname and record.exc_info:
-        record.exc_info, record.exc_text = None, None
-    return True
+def failed_write(e: OSError) -> str:
+    """A failed write (disk full, permissions, ...) in training's words: checkpoints are atomic."""
+    if isinstance(e, CheckpointWriteError):
+        return str(e)  # it names the newest complete checkpoint
+    return (f"Writing failed: {e}. The newest complete checkpoint is intact; free space or fix permissions and run "
+            "the same command again to resume.")
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}; settings go in --config.KEY=VALUE.")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    logging.getLogger("absl").addFilter(_without_orbax_tracebacks)
-    log.info("host memory: %s", host_memory.status())
+def main() -> None:
+    define_flags()
+    if len(argv := parse_flags(sys.argv)) > 1:
+        raise ValueError(f"Unexpected arguments {argv[1:]}; settings go in --config.KEY=VALUE.")
     distributed.maybe_initialize()
     c = _CONFIG.value
-    workdir = _WORKDIR.value or f"runs/{c.model}"
-    try:
-        train(c, workdir)
-    except CheckpointWriteError as e:
-        log.error("%s", e)
-        sys.exit(1)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteError) as e:
-        log.error("%s", e)
-        sys.exit(1)
-    except OSError as e:  # disk full, permission denied, ...: checkpoints are atomic, so the previous one is intact
-        log.error("Writing to %s failed: %s. The newest complete checkpoint is intact; free space or fix "
-                  "permissions and run the same command again to resume.", workdir, e)
-        sys.exit(1)
+    train(c, _WORKDIR.value or f"runs/{c.model}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -316,6 +379,4 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    host_memory.ensure_huge_pages()  # a CPU host restarts once with malloc on huge pages; see host_memory.py
-    define_flags()
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, failed_write=failed_write)

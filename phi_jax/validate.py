@@ -69,7 +69,7 @@ RULES: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], str
     "data.packing": (bool, ANY),
     "data.default_vocab_size": (int, _at_least(16)),
     "data.cache_dir": (str, ANY),
-    "data.mixture_weights": (str, ANY),  # its weights are parsed and checked with the sources (data/setup.py)
+    "data.mixture_weights": (str, ANY),  # its weights are parsed and checked with the sources (data/training_data.py)
     "data.verify_checksums": (bool, ANY),
     "init_from_hf": (str, ANY),
     "mesh.data": (int, (_mesh_axis, "-1 (the devices left) or >= 1")),

@@ -12,9 +12,9 @@ from phi_jax.data import loader as loader_mod
 from phi_jax.data.corpus import file_documents, jsonl_documents, stdlib_documents, tfds_documents
 from phi_jax.data.loader import KEYS, PackedRows, make_dataset, make_eval_batches, pack_plan
 from phi_jax.data.prepare import prepare_shards
-from phi_jax.data.setup import resolve_data
 from phi_jax.data.shards import SplitReader, check_compatible, is_val, read_metadata
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from phi_jax.data.training_data import resolve_data
 from phi_jax.run_config import base_config
 
 

@@ -6,8 +6,8 @@ import pytest
 from phi_jax.data.loader import KEYS, Windows, make_mixture_dataset
 from phi_jax.data.mixture import Interleave, integer_proportions, parse_paths, parse_weights
 from phi_jax.data.prepare import prepare_shards
-from phi_jax.data.setup import resolve_data
 from phi_jax.data.shards import SplitReader
+from phi_jax.data.training_data import resolve_data
 from phi_jax.run_config import base_config
 
 
@@ -112,9 +112,9 @@ def test_processes_split_the_global_batch(sources):
 @pytest.fixture(autouse=True)
 def char_tokenizers(monkeypatch):
     """resolve_data loads the tokenizer copy in the shards: read it back as a CharTokenizer."""
-    import phi_jax.data.setup as setup
+    import phi_jax.data.training_data as training_data
 
-    monkeypatch.setattr(setup, "load_tokenizer", CharTokenizer)
+    monkeypatch.setattr(training_data, "load_tokenizer", CharTokenizer)
 
 
 def _config(path, weights="", seq_len=8):

@@ -8,9 +8,9 @@ import pytest
 
 from phi_jax.data.corpus import SkipReport, file_documents, jsonl_documents
 from phi_jax.data.prepare import merge_shards, prepare_shards, work_dir
-from phi_jax.data.setup import resolve_data
 from phi_jax.data.shards import SplitReader, read_metadata, verify_checksums
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from phi_jax.data.training_data import resolve_data
 from phi_jax.run_config import base_config
 from tools.prepare_data import main as prepare_data_cli
 

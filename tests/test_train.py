@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -75,7 +78,33 @@ def test_validation_loss_falls(tmp_path, shards):
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) == 2 and val[1] < 0.8 * val[0], val
     logged = [r for r in rows if "loss" in r]
-    assert all({"step", "loss", "tokens_per_sec", "mfu", "grad_norm", "learning_rate"} <= set(r) for r in logged)
+    assert all({"step", "loss", "grad_norm", "learning_rate"} <= set(r) for r in logged)
+    assert "tokens_per_sec" not in logged[0]  # the first step warms up: throughput is timed from after it
+    assert all({"tokens_per_sec", "mfu", "step_time", "eta_sec"} <= set(r) for r in logged[1:])
+
+
+def test_a_run_outside_a_terminal_logs_step_of_total_eta_and_a_summary(tmp_path, shards, caplog):
+    """The log lines a run writes to a file or a pipe, and its summary: the final losses, the newest checkpoint
+    and the export and generate commands, whose flags those entry points define."""
+    caplog.set_level(logging.INFO, logger="phi_jax")
+    workdir = tmp_path / "run"
+    last = train(config(shards, total_steps=3, log_every=1, eval_every=3, eval_batches=1, checkpoint_every=3,
+                        peak_flops_per_device=1e11), workdir)
+    steps = [m for m in caplog.messages if m.startswith("step ")]
+    assert re.fullmatch(r"step 0 of 3 val_loss=\S+ eta \?", steps[0]), steps
+    assert re.fullmatch(r"step 1 of 3 loss=\S+ eta \?", steps[1]), steps  # the first step is not timed
+    assert re.fullmatch(r"step 2 of 3 loss=\S+ tokens_per_sec=\S+ mfu=\S+ eta \d\d:\d\d", steps[2]), steps
+    summary = caplog.messages[-1].splitlines()
+    assert summary[0] == f"finished at step 3 of 3: loss {last['loss']:.4f}, val_loss {last['val_loss']:.4f}"
+    checkpoint = workdir / "checkpoints" / "3"
+    assert summary[1] == f"  newest checkpoint: {checkpoint}" and checkpoint.is_dir()
+    commands = {line.split(": ", 1)[0].strip(): shlex.split(line.split(": ", 1)[1]) for line in summary[2:]}
+    assert commands["export to Hugging Face"][:4] == ["python", "-m", "tools.export_hf", f"--workdir={workdir}"]
+    assert commands["generate"][:4] == ["python", "-m", "phi_jax.generate", f"--model={workdir}"]
+    for command in commands.values():
+        source = (ROOT / (command[2].replace(".", "/") + ".py")).read_text()
+        for flag in command[3:]:
+            assert f'"{flag.split("=")[0]}"' in source, flag  # a flag that entry point defines
 
 
 def config(shards: Path, **overrides):

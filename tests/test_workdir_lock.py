@@ -73,7 +73,7 @@ def test_a_second_trainer_is_refused_and_the_first_releases_on_exit(tmp_path):
             time.sleep(0.3)
         second = run_cli(tmp_path / "run", *flags)
         assert second.returncode == 1
-        errors = [line for line in second.stderr.splitlines() if line.startswith("E") and "] " in line]  # absl
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and f"pid {first.pid}," in errors[0] and "in use by another trainer" in errors[0], \
             second.stderr[-2000:]
         first.send_signal(signal.SIGTERM)

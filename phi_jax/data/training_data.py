@@ -1,5 +1,6 @@
-"""From run config to checked data: which shards (one directory or a weighted mixture), which tokenizer, and
-whether they fit the model; then the train pipeline, the validation batches and the per-source metrics."""
+"""A run's training data, resolved from its run config: the shards (the embedded corpus, one directory or a weighted
+mixture), their tokenizer and whether both fit the model; then the train pipeline, the validation batches, the
+per-source metrics and the identity a checkpoint records."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from phi_jax.paths import user_path
 
 
 @dataclasses.dataclass(frozen=True)
-class DataSpec:
+class TrainingData:
+    """A run's data, resolved and checked by `resolve_data`."""
+
     paths: tuple  # shard directories (epath: local or gs://); more than one = a mixture
     tokenizer: Tokenizer
     metas: tuple[dict, ...]  # each directory's metadata.json
@@ -90,7 +93,7 @@ class DataSpec:
         return {f"tokens/{n}": k * seq_len for n, k in zip(self.names, counts, strict=True)}
 
 
-def resolve_data(c) -> DataSpec:
+def resolve_data(c) -> TrainingData:
     """The shards of `c.data.path` ("" = the embedded stdlib corpus, built on first use; "a,b" with
     `c.data.mixture_weights` = a weighted mixture) and the one tokenizer they all share."""
     weights = parse_weights(c.data.mixture_weights) if c.data.mixture_weights else []
@@ -125,6 +128,6 @@ def resolve_data(c) -> DataSpec:
         if train_tokens <= c.seq_len:
             raise ValueError(f"The train split of {p} has {train_tokens} tokens, too few for one window of "
                              f"seq_len={c.seq_len}: use a smaller --config.seq_len or more data.")
-    return DataSpec(paths=tuple(paths), tokenizer=tokenizer, metas=tuple(metas),
+    return TrainingData(paths=tuple(paths), tokenizer=tokenizer, metas=tuple(metas),
                     weights=tuple(weights) if weights else (1.0,), tokenizer_source=str(source))
 
