@@ -38,8 +38,8 @@ def run(main: Callable[[], object], *, failed_write: Callable[[OSError], str] = 
 def configure_logging(stream=None) -> None:
     """phi_jax's INFO lines and every library's warnings, on stderr (or `stream`) in absl's format. Left out: the
     INFO that orbax and grain log through absl (screens of it per checkpoint read or written), orbax's per-thread
-    tracebacks of a failed write (phi_jax reports the error itself) and its warnings that a read-only reader is
-    read-only, and JAX's probe of platforms this host lacks."""
+    tracebacks of a failed write (phi_jax reports the error itself; also when asyncio reports them unretrieved),
+    its warnings that a read-only reader is read-only, and JAX's probe of platforms this host lacks."""
     from absl.logging import PythonFormatter
 
     handler = logging.StreamHandler(stream)
@@ -52,6 +52,7 @@ def configure_logging(stream=None) -> None:
     absl.addFilter(_without_orbax_tracebacks)
     absl.addFilter(_without_read_only_notes)
     logging.getLogger("jax._src.xla_bridge").addFilter(_without_backend_probe)
+    logging.getLogger("asyncio").addFilter(_without_orbax_unretrieved)
 
 
 def _without_orbax_tracebacks(record: logging.LogRecord) -> bool:
@@ -59,6 +60,17 @@ def _without_orbax_tracebacks(record: logging.LogRecord) -> bool:
     if "orbax" in record.pathname and record.exc_info:
         record.exc_info, record.exc_text = None, None
     return True
+
+
+def _without_orbax_unretrieved(record: logging.LogRecord) -> bool:
+    """A failed asynchronous checkpoint write also surfaces, when its futures are collected (possibly after phi_jax
+    has printed its own one-line error), as asyncio's "exception was never retrieved" with orbax's traceback."""
+    tb = record.exc_info[2] if record.exc_info else None
+    from_orbax = False
+    while tb is not None:
+        from_orbax |= "orbax" in tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return not (from_orbax and "exception was never retrieved" in record.getMessage())
 
 
 def _without_read_only_notes(record: logging.LogRecord) -> bool:

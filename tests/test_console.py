@@ -130,3 +130,23 @@ def test_step_timer_starts_after_the_first_step():
     assert timer.lap(1) is None  # no step since the start: the first step has no throughput
     assert timer.lap(4) == 0.5
     assert timer.lap(6) == 0.25
+
+
+def test_an_unretrieved_orbax_failure_is_left_out_but_not_others(restore_logging):
+    """asyncio reports a failed checkpoint write's collected futures after phi_jax's own error line; only orbax's."""
+    def raised_in(filename: str) -> tuple:
+        namespace: dict = {}
+        exec(compile("def write():\n    raise ValueError('Failed to write: File too large')", filename, "exec"),
+             namespace)
+        try:
+            namespace["write"]()
+        except ValueError:
+            return sys.exc_info()
+
+    stream = io.StringIO()
+    cli.configure_logging(stream)
+    for filename in ("/site-packages/orbax/checkpoint/serialization.py", "/site-packages/other/lib.py"):
+        logging.getLogger("asyncio").error("_GatheringFuture exception was never retrieved",
+                                           exc_info=raised_in(filename))
+    text = stream.getvalue()
+    assert "other/lib.py" in text and "orbax" not in text
