@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="a training workdir, a Hugging Face phi directory (local or gs://) or a Hub id")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text_file", help="a UTF-8 text file")
-    source.add_argument("--data_dir", help="token shards written by tools/prepare_data.py")
+    source.add_argument("--data_dir", help="token shards written by python -m tools.prepare_data")
     parser.add_argument("--split", default="val")
     parser.add_argument("--max_tokens", type=int, default=0, help="evaluate only the first N tokens (0 = all)")
     parser.add_argument("--seq_len", type=int, default=0,
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.text_file and not Path(args.text_file).is_file():
         parser.error(f"--text_file={args.text_file} does not exist or is not a file.")
     if args.data_dir and not Path(args.data_dir).is_dir():
-        parser.error(f"--data_dir={args.data_dir} does not exist; write shards with tools/prepare_data.py.")
+        parser.error(f"--data_dir={args.data_dir} does not exist; write shards with python -m tools.prepare_data.")
 
     model, tok = load_model_arg(parser, args.model, compute=Compute(dtype=args.dtype, param_dtype=args.dtype),
                                 step=args.step, tokenizer=args.tokenizer)

@@ -70,7 +70,7 @@ class Sampler:
         self.model, self.cfg = model, model.cfg
         graphdef, state = nnx.split(model)
         # The jitted steps take the weights as a flat list of arrays: flattening nnx States and hashing a GraphDef
-        # on every call took over a millisecond, more than a whole decode step of the quickstart model.
+        # on every call cost more than a whole decode step of the quickstart model (docs/PERFORMANCE.md).
         self._leaves, treedef = jax.tree.flatten(state)
         self._merge = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         self._prefill = jax.jit(self._prefill_fn, static_argnums=0, donate_argnums=5)
@@ -213,7 +213,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default: the model's own)")
     parser.add_argument("--json", action="store_true", help="print all completions as JSON at the end")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
     model, tok = load_model_arg(parser, args.model, compute=Compute(dtype=args.dtype, param_dtype=args.dtype),
                                 step=args.step, tokenizer=args.tokenizer)
     ids = encode_prompts(tok, args.prompt)

@@ -2,10 +2,9 @@
 
 XLA:CPU allocates the temporaries of each run of an executable (gigabytes for a training step) in one malloc,
 which glibc serves from a fresh mmap and returns with munmap. Every step then page-faults its working set back in,
-4 KiB at a time, and runs its matmuls on 4 KiB pages: a phi-100m step (512 x 8 tokens) took 1.5M page faults and
-5 s of system time on the 2-core development machine. glibc's tunable `glibc.malloc.hugetlb=1` makes malloc
-madvise its memory for transparent huge pages, which cut that to a few thousand faults and made training steps
-2-25% faster in back-to-back runs (docs/PERFORMANCE.md). glibc reads tunables only when a process starts, so
+4 KiB at a time, and runs its matmuls on 4 KiB pages. glibc's tunable `glibc.malloc.hugetlb=1` makes malloc
+madvise its memory for transparent huge pages (what that saves per step is measured in docs/PERFORMANCE.md,
+"Host memory: XLA:CPU's temporaries on transparent huge pages"). glibc reads tunables only when a process starts, so
 phi_jax's command-line entry points call `ensure_huge_pages()` first thing, which re-executes the process once with
 the tunable added. It applies to CPU hosts only: where an accelerator runtime is installed (and JAX_PLATFORMS does
 not pin the CPU), the host's malloc is left alone. `PHI_JAX_HUGE_PAGES=0` leaves it alone everywhere.

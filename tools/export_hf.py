@@ -12,7 +12,6 @@ An existing --out is refused unless --overwrite, which replaces only an empty di
 from __future__ import annotations
 
 import argparse
-import logging
 
 from phi_jax.hf.convert import export_hf
 
@@ -30,7 +29,6 @@ def main(argv=None) -> None:
                    help="replace --out if it is empty or a previous export (which lists its files in "
                         "phi_jax_export.json); a directory holding anything else is refused, never deleted")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
     out = export_hf(args.model, args.out, step=args.step, dtype=args.dtype, overwrite=args.overwrite,
                     tokenizer=args.tokenizer)
     print(f"exported {args.model} -> {out}")

@@ -11,7 +11,6 @@ preset must have the same architecture as the imported model, or training would 
 from __future__ import annotations
 
 import argparse
-import logging
 
 from phi_jax.hf.convert import import_hf
 
@@ -24,7 +23,6 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", required=True)
     p.add_argument("--config", default=None, help="a configs/*.py run config (default: phi_jax.run_config's)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
     print(f"imported {args.hf_dir} -> {import_hf(args.hf_dir, args.workdir, config=args.config)}/0")
 
 

@@ -15,7 +15,6 @@ A killed run resumes where it stopped when run again with the same arguments (fi
 """
 
 import argparse
-import logging
 from pathlib import Path
 
 from phi_jax.data.corpus import SkipReport
@@ -38,7 +37,6 @@ def main(argv=None) -> None:
     p.add_argument("--merge", action="store_true", help="assemble the pieces of all tasks into --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if a.merge:
         meta = merge_shards(a.out, overwrite=a.overwrite)
     else:
@@ -60,4 +58,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from phi_jax.cli import run
+
+    run(main)

@@ -5,7 +5,6 @@
 """
 
 import argparse
-import logging
 import time
 
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -20,7 +19,6 @@ def main(argv=None) -> None:
     p.add_argument("--max_chars", type=int, default=20_000_000, help="train on at most this many characters")
     p.add_argument("--input_sentence_size", type=int, default=200_000, help="cap on training chunks (sampled)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     texts, total = [], 0
     for doc in source_documents(a):
         texts.append(doc)
@@ -37,4 +35,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from phi_jax.cli import run
+
+    run(main)

@@ -148,7 +148,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         path = Path(found)
     if not path.is_file():
         raise FileNotFoundError(f"Tokenizer file {path} does not exist: pass a SentencePiece .model or a Hugging Face "
-                                "tokenizer.json (tools/train_tokenizer.py trains one).")
+                                "tokenizer.json (python -m tools.train_tokenizer trains one).")
     if path.suffix == ".model":
         return SentencePieceTokenizer(path)
     if path.suffix == ".json":

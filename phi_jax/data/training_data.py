@@ -61,7 +61,8 @@ class TrainingData:
         if vocab > model_vocab_size or max_id >= model_vocab_size:
             raise ValueError(f"The tokenizer has vocab_size {vocab} (largest token id in the shards: {max_id}) but "
                              f"the model embeds only {model_vocab_size} ids: use a model with vocab_size >= {vocab} "
-                             "or a smaller tokenizer (--config.data.default_vocab_size / tools/train_tokenizer.py).")
+                             "or a smaller tokenizer (--config.data.default_vocab_size, or python -m "
+                             "tools.train_tokenizer).")
 
     def train_dataset(self, c, process_index: int = 0, process_count: int = 1, start_batch: int = 0):
         """This process's training batches from global batch `start_batch` (= the step resumed; see loader.py)."""
@@ -116,7 +117,7 @@ def resolve_data(c) -> TrainingData:
             raise ValueError(f"The mixture's sources were made with different tokenizers: {paths[0]} with "
                              f"{metas[0]['tokenizer']['path']} (sha256 {metas[0]['tokenizer']['sha256'][:12]}), {p} "
                              f"with {m['tokenizer']['path']} (sha256 {m['tokenizer']['sha256'][:12]}). Prepare every "
-                             "source with the same tokenizer (tools/prepare_data.py --tokenizer).")
+                             "source with the same tokenizer (python -m tools.prepare_data --tokenizer).")
     if c.data.verify_checksums:  # sizes are checked at every open; this reads every byte once
         for p, m in zip(paths, metas, strict=True):
             verify_checksums(p, m)
