@@ -22,6 +22,8 @@ def attention_mask(shape: tuple[int, int], *, causal: bool, q_start=0, k_start=0
     broadcast to `shape` in that orientation (e.g. [rows, 1] and [1, cols], or a lane-broadcast TPU tile); leading
     dims (a batch) pass through. Offsets may be traced int32 scalars (program ids, a cache index).
     """
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("attention_mask takes segment ids for both the queries and the keys, or for neither.")
     q_axis, k_axis = (1, 0) if keys_on_rows else (0, 1)
     mask = None
     if causal:

@@ -96,7 +96,7 @@ class Checkpointer:
             raise ValueError(f"The checkpoint at {where} holds {stored.name} parameters but the run has "
                              f"param_dtype={compute.param_dtype.name}; resuming does not cast the train state. Set "
                              f"--config.param_dtype={stored.name}, or start a new --workdir from it with "
-                             "--config.init_from_hf=<its export> (python -m tools.export_hf).")
+                             f"--config.init_from_hf={self.directory.parent} (parameters cast on loading).")
         return meta
 
     def restore(self, step: int, abstract_state):

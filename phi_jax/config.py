@@ -79,9 +79,11 @@ class PhiConfig:
     rope_theta: float = 10000.0
     layer_norm_eps: float = 1e-5
     max_position_embeddings: int = 2048
-    bos_token_id: int = 50256
-    eos_token_id: int = 50256
-    initializer_range: float = 0.02
+    # Recorded with the architecture but not part of it (== ignores them): the tokenizer's special ids, and the
+    # std of a fresh initialisation. Two configs that differ only here hold interchangeable parameters.
+    bos_token_id: int = dataclasses.field(default=50256, compare=False)
+    eos_token_id: int = dataclasses.field(default=50256, compare=False)
+    initializer_range: float = dataclasses.field(default=0.02, compare=False)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -109,7 +111,7 @@ class PhiConfig:
     def diff(self, other: PhiConfig) -> list[str]:
         """The fields that differ, worded for an error message ("num_layers: 24 vs 2"); equality is `==`."""
         return [f"{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}"
-                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+                for f in dataclasses.fields(self) if f.compare and getattr(self, f.name) != getattr(other, f.name)]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

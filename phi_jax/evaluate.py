@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from phi_jax.config import Compute
-from phi_jax.loading import Source, resolve
+from phi_jax.loading import Source, load, resolve
 from phi_jax.model import Phi
 
 
@@ -83,14 +83,14 @@ def training_seq_len(path: str | Path | Source, step: int | None = None) -> int 
     None for anything else (a Hugging Face directory or Hub id)."""
     from phi_jax.checkpoint import read_meta
 
-    source = path if isinstance(path, Source) else resolve(path)
+    source = resolve(path)
     if not source.is_workdir:
         return None
     run = read_meta(source.path, step).get("run", {})  # read-only: a reader never touches a run's checkpoints
     return int(run["seq_len"]) if run.get("seq_len") else None
 
 
-def default_seq_len(path: str | Path, model: Phi, step: int | None = None) -> tuple[int, str]:
+def default_seq_len(path: str | Path | Source, model: Phi, step: int | None = None) -> tuple[int, str]:
     """(window length, where it comes from): the run's training seq_len when saved, else the model's context."""
     trained = training_seq_len(path, step)
     if trained is not None:
@@ -99,7 +99,7 @@ def default_seq_len(path: str | Path, model: Phi, step: int | None = None) -> tu
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from phi_jax.generate import load_model_arg
+    from phi_jax.generate import resolve_model_arg
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
@@ -122,8 +122,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.data_dir and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir={args.data_dir} does not exist; write shards with python -m tools.prepare_data.")
 
-    model, tok = load_model_arg(parser, args.model, compute=Compute(dtype=args.dtype, param_dtype=args.dtype),
-                                step=args.step, tokenizer=args.tokenizer)
+    model_source = resolve_model_arg(parser, args.model)  # once: a Hub id is looked up once
+    model, tok = load(model_source, compute=Compute(dtype=args.dtype, param_dtype=args.dtype), step=args.step,
+                      tokenizer=args.tokenizer)
     text = None
     if args.text_file:
         text = Path(args.text_file).read_text(encoding="utf-8")
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tokens = reader.tokens(0, reader.num_tokens)
     if args.max_tokens:
         tokens, text = tokens[:args.max_tokens], None
-    seq_len, why = (args.seq_len, "--seq_len") if args.seq_len else default_seq_len(args.model, model, args.step)
+    seq_len, why = (args.seq_len, "--seq_len") if args.seq_len else default_seq_len(model_source, model, args.step)
     result = evaluate(model, tok, tokens, seq_len=seq_len, batch_size=args.batch_size, text=text)
     source = args.text_file or f"{args.data_dir}:{args.split}"
     result.update(model=str(args.model), source=source, seq_len_from=why)

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from phi_jax.config import Compute
-from phi_jax.loading import load
+from phi_jax.loading import Source, load, resolve
 from phi_jax.model import Phi
 
 log = logging.getLogger("phi_jax")
@@ -213,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default: the model's own)")
     parser.add_argument("--json", action="store_true", help="print all completions as JSON at the end")
     args = parser.parse_args(argv)
-    model, tok = load_model_arg(parser, args.model, compute=Compute(dtype=args.dtype, param_dtype=args.dtype),
-                                step=args.step, tokenizer=args.tokenizer)
+    model, tok = load(resolve_model_arg(parser, args.model), compute=Compute(dtype=args.dtype, param_dtype=args.dtype),
+                      step=args.step, tokenizer=args.tokenizer)
     ids = encode_prompts(tok, args.prompt)
     check_prompts([len(p) for p in ids], model.cfg.max_position_embeddings)  # before anything is printed
     sampler = Sampler(model)
@@ -233,11 +233,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"--- {p!r}\n{p}{t}")
 
 
-def load_model_arg(parser: argparse.ArgumentParser, path: str, **kwargs):
-    """`loading.load(path)` for a `--model` flag: a path that is not a model is a usage error that says what is
-    accepted (a training workdir, a Hugging Face directory, or a Hub id)."""
+def resolve_model_arg(parser: argparse.ArgumentParser, path: str) -> Source:
+    """`loading.resolve(path)` for a `--model` flag: a path that is not a model is a usage error that says what is
+    accepted (a training workdir, a Hugging Face directory, or a Hub id). (A missing --tokenizer, or a workdir
+    without a complete checkpoint, is reported as itself by the loading that follows.)"""
     try:
-        return load(path, **kwargs)
+        return resolve(path)
     except FileNotFoundError as e:
         parser.error(f"--model={path}: {e}")
 

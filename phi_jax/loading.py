@@ -44,9 +44,12 @@ class Source:
         return self.kind == WORKDIR
 
 
-def resolve(path_or_id: str | os.PathLike) -> Source:
+def resolve(path_or_id: Source | str | os.PathLike) -> Source:
     """What `path_or_id` names: a workdir, a Hugging Face directory, or a Hub id (downloaded, or found in the Hub
-    cache when offline). Anything else is a FileNotFoundError that lists the accepted forms."""
+    cache when offline); a Source is returned as it is. Anything else is a FileNotFoundError that lists the accepted
+    forms."""
+    if isinstance(path_or_id, Source):
+        return path_or_id
     name = os.fspath(path_or_id)
     path = user_path(name)
     if (path / "checkpoints").is_dir():
@@ -78,7 +81,7 @@ def _hub_snapshot(repo_id: str) -> epath.Path:
 
 def load_config(source: Source | str | os.PathLike, step: int | None = None) -> PhiConfig:
     """A source's architecture, without reading its weights (to check it before loading them)."""
-    source = source if isinstance(source, Source) else resolve(source)
+    source = resolve(source)
     if source.is_workdir:
         from phi_jax.checkpoint import read_meta
 
@@ -92,7 +95,7 @@ def from_pretrained(path_or_id: Source | str | os.PathLike, compute: Compute = C
                     step: int | None = None) -> Phi:
     """The model of a training workdir (newest checkpoint, or `step`), a Hugging Face directory (local or gs://) or
     a Hub id, run as `compute` says (parameters cast to compute.param_dtype)."""
-    source = path_or_id if isinstance(path_or_id, Source) else resolve(path_or_id)
+    source = resolve(path_or_id)
     if source.is_workdir:
         from phi_jax.checkpoint import load_model
 
@@ -109,7 +112,7 @@ def tokenizer_file(source: Source | str | os.PathLike, step: int | None = None, 
                    required: bool = True) -> epath.Path | None:
     """A source's tokenizer: the one its checkpoint's metadata records (a workdir), or the tokenizer.json /
     tokenizer.model it holds (a Hugging Face directory). None when it has none and `required` is False."""
-    source = source if isinstance(source, Source) else resolve(source)
+    source = resolve(source)
     if source.is_workdir:
         from phi_jax.checkpoint import read_meta
 

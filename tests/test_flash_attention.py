@@ -306,6 +306,14 @@ def _mask_by_definition(q_seg: np.ndarray, kv_seg: np.ndarray, q_start: int, cau
                      for t in range(len(q_seg))])
 
 
+def test_segment_ids_on_one_side_only_are_an_error():
+    """Comparing ids with None would give a scalar False: a mask that hides every key, silently."""
+    ids = jnp.ones((4, 1), jnp.int32)
+    for q_ids, kv_ids in ((ids, None), (None, ids.T)):
+        with pytest.raises(ValueError, match="both the queries and the keys, or for neither"):
+            attention_mask((4, 4), causal=True, q_segment_ids=q_ids, kv_segment_ids=kv_ids)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_every_mask_form_is_the_xla_mask(causal):
     """One mask builder (phi_jax.attention_mask) serves every path: XLA attention's [S, S] mask equals the definition

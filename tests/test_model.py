@@ -62,11 +62,14 @@ def test_phi_config_is_the_architecture_only():
     is still an error; a model keeps both objects."""
     old = {**PhiConfig.preset("tiny").to_dict(), "dtype": "bfloat16", "param_dtype": "float32",
            "attention_impl": "auto", "dense_impl": "xla", "remat": "full"}
-    assert PhiConfig.from_dict(old) == PhiConfig.preset("tiny")
+    assert PhiConfig.from_dict(old).to_dict() == PhiConfig.preset("tiny").to_dict()
     assert not {"dtype", "param_dtype", "attention_impl", "dense_impl", "remat"} & set(PhiConfig().to_dict())
     with pytest.raises(ValueError, match=r"Unknown PhiConfig fields \['n_layer'\]"):
         PhiConfig.from_dict({**old, "n_layer": 2})
     assert PhiConfig.preset("tiny").diff(PhiConfig.preset("tiny", num_layers=3)) == ["num_layers: 2 vs 3"]
+    # The special token ids and the init std are recorded but are not the architecture.
+    other_ids = PhiConfig.preset("tiny", eos_token_id=7, bos_token_id=7, initializer_range=0.2)
+    assert other_ids == PhiConfig.preset("tiny") and not other_ids.diff(PhiConfig.preset("tiny"))
     model = abstract_model(PhiConfig.preset("tiny"), Compute(param_dtype="bfloat16"))
     assert model.compute.param_dtype == jnp.bfloat16 and model.embed_tokens.dtype == jnp.bfloat16
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from runs import make_shards, metrics, tiny_config
 
@@ -32,6 +33,9 @@ def test_corrupting_changes_are_refused_safe_ones_pass_and_fp16_gets_a_fresh_los
                                          r"does not cast the train state\. Set --config.param_dtype=float32"):
         train(config(shards, param_dtype="bfloat16"), tmp_path)
     assert Checkpointer(tmp_path).all_steps() == [2]  # nothing was written by the refused restarts
+    # The remedy the error names: a new workdir initialised from this one (its parameters cast on loading) trains.
+    cast = train(config(shards, param_dtype="bfloat16", init_from_hf=str(tmp_path), total_steps=1), tmp_path / "bf16")
+    assert np.isfinite(cast["loss"])
 
     # Allowed with --config.allow_changes, together with the safe changes: learning rate, total_steps, cadences,
     # mesh and micro-batch (2 micro-batches of 4 per step on a 4 x 2 mesh), and float16 compute.
