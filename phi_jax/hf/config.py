@@ -16,7 +16,7 @@ def _require(d: dict, key: str, model_type: str) -> Any:
     return d[key]
 
 
-def phi_config_from_hf(d: dict, **overrides) -> PhiConfig:
+def phi_config_from_hf(d: dict) -> PhiConfig:
     """Reads a Hugging Face config.json dict. Unsupported models and features are errors, not approximations."""
     model_type = d.get("model_type")
     if model_type in NATIVE_TYPES:
@@ -57,7 +57,7 @@ def phi_config_from_hf(d: dict, **overrides) -> PhiConfig:
     for key in ("bos_token_id", "eos_token_id"):
         if isinstance(d.get(key), int):
             fields[key] = d[key]
-    return PhiConfig(**{**fields, **overrides})
+    return PhiConfig(**fields)
 
 
 def phi_config_to_hf(cfg: PhiConfig, dtype: str) -> dict:

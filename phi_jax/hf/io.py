@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 import jax
-import ml_dtypes
 import numpy as np
 import safetensors.numpy
 from etils import epath
@@ -19,7 +18,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from phi_jax.config import Compute, PhiConfig
+from phi_jax.config import Compute, PhiConfig, as_dtype
 from phi_jax.hf import mapping
 from phi_jax.hf.config import phi_config_from_hf, phi_config_to_hf
 from phi_jax.model import Phi, abstract_model
@@ -29,7 +28,6 @@ log = logging.getLogger("phi_jax")
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 MANIFEST = "phi_jax_export.json"  # marks a directory save_pretrained wrote, so that overwrite may replace it
-NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def param_paths(model: Phi) -> dict[str, nnx.Variable]:
@@ -92,7 +90,7 @@ class SafetensorsDir:
         return self._files[self.where[key]].get(key)
 
 
-def load_hf_config(path: str | os.PathLike, **overrides) -> PhiConfig:
+def load_hf_config(path: str | os.PathLike) -> PhiConfig:
     """The PhiConfig of a Hugging Face directory's config.json (local or gs://)."""
     path = user_path(path)
     if not path.is_dir():
@@ -100,7 +98,7 @@ def load_hf_config(path: str | os.PathLike, **overrides) -> PhiConfig:
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"No config.json in {path}: a Hugging Face model directory needs one.")
-    return phi_config_from_hf(json.loads(config_file.read_text()), **overrides)
+    return phi_config_from_hf(json.loads(config_file.read_text()))
 
 
 def load_hf_directory(path: str | os.PathLike, compute: Compute = Compute()) -> Phi:
@@ -199,8 +197,7 @@ def save_pretrained(model: Phi, out_dir: str | os.PathLike, dtype: str = "float3
     export, never a directory holding anything else. Local files get the permissions the umask gives new files.
     Returns the directory: a pathlib.Path on local disk, an epath.Path in a bucket.
     """
-    if dtype not in NUMPY_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {sorted(NUMPY_DTYPES)}.")
+    dtype = as_dtype(dtype).name  # a ValueError naming the choices, before any work
     model.stack_layers()  # the mapping reads stacked layers; a model a Sampler unstacked is stacked back (no-op else)
     out_dir = user_path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -208,7 +205,7 @@ def save_pretrained(model: Phi, out_dir: str | os.PathLike, dtype: str = "float3
     previous = check_replaceable(out_dir) if out_dir.exists() else None
     cfg = model.cfg
     params = {p: np.asarray(jax.device_get(v[...])) for p, v in param_paths(model).items()}
-    tensors = {k: t.astype(NUMPY_DTYPES[dtype]) for k, t in mapping.ours_to_hf(cfg, params).items()}
+    tensors = {k: t.astype(as_dtype(dtype)) for k, t in mapping.ours_to_hf(cfg, params).items()}
     extra_files = extra_files or {}
 
     if is_url(out_dir):
