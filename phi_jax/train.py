@@ -227,13 +227,12 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
     param_rules, opt_rules = strategy_rules(c.sharding)
     tx = make_optimizer(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
                         warmup_steps=c.warmup_steps, grad_clip_norm=c.grad_clip_norm)
-    fp16 = c.dtype == "float16"
     log.info("model %s: %.1fM parameters; mesh %s; sharding %s; %d micro-batch(es) per step",
              c.model, cfg.num_params() / 1e6, dict(mesh.shape), c.sharding, accum)
 
     ckpt = Checkpointer(workdir, max_to_keep=c.keep_checkpoints)
     try:
-        abstract, shardings = state_shardings(cfg, tx, mesh, param_rules, opt_rules, fp16, compute=compute)
+        abstract, shardings = state_shardings(cfg, tx, mesh, param_rules, opt_rules, compute=compute)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         latest, saved_meta, start_batch = resume_point(ckpt, c, cfg, compute, data)
         dataset = data.train_dataset(c, jax.process_index(), jax.process_count(), start_batch)
@@ -249,10 +248,11 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
             if restart.loss_scale_reset(saved_meta, c):
                 log.warning("dtype changed from %s to %s: the loss scale starts afresh", saved_meta["run"]["dtype"],
                             c.dtype)
-                state = state.replace(loss_scale=jax.device_put(LossScale.create(dynamic=fp16), shardings.loss_scale))
+                fresh = LossScale.create(dynamic=compute.dtype == jnp.float16)
+                state = state.replace(loss_scale=jax.device_put(fresh, shardings.loss_scale))
             log.info("resumed from %s at step %d", ckpt.directory, latest)
         else:
-            state = create_train_state(cfg, tx, mesh, seed=c.seed, fp16_loss_scale=fp16, rules=param_rules,
+            state = create_train_state(cfg, tx, mesh, seed=c.seed, rules=param_rules,
                                        opt_rules=opt_rules, compute=compute)
             if c.init_from_hf:
                 state = _load_hf_params(state, c, cfg, shardings)

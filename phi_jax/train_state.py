@@ -36,15 +36,15 @@ def logical_names(cfg: PhiConfig) -> dict:
     return nnx.to_pure_dict(names)
 
 
-def _init(cfg: PhiConfig, compute: Compute, tx: optax.GradientTransformation, seed: int,
-          fp16_loss_scale: bool) -> TrainState:
+def _init(cfg: PhiConfig, compute: Compute, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """float16 compute gets a dynamic loss scale (its gradients underflow otherwise); other dtypes a static 1."""
     model = Phi(cfg, compute, rngs=nnx.Rngs(params=seed))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=tx.init(params),
-                      loss_scale=LossScale.create(dynamic=fp16_loss_scale), skipped=zero, total_skipped=zero,
-                      graphdef=graphdef, tx=tx)
+                      loss_scale=LossScale.create(dynamic=compute.dtype == jnp.float16), skipped=zero,
+                      total_skipped=zero, graphdef=graphdef, tx=tx)
 
 
 def _dict_keys(path) -> tuple[str, ...]:
@@ -52,11 +52,10 @@ def _dict_keys(path) -> tuple[str, ...]:
 
 
 def state_shardings(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: dict | None = None,
-                    opt_rules: dict | None = None, fp16_loss_scale: bool = False, *,
-                    compute: Compute = Compute()) -> tuple[TrainState, TrainState]:
+                    opt_rules: dict | None = None, *, compute: Compute = Compute()) -> tuple[TrainState, TrainState]:
     """(abstract state, shardings). Parameters follow `rules`; optimizer moments (the leaves whose dict path is a
     parameter's) follow `opt_rules`, so ZeRO can shard moments further than parameters; the rest is replicated."""
-    abstract = jax.eval_shape(lambda: _init(cfg, compute, tx, 0, fp16_loss_scale))
+    abstract = jax.eval_shape(lambda: _init(cfg, compute, tx, 0))
     is_names = lambda x: isinstance(x, tuple)
     names = logical_names(cfg)
     param_sh = jax.tree.map(lambda n: NamedSharding(mesh, logical_to_spec(n, rules)), names, is_leaf=is_names)
@@ -78,8 +77,8 @@ def state_shardings(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh
 
 
 def create_train_state(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh, *, seed: int = 0,
-                       fp16_loss_scale: bool = False, rules: dict | None = None,
-                       opt_rules: dict | None = None, compute: Compute = Compute()) -> TrainState:
+                       rules: dict | None = None, opt_rules: dict | None = None,
+                       compute: Compute = Compute()) -> TrainState:
     """Initialises parameters and optimizer state already sharded: nothing is materialised whole on one host."""
-    _, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, fp16_loss_scale, compute=compute)
-    return jax.jit(lambda: _init(cfg, compute, tx, seed, fp16_loss_scale), out_shardings=shardings)()
+    _, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, compute=compute)
+    return jax.jit(lambda: _init(cfg, compute, tx, seed), out_shardings=shardings)()

@@ -31,7 +31,7 @@ def synthetic_batch(rows: int, accum: int, seed: int = 0, vocab: int = 64) -> di
 def new_state(cfg=None, lr=3e-3, compute=Compute(), **kw):
     cfg = cfg or PhiConfig.preset("tiny")
     return create_train_state(cfg, make_optimizer(lr, **kw), make_mesh(devices=jax.devices()[:1]), seed=0,
-                              fp16_loss_scale=compute.dtype == jnp.float16, compute=compute)
+                              compute=compute)
 
 
 step_fn = jax.jit(train_step)

@@ -91,8 +91,7 @@ def abstract_step_inputs(cfg, mesh, sharding: str, micro_batch: int, accum: int,
     from phi_jax.config import Compute
 
     compute = compute or Compute()
-    abstract, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules,
-                                          fp16_loss_scale=compute.dtype.name == "float16", compute=compute)
+    abstract, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, compute=compute)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     rows = micro_batch * mesh.shape["data"] * mesh.shape["fsdp"]
     bsh = batch_sharding(mesh, leading_dims=1)

@@ -96,7 +96,7 @@ def import_hf(model: str | os.PathLike, workdir: str | os.PathLike, *,
     tx = make_optimizer(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
                         warmup_steps=c.warmup_steps, grad_clip_norm=c.grad_clip_norm)
     mesh = make_mesh(devices=jax.devices()[:1])
-    state = create_train_state(cfg, tx, mesh, fp16_loss_scale=c.dtype == "float16", compute=compute)
+    state = create_train_state(cfg, tx, mesh, compute=compute)
     params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
     params = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), params, state.params)
     state = state.replace(params=params, opt_state=tx.init(params))
