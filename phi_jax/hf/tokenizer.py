@@ -26,11 +26,10 @@ def _sentencepiece(model_file: str | os.PathLike):
     return spm.SentencePieceProcessor(model_proto=user_path(model_file).read_bytes())
 
 
-def sentencepiece_to_tokenizer_json(model_file: str | os.PathLike) -> str:
-    """The tokenizer.json text equivalent to a SentencePiece BPE model with byte fallback."""
+def sentencepiece_to_tokenizer_json(sp) -> str:
+    """The tokenizer.json text equivalent to a SentencePiece BPE model with byte fallback (a processor)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
-    sp = _sentencepiece(model_file)
     n = sp.get_piece_size()
     vocab = {sp.id_to_piece(i): i for i in range(n)}
     types = _piece_types(sp)
@@ -75,8 +74,8 @@ def _piece_types(sp) -> list[str]:
     return [pb.ModelProto.SentencePiece.Type.Name(p.type).lower() for p in proto.pieces]
 
 
-def eos_piece(model_file: str | os.PathLike) -> str:
-    sp = _sentencepiece(model_file)
+def eos_piece(sp) -> str:
+    """The end-of-text piece of a SentencePiece processor: phi_jax's "<|endoftext|>", else the model's eos."""
     eot = sp.piece_to_id("<|endoftext|>")
     return "<|endoftext|>" if eot != sp.unk_id() else sp.id_to_piece(sp.eos_id())
 
@@ -92,9 +91,9 @@ def hf_tokenizer_files(tokenizer_file: str | os.PathLike, *, model_max_length: i
         bos = next((t for t in ("<s>", "<bos>") if t in added), None)
         unk = next((t for t in ("<unk>",) if t in added), None)
     else:
-        tokenizer_json = sentencepiece_to_tokenizer_json(path)
-        sp = _sentencepiece(path)
-        eos = eos_piece(path)
+        sp = _sentencepiece(path)  # read (from a bucket, downloaded) and parsed once
+        tokenizer_json = sentencepiece_to_tokenizer_json(sp)
+        eos = eos_piece(sp)
         bos = sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None
         unk = sp.id_to_piece(sp.unk_id())
     special = {k: v for k, v in (("eos_token", eos), ("bos_token", bos), ("unk_token", unk)) if v is not None}
