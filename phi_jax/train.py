@@ -90,7 +90,7 @@ class Run:
     data: TrainingData
     ckpt: Checkpointer
     writer: MetricsWriter
-    state: TrainState  # restored or freshly initialised; the loop's first step donates it
+    state: TrainState | None  # restored or freshly initialised; train_loop takes it (its first step donates it)
     batches: Iterator[dict[str, np.ndarray]]  # this process's rows, from the resumed data position on
     step_fn: Callable  # the train step, compiled ahead of time
     eval_fn: Callable
@@ -185,6 +185,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str,
 def train_loop(run: Run, preemption: Preemption) -> dict[str, float]:
     """Steps from `run.start` to total_steps: log, validate, checkpoint; a signal checkpoints and exits with 75."""
     c, state, last = run.c, run.state, {}
+    run.state = None  # donated by the first step: nothing may read it after
     if run.start == 0 and run.eval_batches:
         last = run.evaluate(state, 0)
     timer = StepTimer()
