@@ -32,7 +32,6 @@ class _NoBucketTypeNoise(logging.Filter):
 def _quiet_gcsfs() -> None:
     """gcsfs logs "Could not determine bucket type ... falling back" on every call when it cannot ask the storage
     control API (an emulator, or credentials without that permission); the fallback is the ordinary client."""
-    for name in ("gcsfs",):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoBucketTypeNoise) for f in logger.filters):
-            logger.addFilter(_NoBucketTypeNoise())
+    logger = logging.getLogger("gcsfs")
+    if not any(isinstance(f, _NoBucketTypeNoise) for f in logger.filters):
+        logger.addFilter(_NoBucketTypeNoise())
