@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import random
 import re
 import time
@@ -133,3 +134,33 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class Server:
+    """`with Server(fault_rate=0.3) as s:` runs this file as a real process on 127.0.0.1; s.base_url, s.stats()."""
+
+    def __init__(self, **flags):
+        self.flags = [f"--{k}={v}" for k, v in flags.items()]
+
+    def __enter__(self) -> Server:
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, __file__, *self.flags], stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on "):
+            self.proc.kill()
+            raise RuntimeError(f"the teacher server did not start: {line!r}")
+        self.port = int(line.split()[-1])
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        return self
+
+    def stats(self) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=10) as r:
+            return json.loads(r.read())
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)

@@ -82,10 +82,17 @@ class Completion:
     completion_tokens: int | None
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def classify(error: Exception) -> tuple[str, bool]:
     """(kind, retryable) of a failed request; raises FatalTeacherError for answers no retry can change."""
     if isinstance(error, openai.APITimeoutError):
-        return "timeout", True
+        # openai's aiohttp transport reports a dropped connection as a timeout too: the root cause tells them apart
+        return ("timeout" if isinstance(_root_cause(error), TimeoutError) else "connection"), True
     if isinstance(error, openai.APIConnectionError):
         return "connection", True
     if isinstance(error, openai.APIStatusError):
