@@ -28,10 +28,12 @@ PROSE = ("the", "cat", "sat", "on", "a", "mat", "and", "then", "slept", "in", "s
 def labelled_corpus(n: int, seed: int = 0) -> list[dict]:
     """Half Python functions (label 1), half word salad (label 0), interleaved: a learnable quality label."""
     rng = random.Random(seed)
+    name = lambda: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6))
     out = []
     for i in range(n):
         if i % 2 == 0:
-            text = "\n".join(f"def f{j}(x):\n    return x * {rng.randint(2, 99)}" for j in range(rng.randint(2, 8)))
+            text = "\n".join(f"def {name()}({(a := name())}):\n    return {a} * {rng.randint(2, 99)}"
+                             for _ in range(rng.randint(2, 8)))
         else:
             text = " ".join(rng.choice(PROSE) for _ in range(rng.randint(20, 90)))
         out.append({"id": f"doc{i}", "text": text, "label": int(i % 2 == 0)})

@@ -81,7 +81,9 @@ def test_dedup_and_decontamination_drop_exactly_the_known_documents(tmp_path):
     assert report["sources"] == {
         "books": {"input": 23, "dropped_exact": 0, "dropped_near": 0, "dropped_contaminated": 1, "kept": 22},
         "web": {"input": 78, "dropped_exact": 12, "dropped_near": 8, "dropped_contaminated": 0, "kept": 58}}
-    kept = [r for f in sorted((tmp_path / "out" / "output").glob("*.jsonl")) for r in read_jsonl(f)]
+    kept = [r for f in sorted((tmp_path / "out" / "output").glob("*/*.jsonl")) for r in read_jsonl(f)]
+    assert sorted(p.name for p in (tmp_path / "out" / "output").iterdir()) == ["books", "web"]
+    assert all(r["id"].startswith("book") for r in read_jsonl(tmp_path / "out" / "output" / "books" / "00000.jsonl"))
     assert len(kept) == 80 and len({r["text"] for r in kept}) == 80
     assert {"book_a", "book_b"} <= {r["id"] for r in kept} and "contaminated" not in {r["id"] for r in kept}
     assert next(r for r in kept if r["id"] == "book0") == books[0]  # records come out as they went in

@@ -2,7 +2,7 @@
 
     python -m tools.dedup --source=textbooks=data/textbooks/part-*.jsonl --source=web=web_filtered/kept \\
         --humaneval --benchmark=mbpp=mbpp.jsonl --out=data/clean --tasks=8 --workers=2
-    python -m tools.prepare_data --source=jsonl --jsonl='data/clean/output/*.jsonl' --tokenizer=TOK --out=DATA/x
+    python -m tools.prepare_data --source=jsonl --jsonl='data/clean/output/web/*.jsonl' --tokenizer=TOK --out=DATA/web
 
 Among identical documents the one from the source given first is kept. A killed run resumes with the same command
 (finished datatrove ranks are skipped). report.json counts what each stage dropped from each source;
@@ -65,7 +65,9 @@ def main(argv=None) -> None:
               f"{r['dropped_contaminated']:>9} {r['kept']:>9}")
     if report["benchmarks"]:
         print("benchmark index: " + json.dumps(report["benchmarks"]))
-    print(f"kept documents: {report['output']}/*.jsonl; why each was dropped: {report['dropped_list']}")
+    for name, folder in report["output"].items():
+        print(f"kept {name}: {folder}/*.jsonl")
+    print(f"why each document was dropped: {report['dropped_list']}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ that finished is skipped when the command is run again, so a killed run resumes)
 All sources are read by one chain of readers, so duplicates are found across sources as well as within them.
 
 Output directory:
-    output/RANK.jsonl     the documents kept, each its input record's fields (id, text, ...)
+    output/SOURCE/RANK.jsonl  the documents kept, each its input record's fields (id, text, ...); prepare each
+                          source's directory on its own to mix them with weights
     removed/STAGE/        the documents each stage dropped (datatrove's exclusion writers)
     report.json           documents in, dropped by stage and source, kept; dropped.jsonl: each dropped document's
                           id, source, stage and why (the kept copy's id, the cluster, the benchmark and n-gram)
@@ -122,8 +123,10 @@ def _id_only(self, doc: Document) -> dict:  # line i of a rank's file: the id of
 
 
 def _writer(folder: Path, final: bool = False) -> JsonlWriter:
+    """An intermediate stage's writer (the metadata flat, read back by the next stage), or the final one: one
+    directory per source, the input records as they were."""
     return JsonlWriter(str(folder), compression=None, adapter=_kept_record if final else None,
-                       expand_metadata=not final)
+                       output_filename="${dedup_source}/${rank}.jsonl" if final else None, expand_metadata=not final)
 
 
 def _final_writers(out: Path) -> list[JsonlWriter]:
@@ -266,5 +269,5 @@ def write_report(out: Path, source_names: list[str]) -> dict:
         by_source[s] = {"input": kept[s] + sum(d.values()), **{f"dropped_{k}": v for k, v in d.items()},
                         "kept": kept[s]}
     totals = {k: sum(v[k] for v in by_source.values()) for k in next(iter(by_source.values()))}
-    return {"sources": by_source, "total": totals, "output": str(out / "output"),
+    return {"sources": by_source, "total": totals, "output": {s: str(out / "output" / s) for s in source_names},
             "dropped_list": str(out / "dropped.jsonl")}
