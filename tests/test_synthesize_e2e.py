@@ -70,3 +70,15 @@ def test_topics_to_a_trained_mixture(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     loss = losses(tmp_path / "run")
     assert sorted(loss) == list(range(1, 21)) and loss[20] < loss[1]
+
+
+def test_phi15_web_config_is_phi15_with_the_web_mixture():
+    from configs.phi15 import get_config as phi15
+    from configs.phi15_web import get_config
+    from phi_jax.data.mixture import integer_proportions, parse_weights
+
+    c, base = get_config(), phi15()
+    assert c.data.mixture_weights == "0.4,0.2,0.4" and integer_proportions(parse_weights(c.data.mixture_weights)) \
+        == (2, 1, 2)
+    base.data.mixture_weights = c.data.mixture_weights
+    assert c.to_dict() == base.to_dict()  # the recipe is phi-1.5's; only the mixture differs

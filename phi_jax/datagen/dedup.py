@@ -1,7 +1,8 @@
 """Exact and near-duplicate removal within and across sources, then decontamination, as datatrove pipelines.
 
 Stages, each a datatrove pipeline run by its LocalPipelineExecutor (`tasks` ranks, `workers` processes; a rank
-that finished is skipped when the command is run again, so a killed run resumes):
+that finished is skipped when the command is run again, so a killed run resumes; workers are forked, so they
+inherit this process's imports rather than import phi_jax and JAX again, seconds each, and none of them uses JAX):
 1. exact: ExactDedupSignature -> ExactFindDedups -> ExactDedupFilter on the exact text. Of identical documents the
    one from the source given first is kept (datatrove's document priority), so duplicates of a curated source
    are dropped from the web rather than the other way round.
@@ -199,7 +200,7 @@ def run(sources: list[DedupSource], out: str | Path, *, exact: bool = True, near
                                               id_field=id_field, minhash=minhash, n_grams=n_grams):
         n = stage_tasks or tasks
         LocalPipelineExecutor(steps, tasks=n, workers=min(workers, n), logging_dir=str(out / "logs" / name),
-                              start_method="spawn").run()
+                              start_method="fork").run()  # workers inherit the imports (see the docstring)
     report = write_report(out, names)
     report["benchmarks"] = index_stats
     write_json(out / "report.json", report)
