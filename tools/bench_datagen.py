@@ -74,7 +74,7 @@ def bench_dedup(tmp: Path, megabytes: float, workers: int) -> list[dict]:
     from phi_jax.datagen.dedup import DedupSource, run
 
     rng = random.Random(0)
-    docs = _stdlib_docs(limit_bytes=int(megabytes * 2**20))
+    docs = [d for d in _stdlib_docs(limit_bytes=int(megabytes * 2**20)) if d.count("\n") >= 2]
     extra = [rng.choice(docs) for _ in range(len(docs) // 10)]  # exact copies
     for text in rng.sample(docs, len(docs) // 10):  # near copies: one line changed
         lines = text.splitlines()
@@ -116,15 +116,15 @@ def main(argv=None) -> None:
     p.add_argument("--skip", choices=["embedding", "dedup"], action="append", default=[])
     p.add_argument("--out", default="bench/datagen.json")
     a = p.parse_args(argv)
-    result = {"command": command(__file__, argv), "machine": machine(), "device": device(),
-              "date": time.strftime("%Y-%m-%d")}
+    result = {"command": command(__file__, argv), "machine": machine(), "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory() as tmp:
+        if "dedup" not in a.skip:  # first: its workers are forked, before JAX starts its threads
+            result["dedup"] = bench_dedup(Path(tmp), a.dedup_mb, a.workers)
+            print_table(f"dedup and decontamination, {a.workers} workers", result["dedup"])
         if "embedding" not in a.skip:
             result["embedding"] = bench_embedding(Path(tmp), a.docs, a.max_tokens, a.batch_size)
             print_table(f"quality filter, max_tokens {a.max_tokens}, batch {a.batch_size}", result["embedding"])
-        if "dedup" not in a.skip:
-            result["dedup"] = bench_dedup(Path(tmp), a.dedup_mb, a.workers)
-            print_table(f"dedup and decontamination, {a.workers} workers", result["dedup"])
+    result["device"] = device()
     write_json(a.out, result)
     print(f"wrote {a.out}", file=sys.stderr)
 

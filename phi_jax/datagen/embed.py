@@ -52,7 +52,7 @@ class Embedder:
             raise ValueError(f"--max_tokens={max_tokens} exceeds the model's context of "
                              f"{phi.cfg.max_position_embeddings}.")
         self.hidden_size = phi.cfg.hidden_size
-        devices = jax.devices() if devices is None else devices
+        devices = jax.local_devices() if devices is None else devices  # each host embeds its own documents
         self.mesh = make_mesh(data=-1, devices=devices) if sharding == "dp" else \
             make_mesh(data=1, fsdp=-1, devices=devices)
         self.rules = strategy_rules(sharding)[0]
