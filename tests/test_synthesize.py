@@ -105,7 +105,7 @@ def test_faults_and_a_sigkill_end_with_every_item_exactly_once(topics, tmp_path)
     out = tmp_path / "out"
     plan = Plan(load_template("textbook"), read_topics(topics))
     flags = ["--concurrency=8", "--backoff_initial=0.05", "--backoff_max=0.5", "--max_retries=20"]
-    with Server(fault_rate=0.3, retry_after=0.2, latency=0.02) as server:
+    with Server(fault_rate=0.3, retry_after=0.2, latency=0.05) as server:
         cmd = synth_cmd(topics, out, f"--base_url={server.base_url}", *flags)
         first = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         part = out / "part-00000-of-00001.jsonl"
