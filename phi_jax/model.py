@@ -220,6 +220,23 @@ class Phi(nnx.Module):
         logits = self.lm_head(self.final_layernorm(h), out_dtype=jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab")), cache
 
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None, *,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
+        """The final-layernormed hidden states [batch, seq, hidden] of whole sequences (no cache): what the lm_head
+        reads, e.g. for embeddings. tokens, positions, segment_ids as in `__call__`."""
+        batch, seq = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        rope = rotary_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
+        table = constrain(self.embed_tokens[...].astype(self.compute.dtype), (None, None))
+        h = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "act_embed"))
+        if self.stacked:
+            h = self._scan_layers(h, rope, segment_ids)
+        else:
+            for block in self.layers:
+                h, _ = block(h, rope, segment_ids)
+        return constrain(self.final_layernorm(h), ("batch", "length", "act_embed"))
+
     def _scan_layers(self, h, rope, segment_ids):
         """Training's path: one scan over the stacked layers, so compile time does not grow with depth."""
         graphdef, state = nnx.split(self.layers)

@@ -1,6 +1,8 @@
 """Command-line flags naming a document source, shared by tools.prepare_data and tools.train_tokenizer."""
 
 import argparse
+import glob
+import os
 
 from phi_jax.data.corpus import SOURCES, SkipReport, documents
 
@@ -8,7 +10,8 @@ from phi_jax.data.corpus import SOURCES, SkipReport, documents
 def add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", choices=SOURCES, default="stdlib", help="where the documents come from")
     p.add_argument("--glob", action="append", default=[], help="file pattern for --source=files (repeatable; ** ok)")
-    p.add_argument("--jsonl", action="append", default=[], help="JSON Lines file for --source=jsonl (repeatable)")
+    p.add_argument("--jsonl", action="append", default=[],
+                   help="JSON Lines file or glob pattern ('out/part-*.jsonl') for --source=jsonl (repeatable)")
     p.add_argument("--tfds_name", default="", help="TFDS dataset name for --source=tfds (array_record format)")
     p.add_argument("--tfds_data_dir", default=None, help="TFDS data_dir")
     p.add_argument("--tfds_split", default="train", help="TFDS split")
@@ -19,10 +22,16 @@ def add_source_args(p: argparse.ArgumentParser) -> None:
                    "error naming file:line)")
 
 
+def expand_jsonl(patterns: list[str]) -> list[str]:
+    """Each --jsonl as the sorted files its pattern matches; a path that matches nothing stays as given (opening it
+    then names it)."""
+    return [f for p in patterns for f in (sorted(glob.glob(os.path.expanduser(p))) or [p])]
+
+
 def source_documents(a: argparse.Namespace, report: SkipReport | None = None):
-    return documents(a.source, globs=a.glob, jsonl=a.jsonl, tfds_name=a.tfds_name, tfds_data_dir=a.tfds_data_dir,
-                     tfds_split=a.tfds_split, text_field=a.text_field, report=report, strict=a.strict,
-                     skip_bad_lines=a.skip_bad_lines)
+    return documents(a.source, globs=a.glob, jsonl=expand_jsonl(a.jsonl), tfds_name=a.tfds_name,
+                     tfds_data_dir=a.tfds_data_dir, tfds_split=a.tfds_split, text_field=a.text_field, report=report,
+                     strict=a.strict, skip_bad_lines=a.skip_bad_lines)
 
 
 def describe(a: argparse.Namespace) -> str:
