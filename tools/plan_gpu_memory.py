@@ -64,7 +64,10 @@ def plan(gpu: str, config_path: str, remats: list[str], micro_batch: int, search
     from tools.plan_memory import GIB, compile_step, largest_micro_batch
 
     name, _ = gpu_targets.parse_spec(gpu)
-    devices = gpu_targets.gpu_devices(gpu)
+    try:
+        devices = gpu_targets.gpu_devices(gpu)
+    except RuntimeError as e:  # the plugin or the deviceless environment is missing: the message says which
+        sys.exit(f"--gpu={gpu}: {e}")
     c = runpy.run_path(config_path)["get_config"]()
     cfg = PhiConfig.preset(c.model)
     mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
