@@ -72,11 +72,42 @@ def _dense_check(mesh, m: int, k: int, n: int, activation):
     return _grad_fn(fn, 3).lower(x, w, b)
 
 
-def _run(name: str, lower, records: list) -> None:
+def mosaic_matmul_precisions(lowered) -> dict[str, list[str]]:
+    """{kernel name: the contract precision of each `tpu.matmul` in its Mosaic module ("default" when unset)},
+    read from the TPU custom calls' serialized bodies in the lowered program."""
+    import base64
+    import re
+
+    from jax._src.interpreters import mlir
+    from jax._src.lib import tpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.passmanager import PassManager
+
+    out = {}
+    for config in re.findall(r'backend_config = "(\{\\22custom_call_config.*?)"', lowered.as_text()):
+        body = base64.b64decode(json.loads(config.replace("\\22", '"'))["custom_call_config"]["body"])
+        ctx = mlir.make_ir_context()
+        tpu.register_dialect(ctx)
+        with ctx, ir.Location.unknown():
+            ctx.allow_unregistered_dialects = True
+            module = ir.Module.parse(body)
+            PassManager.parse("builtin.module(mosaic-serde{serialize=false})").run(module.operation)
+            asm = module.operation.get_asm()
+        name = re.search(r"func\.func @(\w+)", asm)[1]
+        out[name] = [(m[1] or "default") for m in re.finditer(
+            r"tpu\.matmul[^\n]*?(?:contract_precision<(\w+)>[^\n]*)?$", asm, re.M)]
+    return out
+
+
+def _run(name: str, lower, records: list, inspect=None) -> None:
+    """Compiles `lower()`; `inspect(lowered)` adds its figures to the record as "lowered"."""
     start = time.perf_counter()
     record = {"name": name}
     try:
-        compiled = lower().compile()
+        lowered = lower()
+        if inspect is not None:
+            record["lowered"] = inspect(lowered)
+        compiled = lowered.compile()
         mem = compiled.memory_analysis()
         record.update(ok=True, memory={"temp_bytes": mem.temp_size_in_bytes,
                                        "argument_bytes": mem.argument_size_in_bytes})
@@ -94,6 +125,10 @@ def kernel_checks(records: list) -> None:
             for head_dim, seq, segments in ATTENTION_CASES:
                 name = f"{topology} {kind} hd={head_dim} S={seq} segment_ids={segments} fwd+bwd"
                 _run(name, functools.partial(_attention_check, kind, mesh, head_dim, seq, segments), records)
+        # fp32 inputs: every Mosaic matmul asks for fp32 contraction (flash_attention_tpu._precision).
+        _run(f"{topology} pallas flash_attention_tpu dtype=float32 hd=64 S=1024 segment_ids=True fwd+bwd",
+             functools.partial(_attention_check, "pallas flash_attention_tpu", mesh, 64, 1024, True, jnp.float32),
+             records, inspect=mosaic_matmul_precisions)
         # phi-1.5's fc1 (2048 -> 8192, gelu_new) and fc2 (8192 -> 2048) at 4096 tokens.
         for k, n, act in ((2048, 8192, "gelu_new"), (8192, 2048, None)):
             _run(f"{topology} fused_dense_tpu {k}->{n} activation={act} fwd+bwd",

@@ -1,9 +1,10 @@
 """Every Triton kernel of phi_jax compiled for sm_90a and sm_80 on this CPU host, at phi-1.5 shapes in bf16.
 
 The kernels are lowered for CUDA, their Triton IR compiled by the pinned pip `triton` wheel and assembled by its
-`ptxas` (tools.ptx_stats). Asserted: no register spills, shared memory under the arch's limit, wgmma on sm_90a,
-and the forward attention's unmasked inner loop at <= 13 PTX instructions per score element (sm_90a, sm_80). jaxlib
-bundles its own Triton, so this is a close stand-in for the GPU's compiler, not proof. Nothing is timed.
+`ptxas` (tools.ptx_stats). Asserted: no register spills (but one named exception, STAND_IN_SPILLS), shared memory
+under the arch's limit, wgmma on sm_90a, and the forward attention's unmasked inner loop at <= 13 PTX instructions
+per score element (sm_90a, sm_80). jaxlib bundles its own Triton, so this is a stand-in for the GPU's compiler, not
+proof; tests/test_compile_gpu_xla.py (marker gpu_compile) checks jaxlib's. Nothing is timed.
 """
 
 from __future__ import annotations
@@ -32,10 +33,17 @@ def test_every_kernel_compiled(rows):
                                                           for a in ptx_stats.ARCHS}
 
 
+# Spill bytes this stand-in compiler may report where jaxlib's own Triton, the compiler a GPU run uses, spills none
+# (tools/ptx_stats.py --compiler=xla; tests/test_compile_gpu_xla.py asserts it): dK/dV on sm_80 at 3 pipeline
+# stages, where both compilers sit at 250-255 registers and no stage count is spill-free in both (docs/KERNELS.md).
+STAND_IN_SPILLS = {("attn_dkv", "sm_80"): 64, ("attn_dkv_seg", "sm_80"): 64}
+
+
 def test_no_spills_and_shared_memory_fits(rows):
     bad = [f"{r['kernel']} {r['arch']}: {r['spill_store_bytes']}+{r['spill_load_bytes']} spill bytes, "
            f"{r['shared_bytes']} of {r['shared_limit_bytes']} shared bytes" for r in rows
-           if r["spill_store_bytes"] or r["spill_load_bytes"] or r["shared_bytes"] > r["shared_limit_bytes"]]
+           if r["spill_store_bytes"] + r["spill_load_bytes"] > STAND_IN_SPILLS.get((r["kernel"], r["arch"]), 0)
+           or r["shared_bytes"] > r["shared_limit_bytes"]]
     assert not bad, bad
 
 

@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-libtpu = pytest.importorskip("libtpu", reason="libtpu (requirements-dev.txt) compiles for TPU without one")
+libtpu = pytest.importorskip("libtpu", reason="libtpu (the [tpu-compile] extra, in requirements-dev.txt) compiles "
+                                               "for TPU without one")
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,23 @@ def test_every_kernel_compiles_for_v5e_and_v6e(records):
     assert not failed, failed
     for topology in ("v5e", "v6e"):
         for kind in ("splash (attention_impl=auto)", "pallas flash_attention_tpu"):
-            cases = _names(records, topology, kind, "fwd+bwd")
+            cases = [n for n in _names(records, topology, kind, "fwd+bwd") if "float32" not in n]
             assert len(cases) == 4, cases  # hd 64/80/128, S 2048 and 999, with and without segment ids
         assert len(_names(records, topology, "fused_dense_tpu")) == 2
+
+
+def test_fp32_flash_attention_compiles_with_fp32_matmuls(records):
+    """fp32 inputs: the Mosaic kernels compile, and every matmul in them asks for fp32 contraction rather than
+    leaving the MXU's passes to the default (`flash_attention_tpu._precision`)."""
+    for topology in ("v5e", "v6e"):
+        (name,) = _names(records, topology, "flash_attention_tpu", "float32")
+        r = records[name]
+        assert r["ok"], r.get("error")
+        assert set(r["lowered"]) == {"flash_attention_fwd_tpu", "flash_attention_dkv_tpu", "flash_attention_dq_tpu"}
+        for kernel, precisions in r["lowered"].items():
+            # two bodies (diagonal-crossing and interior blocks): 2 matmuls forward, 4 in dK/dV, 3 in dQ, each
+            assert len(precisions) == {"fwd": 4, "dkv": 8, "dq": 6}[kernel.split("_")[2]], (kernel, precisions)
+            assert set(precisions) == {"fp32"}, (kernel, precisions)
 
 
 def test_broken_kernel_fails_to_compile(records):

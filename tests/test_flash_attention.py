@@ -67,12 +67,14 @@ def _fwd_and_grads(fn, q, k, v, ct):
 
 
 def _check(*, backend, causal, seq, packed, dtype=jnp.float32, head_dim=64, blocks=None, interpret=True,
-           batch=1, heads=2, seed=0):
+           batch=1, heads=2, seed=0, sm_scale=None):
     q, k, v, ct, seg = _inputs(seed, batch, seq, heads, head_dim, dtype, packed)
+    if sm_scale is not None:  # logits of unit variance at any scale: q.k has variance head_dim before scaling
+        q, k = (x * (sm_scale * head_dim**0.5) ** -0.5 for x in (q, k))
     kernel = functools.partial(flash_attention, segment_ids=seg, causal=causal, block_sizes=blocks,
-                               backend=backend, interpret=interpret)
+                               backend=backend, interpret=interpret, sm_scale=sm_scale)
     out, grads = _fwd_and_grads(kernel, q, k, v, ct)
-    ref_out, ref_grads = _reference_fwd_and_grads(q, k, v, ct, segment_ids=seg, causal=causal)
+    ref_out, ref_grads = _reference_fwd_and_grads(q, k, v, ct, segment_ids=seg, causal=causal, sm_scale=sm_scale)
     assert out.dtype == dtype and out.shape == q.shape
     atol, rtol = TOL[dtype]
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads), strict=True):
@@ -114,10 +116,30 @@ def test_gpu_kernel_default_blocks_and_sm_scale():
     np.testing.assert_allclose(out, reference(q, k, v, sm_scale=0.3), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("sm_scale", [0.125, 1.0, 2.0, 10.0])
+def test_gpu_kernel_any_sm_scale_with_segment_ids(sm_scale):
+    """Packed documents put fully masked rows in a row's first key block; its masked logit times sm_scale * log2(e)
+    must stay finite (MASK_VALUE * scale overflowed to -inf for sm_scale >= ~1, and exp2(-inf - -inf) is NaN)."""
+    _check(backend="gpu", causal=True, seq=100, packed=True, blocks=GPU_BLOCKS, sm_scale=sm_scale)
+
+
+@pytest.mark.parametrize("sm_scale", [-0.5, 0.0, float("inf"), float("nan")])
+def test_bad_sm_scale_raises(sm_scale):
+    x = jnp.zeros((1, 16, 2, 64), jnp.float32)
+    for backend in ("gpu", "tpu"):
+        with pytest.raises(ValueError, match="positive finite"):
+            flash_attention(x, x, x, sm_scale=sm_scale, backend=backend)
+
+
 # ------------------------------------------------------------------------------------- TPU-style kernel, interpret
 @pytest.mark.parametrize(("causal", "packed", "seq"), [(True, True, 200), (False, False, 256)])
 def test_tpu_kernel_fp32(causal, packed, seq):
     _check(backend="tpu", causal=causal, seq=seq, packed=packed, blocks=TPU_BLOCKS)
+
+
+@pytest.mark.parametrize("sm_scale", [pytest.param(0.125, marks=pytest.mark.slow), 10.0])
+def test_tpu_kernel_any_sm_scale_with_segment_ids(sm_scale):
+    _check(backend="tpu", causal=True, seq=200, packed=True, blocks=TPU_BLOCKS, sm_scale=sm_scale)
 
 
 def test_tpu_kernel_bf16_head_dim_128():

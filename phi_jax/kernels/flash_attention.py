@@ -57,8 +57,10 @@ class BlockSizes:
 
         GPU, H <= 64: 128x128 forward tiles and 64x128 (dK/dV) / 128x64 (dQ) backward tiles on 8 warps, picked
         by compiling candidates with tools/ptx_stats.py (fewest PTX instructions per score, no spills on sm_80
-        and sm_90a; not timed). Larger heads halve block_k and use 8 warps to bound registers; the backward
-        holds more tiles live (q, k, v, dO, P, dS), hence 64x64 (32 key rows for H > 128).
+        and sm_90a; not timed); 3 pipeline stages, the fewest with which jaxlib's own Triton spills on neither
+        arch (2 spilled in dK/dV on sm_80), keeping two K/V loads in flight. Larger heads halve block_k and use
+        8 warps to bound registers; the backward holds more tiles live (q, k, v, dO, P, dS), hence 64x64 (32 key
+        rows for H > 128).
         TPU: 512 x 512 in all three kernels. Bigger blocks amortise the ~0.35 us grid-step overhead; the TPU
         compiler accepts up to 1024 x 1024 even at H = 256 in fp32 within v5e's 16 MiB scoped VMEM, but causal
         blocks that cross the diagonal are half wasted: at S = 2048, 512-blocks compute 62.5% of the S x S scores
@@ -69,7 +71,7 @@ class BlockSizes:
         if backend == "gpu":
             if head_dim <= 64:   # chosen from tools/ptx_stats.py: no spills on sm_80/sm_90a (docs/KERNELS.md)
                 return cls(block_q=128, block_k=128, block_q_dkv=64, block_k_dkv=128, block_q_dq=128,
-                           block_k_dq=64, num_warps=8, num_warps_bwd=8, num_stages=2)
+                           block_k_dq=64, num_warps=8, num_warps_bwd=8, num_stages=3)
             if head_dim <= 128:
                 return cls(block_q=128, block_k=32, num_warps=8, num_warps_bwd=8, num_stages=2)
             return cls(block_q=64, block_k=32, block_q_dkv=32, block_k_dkv=32, block_q_dq=32, block_k_dq=32,

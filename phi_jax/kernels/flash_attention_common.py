@@ -6,13 +6,32 @@ and the tests all use one definition.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 # Finite, very negative logit for masked entries: -inf would give inf - inf = NaN in the online-softmax
-# rescaling when a whole block is masked. Masked probabilities are also zeroed explicitly (see `masked_exp`).
+# rescaling when a whole block is masked. Masked probabilities are also zeroed explicitly, so a fully masked block
+# adds nothing. A kernel that scales after masking uses `masked_logit`.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def masked_logit(scale: float) -> float:
+    """The unscaled logit given to masked scores by a kernel that multiplies by `scale` after masking (the GPU
+    kernel's base-2 FMA `s * scale - m`): MASK_VALUE in the scaled domain, so it stays finite for any scale.
+    MASK_VALUE * scale itself overflows to -inf once scale > 1/0.7 (sm_scale > 0.99 in base 2); a row whose first
+    visited block is fully masked then gets m = -inf, and the rescale exp2(m_prev - m) = exp2(-inf - -inf) = NaN."""
+    return MASK_VALUE / max(scale, 1.0)
+
+
+def check_sm_scale(sm_scale: float) -> None:
+    """Softmax scales must be positive and finite: the GPU kernel takes each row's max before scaling."""
+    if not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"{sm_scale=} must be a positive finite number (default: head_dim ** -0.5).")
+
+
 # Segment id given to padded positions by the wrapper; never equal to a real (user) segment id.
 PAD_SEGMENT_ID = int(np.iinfo(np.int32).min)
 

@@ -15,6 +15,7 @@ packed or not, stay exact: a block is unmasked only when its mask is provably al
 Softmax in base 2: scores are multiplied by sm_scale * log2(e) inside one FMA (s * c - m) and exponentiated with
 exp2, so no separate scale multiply runs per score. q is not pre-scaled: in bf16 that would round q once more
 for no saving (the FMA replaces the subtraction). lse stays in natural-log units between forward and backward.
+Masked scores get `masked_logit(scale)`, a logit that stays finite once scaled, for any sm_scale.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from phi_jax.attention_mask import attention_mask
-from phi_jax.kernels.flash_attention_common import MASK_VALUE
+from phi_jax.kernels.flash_attention_common import check_sm_scale, masked_logit
 
 LOG2E = math.log2(math.e)
 
@@ -112,6 +113,7 @@ def _fwd_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
     q_seg = _seg_slice(seg_ref, q_start, block_q)
     q_seg = None if q_seg is None else q_seg[:, None]
     scale = sm_scale * LOG2E                                          # base-2 logits: s * scale
+    mask_value = masked_logit(scale)                                  # finite after the scale, any sm_scale
 
     def step(kj, carry, masked: bool):
         acc, m_prev, l_prev = carry                                   # m in base-2 logit units
@@ -124,7 +126,7 @@ def _fwd_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
             k_seg = _seg_slice(seg_ref, k_start, block_k)
             mask = attention_mask((block_q, block_k), causal=causal, q_start=q_start, k_start=k_start,
                                   q_segment_ids=q_seg, kv_segment_ids=None if k_seg is None else k_seg[None, :])
-            s = jnp.where(mask, s, MASK_VALUE)
+            s = jnp.where(mask, s, mask_value)
         # Online softmax (FA-2 Alg. 1 lines 8-10); scale > 0, so the row max is taken before scaling.
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1) * scale)
         p = jnp.exp2(s * scale - m_next[:, None])                    # one FMA + ex2 per score
@@ -148,6 +150,7 @@ def _fwd_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
 
 def forward(q, k, v, segment_ids, *, sm_scale: float, causal: bool, blocks, interpret) -> tuple[jax.Array, jax.Array]:
     """q, k, v: [B, S, N, H]; segment_ids: int32 [B, S] or None. Returns (o [B, S, N, H], lse fp32 [B, N, S])."""
+    check_sm_scale(sm_scale)
     batch, seq, heads, head_dim = q.shape
     bq, bk = blocks.block_q, blocks.block_k
     has_seg = segment_ids is not None

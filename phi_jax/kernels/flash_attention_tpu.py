@@ -15,6 +15,7 @@ Causal masking is applied only to blocks that cross the diagonal: interior block
 Segment ids (query ids lane-broadcast [B, S, 128], key ids sublane-broadcast [B, 8, S]) are masked in every block.
 Skipped causal blocks are not computed (`pl.when`) and their index maps repeat the previous block index, so the
 pipeline does not DMA them either. Same algorithm as `flash_attention_gpu.py` (FA-2, arXiv:2307.08691).
+Every matmul of fp32 inputs asks for fp32 contraction explicitly (`_precision`); scores are masked after scaling.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from phi_jax.kernels.flash_attention_common import (
     block_is_visible,
     causal_first_q_block,
     causal_num_kv_blocks,
+    check_sm_scale,
 )
 
 LANES = 128
@@ -40,9 +42,20 @@ SUBLANES = 8
 _TRANS_B = (((1,), (1,)), ((), ()))
 
 
+def _precision(dtype) -> lax.Precision | None:
+    """fp32 inputs ask Mosaic for fp32 contraction (`#tpu.contract_precision<fp32>`) instead of leaving it to the
+    default, which may run the MXU in bf16 passes; 16-bit inputs take the default (exact products, fp32 sums)."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def _qk(q: jax.Array, k: jax.Array) -> jax.Array:
     """q @ k.T in fp32 (contracting the last dims: no transposed copy)."""
-    return lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32)
+    return lax.dot_general(q, k, _TRANS_B, precision=_precision(q.dtype), preferred_element_type=jnp.float32)
+
+
+def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b in fp32."""
+    return lax.dot(a, b, precision=_precision(a.dtype), preferred_element_type=jnp.float32)
 
 
 def _tile_lanes(x: jax.Array, width: int) -> jax.Array:
@@ -131,7 +144,7 @@ def _fwd_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
         alpha = jnp.exp(m_prev - m_next)
         l_sc[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
         m_sc[...] = m_next
-        pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        pv = _mm(p.astype(v.dtype), v)
         acc_sc[...] = acc_sc[...] * _tile_lanes(alpha, head_dim) + pv
 
     for condition, causal_mask in _bodies(causal, qi, block_q, kj, block_k):
@@ -149,6 +162,7 @@ def _fwd_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
 
 def forward(q, k, v, segment_ids, *, sm_scale: float, causal: bool, blocks, interpret):
     """q, k, v: [B, S, N, H]; returns (o [B, S, N, H], lse fp32 [B, N, S])."""
+    check_sm_scale(sm_scale)
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))                # [B, N, S, H]
     batch, heads, seq, head_dim = q.shape
     bq, bk = blocks.block_q, blocks.block_k
@@ -211,9 +225,9 @@ def _dkv_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: in
                      keys_on_rows=True)
         if mask is not None:
             p_t = jnp.where(mask, p_t, 0.0)
-        dv_sc[...] += lax.dot(p_t.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dv_sc[...] += _mm(p_t.astype(do.dtype), do)
         ds_t = p_t * (_qk(v, do) - delta_ref[...])                    # dP^T = v dO^T
-        dk_sc[...] += lax.dot(ds_t.astype(q.dtype), q, preferred_element_type=jnp.float32)
+        dk_sc[...] += _mm(ds_t.astype(q.dtype), q)
 
     for condition, causal_mask in _bodies(causal, qi, block_q, kj, block_k):
         _when(condition)(lambda causal_mask=causal_mask: step(causal_mask))
@@ -244,7 +258,7 @@ def _dq_kernel(*refs, has_seg: bool, sm_scale: float, causal: bool, block_q: int
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         ds = p * (_qk(do_ref[...], v_ref[...]) - _tile_lanes(_row_to_column(delta_ref[...]), block_k))
-        dq_sc[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        dq_sc[...] += _mm(ds.astype(k.dtype), k)
 
     for condition, causal_mask in _bodies(causal, qi, block_q, kj, block_k):
         _when(condition)(lambda causal_mask=causal_mask: step(causal_mask))
