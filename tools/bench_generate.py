@@ -41,8 +41,8 @@ def maxrss_mib() -> float:
 
 def weight_read_ms(model, batch: int) -> float:
     """XLA's own time to multiply `batch` vectors by every weight matrix a decode step reads (each layer's
-    and the lm_head), in one jitted program: the floor this machine's XLA:CPU matmuls allow. `model`: unstacked
-    (as a Sampler leaves it), so that each matrix is an array of its own."""
+    and the lm_head), in one jitted program: the floor this machine's XLA:CPU matmuls allow. `model`: unrolled
+    (scan_layers=False, the decoding layout), so that each matrix is an array of its own."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -130,8 +130,8 @@ def main(argv=None) -> dict:
               "copy_bandwidth_gb_s": bandwidth / 1e9, "results": []}
     for preset in args.presets.split(","):
         cfg = PhiConfig.preset(preset)
-        model = init_model(cfg, seed=0)
-        sampler = Sampler(model)  # unstacks the model's layers in place
+        model = init_model(cfg, seed=0, scan_layers=False)  # the decoding layout
+        sampler = Sampler(model)
         row = {"preset": preset, "params_m": cfg.num_params() / 1e6}
         for batch in (1, 8):
             ours = bench_phi_jax(sampler, batch, args.prompt_len, args.new_tokens)
@@ -148,7 +148,6 @@ def main(argv=None) -> dict:
         prefill = min(args.prefill_len, cfg.max_position_embeddings) - 1  # + the one generated token = the context
         row["prefill_len"] = prefill
         row["prefill_tokens_per_s"] = bench_prefill(sampler, prefill)
-        model.stack_layers()  # Hugging Face export reads the stacked (training) layout
         with tempfile.TemporaryDirectory() as tmp:
             hf_dir = save_pretrained(model, Path(tmp) / "hf")
             for batch in (1, 8):
