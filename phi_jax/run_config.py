@@ -5,6 +5,8 @@ Overriding a key that is not here is an error (`--config.lerning_rate=...` fails
 
 import ml_collections
 
+from phi_jax.config import Compute
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -58,3 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.dcn_data = 1  # multi-slice TPU / multi-node GPU: data-parallel groups across the slow network
     c.sharding = "fsdp"  # dp | zero1 | fsdp; tensor parallelism comes from mesh.tensor > 1
     return c
+
+
+def compute_options(c: ml_collections.ConfigDict) -> Compute:
+    """How a run computes: its run config's dtype, param_dtype, attention_impl, dense_impl and remat."""
+    return Compute(dtype=c.dtype, param_dtype=c.param_dtype, attention_impl=c.attention_impl,
+                   dense_impl=c.dense_impl, remat=c.remat)

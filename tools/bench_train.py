@@ -10,72 +10,17 @@ reported against both the measured float32 matmul ceiling (on CPU) and, where kn
 from __future__ import annotations
 
 import argparse
-import resource
-import time
 
-from tools._bench import command, device, machine, write_json
-
-
-def setup(name: str, seq_len: int, batch: int, dtype: str = "float32", remat: str = "none", **overrides):
-    """(cfg, jitted train step, train state, synthetic batch) on one device; `overrides` are Compute fields."""
-    import jax
-
-    from phi_jax.config import Compute, PhiConfig
-    from phi_jax.optim import make_optimizer
-    from phi_jax.sharding import batch_sharding, make_mesh
-    from phi_jax.train_state import create_train_state, state_shardings
-    from phi_jax.train_step import jit_steps
-
-    cfg, compute = PhiConfig.preset(name), Compute(dtype=dtype, remat=remat, **overrides)
-    mesh = make_mesh(devices=jax.devices()[:1])
-    tx = make_optimizer(1e-4)
-    state = create_train_state(cfg, tx, mesh, compute=compute)
-    _, shardings = state_shardings(cfg, tx, mesh, compute=compute)
-    step_fn, _ = jit_steps(mesh, shardings)
-    batch = jax.device_put(synthetic_batch(cfg.vocab_size, batch, seq_len), batch_sharding(mesh, leading_dims=1))
-    return cfg, step_fn, state, batch
-
-
-def synthetic_batch(vocab_size: int, rows: int, seq_len: int) -> dict:
-    """One optimizer step's batch of random tokens (one micro-batch of `rows` unpacked sequences), as numpy."""
-    import numpy as np
-
-    tokens = np.random.default_rng(0).integers(0, vocab_size, (1, rows, seq_len + 1), dtype=np.int32)
-    return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (1, rows, seq_len)).copy(),
-            "segment_ids": np.ones((1, rows, seq_len), np.int32), "loss_mask": np.ones((1, rows, seq_len), np.float32)}
-
-
-def time_steps(step_fn, state, batch, steps: int) -> dict:
-    """One untimed-for-speed first step (compile + run), then `steps` timed ones, each ended by
-    block_until_ready: their median and minimum seconds, the last loss, and host memory's cost per timed step
-    (page faults and kernel time, phi_jax/host_memory.py)."""
-    import jax
-    import numpy as np
-
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    first_step_sec = time.perf_counter() - start
-    times = []
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = step_fn(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    return {"compile_sec": round(first_step_sec, 2), "steps": steps, "step_sec_median": float(np.median(times)),
-            "step_sec_min": min(times), "loss": float(metrics["loss"]),
-            "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / steps,
-            "system_sec_per_step": (after.ru_stime - usage.ru_stime) / steps}
+from tools._bench import command, device, machine, time_steps, train_setup, write_json
 
 
 def bench_model(name: str, seq_len: int, batch: int, steps: int, dtype: str, remat: str) -> dict:
+    from phi_jax.config import Compute
     from phi_jax.flops import flops_per_token, matmul_flops_per_sec
 
-    cfg, step_fn, state, b = setup(name, seq_len, batch, dtype, remat)
-    timing = time_steps(step_fn, state, b, steps)
+    trainer, state, b = train_setup(name, seq_len, batch, Compute(dtype=dtype, remat=remat))
+    cfg = trainer.cfg
+    timing = time_steps(trainer.train_step, state, b, steps)
     tps = batch * seq_len / timing["step_sec_median"]
     fpt = flops_per_token(cfg, seq_len)
     return {"model": name, "parameters": cfg.num_params(), "seq_len": seq_len, "batch": batch, "dtype": dtype,

@@ -53,11 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     import jax
     from jax.profiler import ProfileData
 
+    from phi_jax.config import Compute
     from phi_jax.host_memory import status
-    from tools._bench import command, device, machine, write_json
-    from tools.bench_train import setup
+    from tools._bench import command, device, machine, train_setup, write_json
 
-    _, step_fn, state, batch = setup(args.model, args.seq_len, args.batch, args.dtype, args.remat)
+    trainer, state, batch = train_setup(args.model, args.seq_len, args.batch,
+                                        Compute(dtype=args.dtype, remat=args.remat))
+    step_fn = trainer.train_step
     defs = hlo_instructions(step_fn.lower(state, batch).compile().as_text())
     for _ in range(2):  # compile, then one warm step
         state, m = step_fn(state, batch)
