@@ -16,9 +16,9 @@ import sys
 import time
 import traceback
 
-from tools.plan_memory import AVAILABLE_HBM_GIB, DEVICELESS_TPU_ENV, compile_step, tpu_devices
+from phi_jax.memory_check import AVAILABLE_HBM_GIB, DEVICELESS_TPU_ENV, compile_report, tpu_devices
 
-os.environ.update(DEVICELESS_TPU_ENV)
+os.environ.update(DEVICELESS_TPU_ENV)  # before JAX's backends start (importing JAX starts none)
 os.environ["JAX_PLATFORMS"] = "cpu"  # the host backend; TPU programs are compiled for topology devices
 
 import jax
@@ -118,7 +118,9 @@ def _vmem_control(mesh, rows: int):
 def step_check(records: list) -> None:
     from configs.phi15 import get_config
     from phi_jax.config import PhiConfig
-    from phi_jax.train import compute_options
+    from phi_jax.optim import make_optimizer
+    from phi_jax.run_config import compute_options
+    from phi_jax.trainer import build_trainer
 
     c = get_config()
     cfg, compute = PhiConfig.preset(c.model), compute_options(c)
@@ -127,8 +129,9 @@ def step_check(records: list) -> None:
     name = (f"{STEP_TOPOLOGY} phi-1.5 train step, configs/phi15.py ({c.sharding}, mesh {dict(mesh.shape)}, "
             f"{c.dtype}, remat {c.remat}), micro-batch {STEP_MICRO_BATCH} x {c.seq_len}")
     try:
-        result = compile_step(cfg, mesh, c.sharding, STEP_MICRO_BATCH, 1, c.seq_len,
-                              AVAILABLE_HBM_GIB[mesh.devices.flat[0].device_kind], compute)
+        trainer = build_trainer(cfg, compute, make_optimizer(c.learning_rate), mesh, c.sharding)
+        result = compile_report(trainer, STEP_MICRO_BATCH, 1, c.seq_len,
+                                AVAILABLE_HBM_GIB[mesh.devices.flat[0].device_kind])
         record = {"name": name, "ok": result["fits"], "result": result}
         if not result["fits"]:
             record["error"] = result.get("compiler_message", f"memory analysis exceeds HBM: {result}")

@@ -150,7 +150,9 @@ def config(shards: Path, **kw):
 
 def poison_parameters(monkeypatch):
     """Start from parameters holding a NaN (as a corrupted init or a bad fine-tuning source would)."""
-    create = train_module.create_train_state
+    from phi_jax.trainer import Trainer
+
+    create = Trainer.init_state
 
     def poisoned(*args, **kwargs):
         state = create(*args, **kwargs)
@@ -159,7 +161,7 @@ def poison_parameters(monkeypatch):
                                                      "bias": bias.at[0].set(jnp.nan)}}
         return state.replace(params=params)
 
-    monkeypatch.setattr(train_module, "create_train_state", poisoned)
+    monkeypatch.setattr(Trainer, "init_state", poisoned)
 
 
 def test_non_finite_parameters_are_never_checkpointed(tmp_path, shards, monkeypatch):

@@ -72,11 +72,11 @@ def test_a_restart_checks_the_architecture_by_equality_and_the_parameter_dtype(t
 
     from phi_jax.optim import make_optimizer
     from phi_jax.sharding import make_mesh
-    from phi_jax.train_state import create_train_state
+    from phi_jax.trainer import build_trainer
 
     cfg = PhiConfig.preset("tiny")
     ckpt = Checkpointer(tmp_path, async_save=False)
-    state = create_train_state(cfg, make_optimizer(1e-3), make_mesh(devices=jax.devices()[:1]))
+    state = build_trainer(cfg, Compute(), make_optimizer(1e-3), make_mesh(devices=jax.devices()[:1])).init_state()
     legacy_model = {**cfg.to_dict(), "dtype": "float32", "param_dtype": "bfloat16", "attention_impl": "auto",
                     "dense_impl": "auto", "remat": "none"}
     ckpt.save(1, state, {"model": cfg.to_dict(), "run": {"param_dtype": "float32"}})
