@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi_jax.config import Compute
+from phi_jax.config import DTYPES, Compute
 from phi_jax.loading import Source, load, resolve
 from phi_jax.model import Phi
 
@@ -67,13 +67,13 @@ class Sampler:
     they are when it is made and never changes the model."""
 
     def __init__(self, model: Phi):
-        if model.scan_layers and jax.default_backend() == "cpu":
+        if model.scan_layers and model.compute.platform == "cpu":
             log.warning("decoding a model with stacked layers: on CPU each decode step copies every layer's weights; "
                         "load it with scan_layers=False (phi_jax.from_pretrained) for the fast layout")
         self.model, self.cfg = model, model.cfg
         graphdef, state = nnx.split(model)
         # The jitted steps take the weights as a flat list of arrays: flattening nnx States and hashing a GraphDef
-        # on every call cost more than a whole decode step of the quickstart model (docs/PERFORMANCE.md).
+        # on every call costs more than a whole decode step of the quickstart model (docs/PERFORMANCE.md).
         self._leaves, treedef = jax.tree.flatten(state)
         self._merge = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         self._prefill = jax.jit(self._prefill_fn, static_argnums=0, donate_argnums=5)
@@ -211,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--step", type=int, default=None, help="workdir checkpoint step (default: newest)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default: the model's own)")
     parser.add_argument("--json", action="store_true", help="print all completions as JSON at the end")

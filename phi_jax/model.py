@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phi_jax.attention import attention, cached_attention, causal_segment_mask
-from phi_jax.config import Compute, PhiConfig
+from phi_jax.config import REMAT_POLICIES, Compute, PhiConfig
+from phi_jax.dispatch import default_platform
 from phi_jax.layers import Dense, LayerNorm, param
 from phi_jax.rotary import apply_partial_rotary, rotary_tables
 from phi_jax.sharding import constrain
@@ -38,8 +39,8 @@ Rope = tuple[jax.Array, jax.Array]  # cos, sin: [batch, seq, rotary_dim]
 
 class LayerCache(NamedTuple):
     """One attention layer's keys and values, each [batch * heads, max_len, head_dim]: [B, N, S, H] with batch and
-    heads merged (the same bytes). With a unit batch dimension, XLA:CPU copied a [1, N, S, H] cache on every
-    decode step (the compiled step's temporaries held the whole cache); the merged one is updated in place."""
+    heads merged (the same bytes). XLA:CPU copies a [1, N, S, H] cache (a unit batch dimension) on every decode
+    step, its temporaries holding the whole cache; the merged one is updated in place."""
 
     k: jax.Array
     v: jax.Array
@@ -57,8 +58,8 @@ class Cache(NamedTuple):
 def _dense(cfg: PhiConfig, compute: Compute, rngs: nnx.Rngs, in_shape, out_shape, in_names, out_names, *,
            activation=None, impl=None) -> Dense:
     return Dense(in_shape, out_shape, in_names=in_names, out_names=out_names, activation=activation,
-                 impl=impl or compute.dense_impl, dtype=compute.dtype, param_dtype=compute.param_dtype,
-                 init_std=cfg.initializer_range, rngs=rngs)
+                 impl=impl or compute.dense_impl, platform=compute.platform, dtype=compute.dtype,
+                 param_dtype=compute.param_dtype, init_std=cfg.initializer_range, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -66,7 +67,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: PhiConfig, compute: Compute, *, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        self.impl, self.num_heads, self.head_dim = compute.attention_impl, n, h
+        self.impl, self.platform, self.num_heads, self.head_dim = compute.attention_impl, compute.platform, n, h
         # q, k and v in one [embed, 3, heads, head_dim] kernel: one matmul, heads visible to tensor parallelism.
         self.qkv = _dense(cfg, compute, rngs, (d,), (3, n, h), ("embed",), ("qkv", "heads", "head_dim"))
         self.dense = _dense(cfg, compute, rngs, (n, h), (d,), ("heads", "head_dim"), ("embed",))
@@ -86,7 +87,7 @@ class Attention(nnx.Module):
         q, k = apply_partial_rotary(q, *rope), apply_partial_rotary(k, *rope)
         q, k, v = (constrain(t, ("batch", "length", "act_heads", "head_dim")) for t in (q, k, v))
         if cache is None:
-            return self.dense(attention(q, k, v, segment_ids=segment_ids, impl=self.impl)), None
+            return self.dense(attention(q, k, v, segment_ids=segment_ids, impl=self.impl, platform=self.platform)), None
         b, t, n, h = k.shape
         write = lambda c, new: jax.lax.dynamic_update_slice(  # in place: the Sampler donates the cache
             c, new.transpose(0, 2, 1, 3).reshape(b * n, t, h).astype(c.dtype), (0, index, 0))
@@ -121,20 +122,16 @@ class Block(nnx.Module):
         return constrain(h, ("batch", "length", "act_embed")), cache
 
 
-_REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
-}
-
-
 class Phi(nnx.Module):
     """phi-1 / phi-1.5 causal language model: `model(tokens)` -> (float32 logits [batch, seq, vocab], cache).
 
-    `cfg` is the architecture, `compute` how it runs (dtypes, kernels, remat); the model keeps both.
+    `cfg` is the architecture, `compute` how it runs (dtypes, kernels, remat); the model keeps both, `compute`
+    resolved for its platform (JAX's default backend unless `compute` is already resolved: phi_jax.config.Compute).
     `scan_layers` is the layer layout (module docstring): True stacks the layers for a scan (training,
     checkpoints), False keeps one Block per layer (decoding)."""
 
     def __init__(self, cfg: PhiConfig, compute: Compute = Compute(), *, rngs: nnx.Rngs, scan_layers: bool = True):
+        compute = compute if compute.platform else compute.resolve(default_platform())
         self.cfg, self.compute, self.scan_layers = cfg, compute, scan_layers
         self.embed_tokens = param(rngs, nnx.initializers.normal(cfg.initializer_range),
                                   (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), compute.param_dtype)
@@ -216,7 +213,7 @@ class Phi(nnx.Module):
 
         if self.compute.remat == "none":
             return layer
-        return jax.checkpoint(layer, policy=_REMAT_POLICIES[self.compute.remat], prevent_cse=not self.scan_layers)
+        return jax.checkpoint(layer, policy=REMAT_POLICIES[self.compute.remat], prevent_cse=not self.scan_layers)
 
     def _decode_layers(self, h, rope, segment_ids, cache: Cache):
         """Writes the tokens' slots into the cache and runs the layers one after another, each on its own cache."""

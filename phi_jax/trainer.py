@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from phi_jax.config import Compute, PhiConfig
+from phi_jax.dispatch import mesh_platform
 from phi_jax.sharding import batch_sharding, strategy_rules
 from phi_jax.train_state import TrainState, init_state, state_shardings
 from phi_jax.train_step import BATCH_DTYPES, jit_steps
@@ -86,8 +87,10 @@ def build_trainer(cfg: PhiConfig, compute: Compute, tx: optax.GradientTransforma
                   sharding: str = "fsdp") -> Trainer:
     """The sharded train and eval steps of `cfg` on `mesh` under a sharding strategy (phi_jax.sharding.STRATEGIES).
 
-    Nothing is allocated: the state is abstract until `Trainer.init_state` (or a checkpoint restore into
-    `Trainer.abstract_state`)."""
+    `compute` is resolved for the mesh's platform (`auto` becomes what runs on its devices: a mesh of TPU topology
+    devices compiles the TPU kernels from any host). Nothing is allocated: the state is abstract until
+    `Trainer.init_state` (or a checkpoint restore into `Trainer.abstract_state`)."""
+    compute = compute.resolve(mesh_platform(mesh))
     rules, opt_rules = strategy_rules(sharding)
     abstract, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, compute=compute)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

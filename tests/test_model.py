@@ -42,6 +42,7 @@ def test_invalid_config(bad, match):
     (dict(attention_impl="flash"), "Compute.attention_impl='flash' is not one of"),
     (dict(dense_impl="cuda"), "Compute.dense_impl='cuda' is not one of"),
     (dict(remat="some"), "Compute.remat='some' is not one of"),
+    (dict(platform="cuda"), "Compute.platform='cuda' is not one of"),
 ])
 def test_invalid_compute(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -53,19 +54,18 @@ def test_compute_holds_jnp_dtypes_and_names_them():
     assert c.dtype == jnp.bfloat16 and c.param_dtype == jnp.float16 and isinstance(c.dtype, jnp.dtype)
     assert c == Compute(dtype=jnp.bfloat16, param_dtype="float16")  # one value whichever way it was written
     assert c.to_dict() == {"dtype": "bfloat16", "param_dtype": "float16", "attention_impl": "auto",
-                           "dense_impl": "auto", "remat": "none"}
+                           "dense_impl": "auto", "remat": "none", "platform": None}
     assert Compute(**c.to_dict()) == c
 
 
 def test_phi_config_is_the_architecture_only():
-    """An old checkpoint's meta["model"] holds the compute fields too: they are dropped, anything else unknown
-    is still an error; a model keeps both objects."""
-    old = {**PhiConfig.preset("tiny").to_dict(), "dtype": "bfloat16", "param_dtype": "float32",
-           "attention_impl": "auto", "dense_impl": "xla", "remat": "full"}
-    assert PhiConfig.from_dict(old).to_dict() == PhiConfig.preset("tiny").to_dict()
+    """PhiConfig holds no compute field and reads back its own dict; an unknown key is an error (a compute field
+    in a model config too); a model keeps both objects."""
+    tiny = PhiConfig.preset("tiny")
+    assert PhiConfig.from_dict(tiny.to_dict()) == tiny
     assert not {"dtype", "param_dtype", "attention_impl", "dense_impl", "remat"} & set(PhiConfig().to_dict())
-    with pytest.raises(ValueError, match=r"Unknown PhiConfig fields \['n_layer'\]"):
-        PhiConfig.from_dict({**old, "n_layer": 2})
+    with pytest.raises(ValueError, match=r"Unknown PhiConfig fields \['n_layer', 'remat'\]"):
+        PhiConfig.from_dict({**tiny.to_dict(), "n_layer": 2, "remat": "full"})
     assert PhiConfig.preset("tiny").diff(PhiConfig.preset("tiny", num_layers=3)) == ["num_layers: 2 vs 3"]
     # The special token ids and the init std are recorded but are not the architecture.
     other_ids = PhiConfig.preset("tiny", eos_token_id=7, bos_token_id=7, initializer_range=0.2)

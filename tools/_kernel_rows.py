@@ -44,10 +44,10 @@ def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> f
 
 def attention_unavailable(impl: str, dtype) -> str | None:
     """None if attention `impl` runs here, else why not (phi_jax.attention's own check)."""
-    from phi_jax.dispatch import resolve_attention_impl
+    from phi_jax.dispatch import default_platform, resolve_attention_impl
 
     try:
-        resolve_attention_impl(impl, dtype)
+        resolve_attention_impl(impl, dtype, default_platform())
     except ValueError as e:
         return str(e)
     return None
