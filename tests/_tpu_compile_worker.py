@@ -26,9 +26,10 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from phi_jax.attention import attention
+from phi_jax.dispatch import mesh_platform
 from phi_jax.kernels.dense import fused_dense
 from phi_jax.kernels.flash_attention import flash_attention
-from phi_jax.sharding import activation_sharding, make_mesh
+from phi_jax.sharding import make_mesh
 
 TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
 # (head_dim, seq, segment ids): every head_dim, S 2048 and an odd length, with and without segment ids.
@@ -52,23 +53,21 @@ def _attention_check(kind: str, mesh, head_dim: int, seq: int, segments: bool, d
     heads = 2048 // head_dim if head_dim == 64 else 4
     x = _abstract(mesh, (1, seq, heads, head_dim), dtype)
     seg = _abstract(mesh, (1, seq), jnp.int32) if segments else None
+    platform = mesh_platform(mesh)  # "tpu": the topology's devices
     if kind == "splash (attention_impl=auto)":
-        def fn(q, k, v, s):
-            with activation_sharding(mesh):  # resolves for the mesh's TPU devices: auto -> splash
-                return attention(q, k, v, segment_ids=s, impl="auto")
+        def fn(q, k, v, s):  # auto -> splash on a TPU
+            return attention(q, k, v, segment_ids=s, impl="auto", platform=platform)
     else:
-        def fn(q, k, v, s):
-            with activation_sharding(mesh):  # resolves for the mesh's TPU devices: Mosaic, compiled
-                return flash_attention(q, k, v, s, causal=True, backend="tpu")
+        def fn(q, k, v, s):  # Mosaic, compiled
+            return flash_attention(q, k, v, s, causal=True, backend="tpu", platform=platform)
     return _grad_fn(fn, 3).lower(x, x, x, seg)
 
 
 def _dense_check(mesh, m: int, k: int, n: int, activation):
     x, w, b = _abstract(mesh, (m, k), jnp.bfloat16), _abstract(mesh, (k, n), jnp.bfloat16), _abstract(
         mesh, (n,), jnp.bfloat16)
-    def fn(x, w, b):
-        with activation_sharding(mesh):  # resolves for the mesh's TPU devices: Mosaic, compiled
-            return fused_dense(x, w, b, activation=activation, backend="tpu")
+    def fn(x, w, b):  # Mosaic, compiled
+        return fused_dense(x, w, b, activation=activation, backend="tpu", platform=mesh_platform(mesh))
     return _grad_fn(fn, 3).lower(x, w, b)
 
 

@@ -219,7 +219,7 @@ def test_file_size_limit_during_an_async_checkpoint_keeps_the_previous_one(tmp_p
 
 def test_file_size_limit_during_an_export_keeps_the_previous_export(tmp_path, reference_workdir):
     out = tmp_path / "export"
-    cmd = [sys.executable, "-m", "tools.export_hf", f"--workdir={reference_workdir}", f"--out={out}"]
+    cmd = [sys.executable, "-m", "tools.export_hf", f"--model={reference_workdir}", f"--out={out}"]
     exported = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert len(exported.stderr.splitlines()) <= 5, exported.stderr  # phi_jax's few lines, no screens of orbax's
