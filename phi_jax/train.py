@@ -182,6 +182,7 @@ def train_loop(run: Run, preemption: Preemption) -> dict[str, float]:
             timer.start(step)  # throughput is measured from here
         run.writer.advance()
         if step % c.log_every == 0 or step in (run.start + 1, c.total_steps):
+            jax.block_until_ready(metrics)  # the lap ends when this step has run, not when it was dispatched
             last = run.log_metrics(step, state, metrics, timer.lap(step))
         if int(state.skipped) >= c.max_consecutive_skips:
             raise NonFiniteError(f"{int(state.skipped)} consecutive updates had a non-finite loss or gradient "
@@ -266,9 +267,7 @@ def resume_point(ckpt: Checkpointer, c, cfg: PhiConfig, compute: Compute,
     if latest is None:
         return None, {}, 0
     saved_meta = ckpt.check_architecture(latest, cfg, compute)
-    if (position := ckpt.data_position(latest, saved_meta)) is None:
-        log.info("checkpoint %d holds no data-iterator state (position); the data starts from the beginning", latest)
-        return latest, saved_meta, 0
+    position = ckpt.data_position(latest, saved_meta)
     restart.check_restart(saved_meta, c, data.identity(), str(ckpt.directory / str(latest)))  # the same data
     return latest, saved_meta, position // c.batch_size  # exact: check_restart keeps the global batch size
 
@@ -289,7 +288,7 @@ def summary(run: Run, last: dict[str, float]) -> str:
     return "\n".join([
         f"finished at step {step} of {run.c.total_steps}" + (f": {losses}" if losses else ""),
         f"  newest checkpoint: {run.ckpt.directory / str(step)}",
-        f"  export to Hugging Face: python -m tools.export_hf --workdir={workdir} --out=exported/{name}",
+        f"  export to Hugging Face: python -m tools.export_hf --model={workdir} --out=exported/{name}",
         f"  generate: python -m phi_jax.generate --model={workdir} --prompt='def fibonacci(n):'"])
 
 

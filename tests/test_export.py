@@ -197,7 +197,7 @@ def test_the_command_lines_run_as_modules(workdir, tmp_path):
     import sys
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    ok = subprocess.run([sys.executable, "-m", "tools.export_hf", f"--workdir={workdir}", f"--out={tmp_path / 'out'}",
+    ok = subprocess.run([sys.executable, "-m", "tools.export_hf", f"--model={workdir}", f"--out={tmp_path / 'out'}",
                          "--step=20"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "tokenizer.json").exists()

@@ -12,6 +12,21 @@ import time
 from pathlib import Path
 
 
+def add_out_flag(parser, tool_file: str) -> None:
+    """--out: the JSON results file every tools/ script writes (default bench_results/<tool>.json)."""
+    parser.add_argument("--out", default=f"bench_results/{Path(tool_file).stem}.json", help="the JSON results file")
+
+
+def preset_list(parser, text: str) -> list[str]:
+    """--preset=A,B: named architectures (phi_jax.config.PRESETS); an unknown name is a usage error."""
+    from phi_jax.config import PRESETS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in PRESETS]:
+        parser.error(f"--preset: unknown {unknown}; choose from {sorted(PRESETS)}")
+    return names
+
+
 def median_seconds(fn, *args, warmup: int = 3, iters: int = 10) -> float:
     """Median seconds per call of `fn(*args)` over `iters` calls, after `warmup` calls (the first compiles); each
     call is ended by block_until_ready, so asynchronous dispatch is not mistaken for speed."""
@@ -126,3 +141,18 @@ def time_steps(step_fn, state, batch, steps: int) -> dict:
             "step_sec_min": min(times), "loss": float(metrics["loss"]),
             "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / steps,
             "system_sec_per_step": (after.ru_stime - usage.ru_stime) / steps}
+
+
+def matmul_flops_per_sec(m: int, k: int, n: int, seconds: float = 1.0) -> float:
+    """FLOP/s of a jitted float32 [m, k] @ [k, n] matmul on this process's default device, run for `seconds`."""
+    import jax
+    import jax.numpy as jnp
+
+    x, w = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(x, w).block_until_ready()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or runs < 3:
+        f(x, w).block_until_ready()
+        runs += 1
+    return 2 * m * k * n * runs / (time.perf_counter() - start)

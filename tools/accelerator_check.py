@@ -1,6 +1,6 @@
 """The acceptance run for the first GPU or TPU host: tests, kernel speed, training speed and the phi-1.5 step.
 
-    python -m tools.accelerator_check --out=accelerator_check.json          # on the GPU/TPU host, <= 8 min
+    python -m tools.accelerator_check                                       # on the GPU/TPU host, <= 8 min
     python -m tools.accelerator_check --dry_run --out=/tmp/check.json       # every code path on CPU, tiny shapes
 
 Stages, in order, each in its own subprocess under a time budget; a stage that fails or runs out of time is
@@ -29,7 +29,7 @@ import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from tools._bench import command, write_json
+from tools._bench import add_out_flag, command, write_json
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: pytest and the stages run from here
 # name -> (budget in seconds on an accelerator, in --dry_run on CPU); 480 s in all.
@@ -179,7 +179,7 @@ def _run_stage(name: str, dry_run: bool, budget: float) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=False, default="accelerator_check.json")
+    add_out_flag(p, __file__)
     p.add_argument("--dry_run", action="store_true", help="CPU, tiny shapes, Pallas in interpret mode")
     p.add_argument("--stages", default=",".join(["device", "tests", *list(STAGE_FUNCTIONS)[1:]]))
     p.add_argument("--stage", default="", help=argparse.SUPPRESS)  # internal: run one stage in this process

@@ -1,6 +1,6 @@
 """Generation speed: phi_jax's KV-cache decode beside transformers' `generate` on the same random weights.
 
-    python -m tools.bench_generate [--presets=quickstart,phi-100m] [--new_tokens=64] [--out=bench_generate.json]
+    python -m tools.bench_generate [--preset=quickstart,phi-100m] [--new_tokens=64] [--out=FILE.json]
 
 Per preset: decode latency (ms/token) at batch 1 and 8, prefill tokens/s at 2048 tokens of context (or the model's
 maximum), the same for transformers (fp32, torch CPU) on the weights exported with save_pretrained, the measured
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools._bench import command, device, machine, median_seconds, write_json
+from tools._bench import add_out_flag, command, device, machine, median_seconds, preset_list, write_json
 
 
 def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
@@ -112,12 +112,13 @@ def bench_transformers(hf_dir: Path, vocab: int, batch: int, prompt_len: int, ne
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--presets", default="quickstart,phi-100m")
+    p.add_argument("--preset", default="quickstart,phi-100m", help="named architectures, comma-separated")
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--prefill_len", type=int, default=2048)
-    p.add_argument("--out", default="bench_generate.json")
+    add_out_flag(p, __file__)
     args = p.parse_args(argv)
+    presets = preset_list(p, args.preset)
 
     from phi_jax import save_pretrained
     from phi_jax.config import PhiConfig
@@ -128,7 +129,7 @@ def main(argv=None) -> dict:
     bandwidth = copy_bandwidth()
     report = {"command": command(__file__, argv), "machine": {**machine(), **device(), "host_memory": status()},
               "copy_bandwidth_gb_s": bandwidth / 1e9, "results": []}
-    for preset in args.presets.split(","):
+    for preset in presets:
         cfg = PhiConfig.preset(preset)
         model = init_model(cfg, seed=0, scan_layers=False)  # the decoding layout
         sampler = Sampler(model)

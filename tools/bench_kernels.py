@@ -1,6 +1,6 @@
 """Speed of phi_jax's Pallas kernels beside XLA (and cuDNN, splash) at phi-1.5 shapes, on a GPU or TPU.
 
-    python -m tools.bench_kernels --out=bench_kernels.json                         # attention and dense
+    python -m tools.bench_kernels                                                  # attention and dense
     python -m tools.bench_kernels --kernels=dense --m=8192,16384 --blocks=128,128,64 --num_warps=8
 
 attention: every implementation phi_jax.attention runs on this platform (pallas, splash, cudnn, xla), causal,
@@ -20,7 +20,8 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from tools._bench import command, device, print_table, write_json
+from phi_jax.config import DTYPES
+from tools._bench import add_out_flag, command, device, print_table, write_json
 from tools._kernel_rows import attention_rows, dense_rows
 
 
@@ -28,17 +29,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernels", default="attention,dense", help="comma-separated, from: attention,dense")
     p.add_argument("--batch", type=int, default=8, help="attention")
-    p.add_argument("--seq", type=int, default=2048, help="attention")
+    p.add_argument("--seq_len", type=int, default=2048, help="attention")
     p.add_argument("--heads", type=int, default=32, help="attention")
     p.add_argument("--head_dim", type=int, default=64, help="attention")
     p.add_argument("--m", default="8192,16384", help="dense: rows (batch x seq), comma-separated")
     p.add_argument("--blocks", default="", help="dense: BM,BN,BK block sizes (default: fused_dense's own)")
     p.add_argument("--num_warps", type=int, default=4, help="dense, with --blocks (Triton)")
     p.add_argument("--num_stages", type=int, default=3, help="dense, with --blocks (Triton)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--out", default="bench_kernels.json")
+    add_out_flag(p, __file__)
     args = p.parse_args(argv)
     names = [k.strip() for k in args.kernels.split(",") if k.strip()]
     if unknown := [k for k in names if k not in ("attention", "dense")]:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = jnp.dtype(args.dtype)
     report = {"command": command(__file__, argv), **device(), "dtype": args.dtype, "results": {}}
     if "attention" in names:
-        rows = attention_rows(args.batch, args.seq, args.heads, args.head_dim, dtype, args.warmup, args.iters)
+        rows = attention_rows(args.batch, args.seq_len, args.heads, args.head_dim, dtype, args.warmup, args.iters)
         report["results"]["attention"] = rows
         print_table("attention (causal; fwd+bwd counts 3.5x the forward FLOPs)", rows)
     if "dense" in names:

@@ -22,27 +22,30 @@ import os
 import re
 import sys
 
-from tools._bench import command, write_json
+from phi_jax.config import DTYPES, PRESETS, REMAT_POLICIES
+from phi_jax.sharding import STRATEGIES
+from tools._bench import add_out_flag, command, write_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="phi-1.5", help="a PhiConfig preset")
+    p.add_argument("--preset", default="phi-1.5", choices=sorted(PRESETS), help="a named architecture")
     p.add_argument("--topology", default="", help="compile for this TPU slice with the TPU compiler (v5e:4x4, ...)")
     p.add_argument("--mesh", default="", help="data,fsdp,tensor sizes, one may be -1 "
                                               "(default: 1,-1,1 on a topology, 1,8,1 on fake CPU devices)")
-    p.add_argument("--sharding", default="fsdp", choices=["dp", "zero1", "fsdp"])
+    p.add_argument("--sharding", default="fsdp", choices=list(STRATEGIES))
     p.add_argument("--micro_batch", type=int, default=8,
                    help="sequences per device per forward/backward (with --max_micro_batch: the first guess)")
     p.add_argument("--max_micro_batch", action="store_true",
                    help="search the largest micro-batch that compiles within HBM (--topology only)")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (scanned)")
     p.add_argument("--seq_len", type=int, default=2048)
-    p.add_argument("--dtype", default="bfloat16", help="compute dtype (float16 adds dynamic loss scaling)")
-    p.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
+                   help="compute dtype (float16 adds dynamic loss scaling)")
+    p.add_argument("--remat", default="full", choices=list(REMAT_POLICIES))
     p.add_argument("--device_memory_gib", type=float, default=80.0,
                    help="the accelerator's memory, for the verdict without --topology")
-    p.add_argument("--out", default="", help="write the figures as JSON here")
+    add_out_flag(p, __file__)
     return p.parse_args(argv)
 
 
@@ -135,7 +138,7 @@ def main(argv=None) -> dict:
 
     # On a topology, attention and dense are what `auto` picks on a TPU; XLA:CPU cannot compile Pallas kernels.
     impls = {} if args.topology else {"attention_impl": "xla", "dense_impl": "xla"}
-    cfg, compute = PhiConfig.preset(args.model), Compute(dtype=args.dtype, remat=args.remat, **impls)
+    cfg, compute = PhiConfig.preset(args.preset), Compute(dtype=args.dtype, remat=args.remat, **impls)
     try:
         devices = tpu_devices(args.topology) if args.topology else jax.devices()
     except ValueError as e:
@@ -144,7 +147,7 @@ def main(argv=None) -> dict:
     where = f"{args.topology} ({devices[0].device_kind}, {len(devices)} chips)" if args.topology else "fake CPU devices"
     report = {
         "command": command(__file__, argv),
-        "model": args.model, "parameters": cfg.num_params(), "topology": args.topology or None,
+        "preset": args.preset, "parameters": cfg.num_params(), "topology": args.topology or None,
         "mesh": dict(mesh.shape), "sharding": args.sharding, "accum": args.accum, "seq_len": args.seq_len,
         "dtype": args.dtype, "remat": args.remat, "jax": jax.__version__,
         "compiler": "TPU (libtpu)" if args.topology else "XLA:CPU (estimate)"}
@@ -153,7 +156,7 @@ def main(argv=None) -> dict:
         print(f"note: no available-HBM figure for {devices[0].device_kind}; the verdict is the compiler's alone")
     trainer = build_trainer(cfg, compute, make_optimizer(2e-4), mesh, args.sharding)
     compile_at = lambda mb: compile_report(trainer, mb, args.accum, args.seq_len, available)
-    title = (f"{args.model} ({cfg.num_params() / 1e9:.2f}B) on {where}, mesh {dict(mesh.shape)} {args.sharding}, "
+    title = (f"{args.preset} ({cfg.num_params() / 1e9:.2f}B) on {where}, mesh {dict(mesh.shape)} {args.sharding}, "
              f"{args.dtype}, remat {args.remat}, seq {args.seq_len}")
     if args.max_micro_batch:
         best, probes = largest_micro_batch(compile_at, start=args.micro_batch)
@@ -169,8 +172,7 @@ def main(argv=None) -> dict:
             report["device_memory_gib"] = args.device_memory_gib
             report["fits"] = result["per_device_gib"]["peak estimate"] <= args.device_memory_gib
             print(f"  -> {'fits' if report['fits'] else 'does NOT fit'} in {args.device_memory_gib:g} GiB per device")
-    if args.out:
-        write_json(args.out, report)
+    write_json(args.out, report)
     return report
 
 
