@@ -3,8 +3,9 @@
 `xla` is plain jnp (fp32 logits and softmax); `pallas` is phi_jax's FlashAttention-2 kernel; `splash` is JAX's
 Pallas TPU kernel (phi_jax.kernels.splash_attention); `cudnn` is jax.nn.dot_product_attention's cuDNN path.
 `auto` takes the safe default of the platform the computation runs on, as `phi_jax.dispatch` resolves it (TPU ->
-splash, GPU -> cudnn for bf16/fp16 and xla for fp32, CPU -> xla); the path that runs is logged once, and a path
-that cannot run is an error, never a silent fallback.
+splash, GPU -> cudnn for bf16/fp16 and xla for fp32, CPU -> xla). The model passes the implementation and platform
+its Compute resolved when it was made; the path that runs is logged once, and a path that cannot run is an error,
+never a silent fallback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from phi_jax.attention_mask import causal_segment_mask
-from phi_jax.dispatch import resolve_attention_impl
+from phi_jax.dispatch import default_platform, pallas_target, resolve_attention_impl
 from phi_jax.sharding import active_mesh_and_rules, logical_to_spec
 
 
@@ -77,16 +78,18 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
 
-def _kernel(impl: str):
-    """q, k, v, segment_ids -> out for a Pallas implementation; each kernel resolves its lowering and interpret
-    mode for the current platform (phi_jax.dispatch.pallas_target)."""
+def _kernel(impl: str, platform: str):
+    """q, k, v, segment_ids -> out for a Pallas implementation, lowered for `platform` (its own lowering compiled;
+    on CPU interpreted: phi_jax.dispatch.pallas_target)."""
     if impl == "splash":
         from phi_jax.kernels.splash_attention import splash_attention
 
-        return splash_attention
+        return lambda q, k, v, seg: splash_attention(q, k, v, seg, platform=platform)
     from phi_jax.kernels.flash_attention import flash_attention
 
-    return lambda q, k, v, seg: flash_attention(q, k, v, seg, causal=True)
+    backend, interpret = pallas_target(platform)
+    return lambda q, k, v, seg: flash_attention(q, k, v, seg, causal=True, backend=backend, interpret=interpret,
+                                                platform=platform)
 
 
 def _per_shard(fn, q, k, v, segment_ids):
@@ -107,11 +110,15 @@ def _per_shard(fn, q, k, v, segment_ids):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
-              impl: str = "auto") -> jax.Array:
-    """Causal self-attention of a full sequence. q, k, v: [B, S, N, H]; segment_ids: int [B, S]."""
-    impl = resolve_attention_impl(impl, q.dtype)
+              impl: str = "auto", platform: str | None = None) -> jax.Array:
+    """Causal self-attention of a full sequence. q, k, v: [B, S, N, H]; segment_ids: int [B, S].
+
+    `platform` is where the computation runs ("cpu", "gpu", "tpu"; None: JAX's default backend): the model passes
+    its resolved Compute's, and a step compiled ahead of time for a TPU passes "tpu"."""
+    platform = platform or default_platform()
+    impl = resolve_attention_impl(impl, q.dtype, platform)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids)
     if impl == "xla":
         return xla_attention(q, k, v, causal_segment_mask(segment_ids, q.shape[1]))
-    return _per_shard(_kernel(impl), q, k, v, segment_ids)
+    return _per_shard(_kernel(impl, platform), q, k, v, segment_ids)

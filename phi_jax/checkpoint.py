@@ -67,14 +67,13 @@ class Checkpointer:
         except Exception as e:
             raise self._write_failed(e) from e
 
-    def data_position(self, step: int, meta: dict) -> int | None:
-        """Global examples the run had consumed at `step`, or None for a checkpoint without a data position (one
-        made by tools/import_hf.py: fine-tuning starts at the first batch)."""
-        if "data_position" in meta:
-            return int(meta["data_position"])
-        if (self.directory / str(step) / "data").exists():  # written before positions were recorded: grain's
-            return step * int(meta["run"]["batch_size"])  # per-process iterator state held `step` batches
-        return None
+    def data_position(self, step: int, meta: dict) -> int:
+        """Global examples the run had consumed at `step` (every checkpoint the trainer writes records it)."""
+        if "data_position" not in meta:
+            raise ValueError(f"The checkpoint at {self.directory / str(step)} records no data position: the trainer "
+                             "did not write it, so it cannot be resumed. Use a new --workdir; "
+                             f"--config.init_from_hf={self.directory.parent} starts from its parameters.")
+        return int(meta["data_position"])
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -117,9 +116,9 @@ class Checkpointer:
 
 
 def saved_param_dtype(meta: dict):
-    """The dtype a checkpoint's parameters were saved in: its run config's param_dtype (checkpoints written before
-    Compute existed also hold it in their model config), or None when neither records it."""
-    name = meta.get("run", {}).get("param_dtype") or meta.get("model", {}).get("param_dtype")
+    """The dtype a checkpoint's parameters were saved in (its run config's param_dtype), or None when it records
+    none."""
+    name = meta.get("run", {}).get("param_dtype")
     return None if name is None else as_dtype(name, "the checkpoint's param_dtype")
 
 

@@ -10,12 +10,22 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
+# Every list of choices is here once; validation, dispatch, the run configs' comments and the tools' flags read it.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ATTENTION_IMPLS = ("auto", "xla", "pallas", "splash", "cudnn")
-DENSE_IMPLS = ("auto", "xla", "pallas")
-REMAT_POLICIES = ("none", "full", "save_dots")
+PLATFORMS = ("cpu", "gpu", "tpu")
+AUTO = "auto"  # the implementation phi_jax.dispatch picks for the platform (and dtype)
+# Attention implementations (phi_jax.attention) and the platforms each runs on; on "cpu" the Pallas kernels
+# (pallas, splash) run in interpret mode.
+ATTENTION_IMPLS: dict[str, tuple[str, ...]] = {"xla": PLATFORMS, "pallas": PLATFORMS, "splash": ("cpu", "tpu"),
+                                               "cudnn": ("gpu",)}
+DENSE_IMPLS = ("xla", "pallas")  # phi_jax.layers.Dense: XLA's dot, or the fused Pallas kernel (every platform)
+ATTENTION_CHOICES, DENSE_CHOICES = (AUTO, *ATTENTION_IMPLS), (AUTO, *DENSE_IMPLS)
+# What the backward pass recomputes per layer: the jax.checkpoint policy of each choice ("none": no remat).
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def as_dtype(value: Any, what: str = "dtype") -> jnp.dtype:
@@ -34,33 +44,44 @@ class Compute:
     """How a model runs: none of these changes its parameters' shapes or what a checkpoint holds.
 
     dtype: activations and matmuls (softmax, norms and logits stay float32); param_dtype: the stored parameters.
-    Both are jnp dtypes; their names ("bfloat16") are accepted and converted.
+    Both are jnp dtypes; their names ("bfloat16") are accepted and converted. `platform` is where the model runs,
+    set by `resolve`, which also replaces `auto` by the implementation that runs there: a model resolves its
+    Compute once, when it is made (for JAX's default backend unless already resolved; phi_jax.trainer resolves
+    it for the mesh's devices), so every choice is static in its graph.
     """
 
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: str = "auto"  # auto | xla | pallas | splash | cudnn (phi_jax.attention)
-    dense_impl: str = "auto"  # auto | xla | pallas
-    remat: str = "none"  # none | full | save_dots: what the backward pass recomputes per layer
+    attention_impl: str = AUTO  # ATTENTION_CHOICES (phi_jax.attention)
+    dense_impl: str = AUTO  # DENSE_CHOICES
+    remat: str = "none"  # REMAT_POLICIES: what the backward pass recomputes per layer
+    platform: str | None = None  # PLATFORMS, once resolved
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):
             object.__setattr__(self, name, as_dtype(getattr(self, name), f"Compute.{name}"))
-        for name, allowed in (("attention_impl", ATTENTION_IMPLS), ("dense_impl", DENSE_IMPLS),
-                              ("remat", REMAT_POLICIES)):
+        for name, allowed in (("attention_impl", ATTENTION_CHOICES), ("dense_impl", DENSE_CHOICES),
+                              ("remat", tuple(REMAT_POLICIES)), ("platform", (None, *PLATFORMS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Compute.{name}={getattr(self, name)!r} is not one of {allowed}.")
 
     def replace(self, **changes) -> Compute:
         return dataclasses.replace(self, **changes)
 
+    def resolve(self, platform: str) -> Compute:
+        """This Compute on `platform` ("cpu", "gpu" or "tpu"): `auto` replaced by the implementation that runs there,
+        and every choice checked to run there (a ValueError naming the fix otherwise). Logged once per choice."""
+        from phi_jax import dispatch
+
+        if self.platform not in (None, platform):
+            raise ValueError(f"This Compute was resolved for {self.platform!r}, not {platform!r}; resolve the "
+                             "unresolved Compute (platform=None) for each platform.")
+        return self.replace(attention_impl=dispatch.resolve_attention_impl(self.attention_impl, self.dtype, platform),
+                            dense_impl=dispatch.resolve_dense_impl(self.dense_impl, platform), platform=platform)
+
     def to_dict(self) -> dict:
         """Plain values (dtype names), as run configs and JSON hold them."""
         return {**dataclasses.asdict(self), "dtype": self.dtype.name, "param_dtype": self.param_dtype.name}
-
-
-# The Compute fields that PhiConfig held before the two were separated: old checkpoints' meta["model"] has them.
-LEGACY_COMPUTE_KEYS = frozenset(f.name for f in dataclasses.fields(Compute))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +139,8 @@ class PhiConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> PhiConfig:
-        """A PhiConfig from `to_dict()`'s output. Checkpoints written before Compute existed also hold the compute
-        fields (LEGACY_COMPUTE_KEYS) in their model config: those are dropped; any other unknown key is an error."""
+        """A PhiConfig from `to_dict()`'s output; an unknown key is an error."""
         known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k not in LEGACY_COMPUTE_KEYS}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"Unknown PhiConfig fields {unknown}; known fields are {sorted(known)}.")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi_jax.config import Compute
+from phi_jax.config import DTYPES, Compute
 from phi_jax.loading import Source, load, resolve
 from phi_jax.model import Phi
 
@@ -112,10 +112,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seq_len", type=int, default=0,
                         help="window length; 0 = the run's training seq_len (a workdir), else the model's context")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--tokenizer", default=None)
-    parser.add_argument("--output", default=None, help="also write the results here as JSON")
+    parser.add_argument("--out", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.text_file and not Path(args.text_file).is_file():
         parser.error(f"--text_file={args.text_file} does not exist or is not a file.")
@@ -143,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"{args.model} on {source}: {result['tokens']} tokens ({result['bytes']} bytes) predicted in windows of "
           f"{seq_len} tokens ({why}), {result['seconds']:.1f} s\n"
           f"perplexity {result['perplexity']:.4f}  bits/byte {result['bits_per_byte']:.4f}  loss {result['loss']:.4f}")
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

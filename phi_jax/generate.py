@@ -1,8 +1,9 @@
 """Text generation with a KV cache: `python -m phi_jax.generate --model=PATH --prompt="def fib(n):"`.
 
 How it works, top to bottom in this file:
-1. `Sampler(model)` takes the model over: it moves the stacked layer weights into per-layer arrays (in place, no
-   copy kept: model.Phi.unstack_layers says why) and jits two steps that it owns.
+1. `Sampler(model)` reads the model's weights as they are (it changes nothing of the model) and jits two steps
+   that it owns. Load a model for decoding with `scan_layers=False` (`load(..., scan_layers=False)`): on CPU the
+   unrolled layout decodes faster (phi_jax/model.py says why).
 2. The prompts are left-padded to a power-of-two bucket with segment id 0, positions starting at 0 at each prompt's
    first real token. Attention is causal and same-segment, so padding never reaches a real token and every row
    generates exactly what that prompt would generate alone.
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi_jax.config import Compute
+from phi_jax.config import DTYPES, Compute
 from phi_jax.loading import Source, load, resolve
 from phi_jax.model import Phi
 
@@ -63,14 +64,16 @@ class Sampler:
     """Generates token ids from a model: `Sampler(model)(prompts, max_new_tokens=64)`.
 
     Keep one Sampler per model: it owns the compiled prefill and decode programs. It reads the model's weights as
-    they are when it is made (and unstacks the model's layers: see the module docstring)."""
+    they are when it is made and never changes the model."""
 
     def __init__(self, model: Phi):
-        model.unstack_layers()
+        if model.scan_layers and model.compute.platform == "cpu":
+            log.warning("decoding a model with stacked layers: on CPU each decode step copies every layer's weights; "
+                        "load it with scan_layers=False (phi_jax.from_pretrained) for the fast layout")
         self.model, self.cfg = model, model.cfg
         graphdef, state = nnx.split(model)
         # The jitted steps take the weights as a flat list of arrays: flattening nnx States and hashing a GraphDef
-        # on every call cost more than a whole decode step of the quickstart model (docs/PERFORMANCE.md).
+        # on every call costs more than a whole decode step of the quickstart model (docs/PERFORMANCE.md).
         self._leaves, treedef = jax.tree.flatten(state)
         self._merge = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         self._prefill = jax.jit(self._prefill_fn, static_argnums=0, donate_argnums=5)
@@ -208,13 +211,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--step", type=int, default=None, help="workdir checkpoint step (default: newest)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer file (default: the model's own)")
     parser.add_argument("--json", action="store_true", help="print all completions as JSON at the end")
     args = parser.parse_args(argv)
     model, tok = load(resolve_model_arg(parser, args.model), compute=Compute(dtype=args.dtype, param_dtype=args.dtype),
-                      step=args.step, tokenizer=args.tokenizer)
+                      step=args.step, tokenizer=args.tokenizer, scan_layers=False)
     ids = encode_prompts(tok, args.prompt)
     check_prompts([len(p) for p in ids], model.cfg.max_position_embeddings)  # before anything is printed
     sampler = Sampler(model)

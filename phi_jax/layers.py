@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phi_jax.activations import gelu_new
-from phi_jax.dispatch import resolve_dense_impl
+from phi_jax.config import DENSE_IMPLS
+from phi_jax.dispatch import pallas_target
 
 Initializer = Callable[..., jax.Array]
 
@@ -43,16 +44,20 @@ class Dense(nnx.Module):
     """x[..., *in_shape] @ kernel[*in_shape, *out_shape] + bias[*out_shape], then an optional activation.
 
     Multi-dim kernels keep heads visible to sharding (q/k/v: [embed, 3, heads, head_dim]). With
-    `impl='pallas'` the matmul, bias and gelu_new run as one fused Pallas kernel on the flattened 2-D view.
+    `impl='pallas'` the matmul, bias and gelu_new run as one fused Pallas kernel on the flattened 2-D view, lowered
+    for `platform` (phi_jax.dispatch.pallas_target; None: JAX's default backend).
     """
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, in_names: Sequence[str | None],
                  out_names: Sequence[str | None], activation: str | None = None, impl: str = "xla",
-                 dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+                 platform: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
+                 rngs: nnx.Rngs):
         if activation not in (None, "gelu_new"):
             raise ValueError(f"activation={activation!r} is not one of (None, 'gelu_new').")
+        if impl not in DENSE_IMPLS:
+            raise ValueError(f"Dense impl={impl!r} is not one of {DENSE_IMPLS} (Compute.resolve resolves 'auto').")
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
-        self.activation, self.impl, self.dtype = activation, impl, dtype
+        self.activation, self.impl, self.platform, self.dtype = activation, impl, platform, dtype
         self.kernel = param(rngs, nnx.initializers.normal(init_std), self.in_shape + self.out_shape,
                             tuple(in_names) + tuple(out_names), param_dtype)
         self.bias = param(rngs, nnx.initializers.zeros, self.out_shape, tuple(out_names), param_dtype)
@@ -61,12 +66,16 @@ class Dense(nnx.Module):
         n_in, out_dtype = len(self.in_shape), out_dtype or self.dtype
         kernel, bias = self.kernel[...].astype(self.dtype), self.bias[...]
         x = x.astype(self.dtype)
-        if resolve_dense_impl(self.impl) == "pallas":
+        if self.impl == "pallas":
+            from phi_jax.dispatch import default_platform
             from phi_jax.kernels.dense import fused_dense
 
+            platform = self.platform or default_platform()
+            backend, interpret = pallas_target(platform)
             batch_shape = x.shape[: x.ndim - n_in]
             y = fused_dense(x.reshape(*batch_shape, -1), kernel.reshape(math.prod(self.in_shape), -1),
-                            bias.reshape(-1).astype(self.dtype), activation=self.activation)
+                            bias.reshape(-1).astype(self.dtype), activation=self.activation, backend=backend,
+                            interpret=interpret, platform=platform)
             return y.reshape(*batch_shape, *self.out_shape).astype(out_dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=jnp.float32)

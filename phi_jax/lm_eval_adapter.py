@@ -41,14 +41,15 @@ class PhiJaxLM(LM):
             if path is None:
                 raise ValueError(f"Pass model_args path=MODEL: {ACCEPTED}.")
             model, tokenizer = load(path, compute=Compute(dtype=dtype, param_dtype=dtype),
-                                    step=None if step is None else int(step), tokenizer=tokenizer)
+                                    step=None if step is None else int(step), tokenizer=tokenizer,
+                                    scan_layers=False)  # the layout that decodes fast (generate_until)
         elif tokenizer is None:
             raise ValueError("A model object needs its tokenizer object too.")
         self.model, self.tok = model, tokenizer
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or model.cfg.max_position_embeddings)
         self._device = "jax"
-        self._sampler: gen.Sampler | None = None  # made at the first generate_until (it unstacks the model)
+        self._sampler: gen.Sampler | None = None  # made at the first generate_until
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PhiJaxLM:

@@ -19,7 +19,7 @@ from etils import epath
 
 from phi_jax.config import Compute, PhiConfig
 from phi_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_in
-from phi_jax.model import Phi
+from phi_jax.model import Phi, from_params, stacked_params
 from phi_jax.paths import is_url, user_path
 
 log = logging.getLogger("phi_jax")
@@ -92,20 +92,26 @@ def load_config(source: Source | str | os.PathLike, step: int | None = None) -> 
 
 
 def from_pretrained(path_or_id: Source | str | os.PathLike, compute: Compute = Compute(),
-                    step: int | None = None) -> Phi:
+                    step: int | None = None, *, scan_layers: bool = True) -> Phi:
     """The model of a training workdir (newest checkpoint, or `step`), a Hugging Face directory (local or gs://) or
-    a Hub id, run as `compute` says (parameters cast to compute.param_dtype)."""
+    a Hub id, run as `compute` says (parameters cast to compute.param_dtype), in the layer layout `scan_layers`
+    (phi_jax/model.py): True (stacked) for training and scoring, False (one Block per layer) for decoding."""
     source = resolve(path_or_id)
     if source.is_workdir:
         from phi_jax.checkpoint import load_model
 
-        return load_model(source.path, step, compute)[0]
+        model = load_model(source.path, step, compute)[0]  # stacked, as checkpoints hold it
+        if scan_layers:
+            return model
+        cfg, params = model.cfg, stacked_params(model)
+        del model  # `params` holds the only references: from_params frees each stacked array once it is split
+        return from_params(cfg, compute, params, scan_layers=False)
     if step is not None:
         raise ValueError(f"step={step} chooses a training workdir's checkpoint; {source.name} is a Hugging Face "
                          "model, which has one set of weights.")
     from phi_jax.hf.io import load_hf_directory
 
-    return load_hf_directory(source.path, compute)
+    return load_hf_directory(source.path, compute, scan_layers=scan_layers)
 
 
 def tokenizer_file(source: Source | str | os.PathLike, step: int | None = None, *,
@@ -131,8 +137,9 @@ def tokenizer_file(source: Source | str | os.PathLike, step: int | None = None, 
 
 
 def load(path_or_id: str | os.PathLike, *, compute: Compute = Compute(), step: int | None = None,
-         tokenizer: str | os.PathLike | None = None) -> tuple[Phi, Tokenizer]:
-    """(model, tokenizer) of any source (see `resolve`); `tokenizer` replaces the source's own."""
+         tokenizer: str | os.PathLike | None = None, scan_layers: bool = True) -> tuple[Phi, Tokenizer]:
+    """(model, tokenizer) of any source (see `resolve`); `tokenizer` replaces the source's own; `scan_layers` as in
+    `from_pretrained`."""
     source = resolve(path_or_id)
     tok = load_tokenizer(tokenizer or tokenizer_file(source, step))  # before the (slow) weights
-    return from_pretrained(source, compute, step), tok
+    return from_pretrained(source, compute, step, scan_layers=scan_layers), tok

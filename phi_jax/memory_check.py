@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import time
 from pathlib import Path
 
 import jax
@@ -98,3 +100,67 @@ def check_compiled_fits(compiled) -> None:
         return
     need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
     _check(need, f"the compiled train step ({m.temp_size_in_bytes / GiB:.2f} GiB of it temporaries)")
+
+
+# ------------------------------------------------------------------- planning: compiling for a TPU slice from here
+# What libtpu needs to compile for a TPU topology on a host without one (set before JAX's backends start).
+# ALLOW_MULTIPLE_LIBTPU_LOAD: without it, a second process that loads libtpu (a test beside a memory plan) fails on
+# libtpu's lockfile.
+DEVICELESS_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+                      "TPU_ACCELERATOR_TYPE": "v5litepod-4", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+# HBM per chip that the TPU compiler reports as available in its out-of-memory messages (libtpu 0.0.42), GiB.
+AVAILABLE_HBM_GIB = {"TPU v5 lite": 15.75, "TPU v6 lite": 31.25, "TPU v5": 95.74}
+
+
+def tpu_devices(topology: str) -> list:
+    """The devices of a TPU slice ("v5e:2x4", ...), for ahead-of-time compilation (DEVICELESS_TPU_ENV must be set
+    before JAX's backends start on a host without a TPU)."""
+    from jax.experimental import topologies
+
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+        # v4 and v5p run one device per chip (megacore) but describe both cores; JAX meshes take the first.
+        return [d for d in devices if getattr(d, "core_on_chip", 0) == 0]
+    except Exception as e:
+        raise ValueError(f"libtpu cannot describe topology {topology!r}: {str(e).splitlines()[0]} (names look like "
+                         "v4:2x2x1, v5e:2x4, v5e:4x4, v5p:2x2x1, v6e:2x4).") from e
+
+
+def compile_report(trainer, micro_batch: int, accum: int = 1, seq_len: int = 2048,
+                   available_gib: float | None = None) -> dict:
+    """Compiles `trainer`'s train step (phi_jax.trainer) for `micro_batch` sequences per device; returns its
+    per-device memory in GiB, or the compiler's out-of-memory message. Nothing is allocated.
+
+    `fits` is the compiler's verdict and, when `available_gib` is given, also that its memory analysis (arguments
+    + temporaries) stays within it: near the limit the TPU compiler accepts programs whose own memory analysis
+    exceeds the HBM it reports as available, and the stricter reading is the safe one until a TPU settles it."""
+    rows = micro_batch * trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    start = time.perf_counter()
+    try:
+        compiled = trainer.train_step.lower(trainer.abstract_state,
+                                            trainer.abstract_batch(accum, rows, seq_len)).compile()
+    except Exception as e:  # the compiler's verdict; anything but running out of memory is a real error
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+            raise
+        return {"fits": False, "compiler_accepted": False, "compile_sec": round(time.perf_counter() - start, 1),
+                "compiler_message": _oom_lines(str(e))}
+    mem = compiled.memory_analysis()
+    # Which Pallas kernels the program runs (their named scopes survive into the compiled HLO's metadata).
+    kernels = sorted(set(re.findall(r'op_name="[^"]*?(\w*splash\w*|flash_attention_\w+|fused_dense_\w+)',
+                                    compiled.as_text())))
+    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    need = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / GiB
+    return {"fits": available_gib is None or need <= available_gib, "compiler_accepted": True,
+            "arguments_plus_temporaries_gib": need, "available_gib": available_gib,
+            "compile_sec": round(time.perf_counter() - start, 1), "pallas_kernels": kernels, "per_device_gib": {
+        "train_state (params + optimizer)": _per_device_bytes(trainer.abstract_state) / GiB,
+        "arguments": mem.argument_size_in_bytes / GiB, "outputs": mem.output_size_in_bytes / GiB,
+        "aliased (donated)": mem.alias_size_in_bytes / GiB, "temporaries": mem.temp_size_in_bytes / GiB,
+        "peak estimate": peak / GiB}}
+
+
+def _oom_lines(message: str) -> str:
+    """The compiler's out-of-memory verdict: its first line and the total it names (not the long buffer list)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    keep = [ln for ln in lines if "Ran out of memory" in ln or "exceeds" in ln or "RESOURCE_EXHAUSTED" in ln]
+    return " | ".join(dict.fromkeys(keep or lines[:1]))[:600]

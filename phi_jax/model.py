@@ -7,13 +7,16 @@
 `Phi(tokens, positions, cache=None, segment_ids=None) -> (logits, cache)` is the one entry point, as in gemma:
 without a cache it runs whole sequences (training, scoring; packed documents keep to their segment id), with one it
 writes the tokens into the cache at its index and attends over every filled slot (prefill and decode steps).
+`Phi.hidden_states` is the same forward pass up to the final LayerNorm (what lm_head reads).
 
-The layers are stored stacked (one set of parameters with a leading `layers` axis, what training scans over,
-what checkpoints and Hugging Face conversion read) until `unstack_layers()` moves them, in place, into one Block
-per layer, which a decode step reads without a copy. On XLA:CPU, reading the stacked weights per layer (a scan,
-or a static slice per layer) copies every layer's weights on every token (docs/PERFORMANCE.md, Generation), so the
-`Sampler` (phi_jax/generate.py) unstacks the model it is given: a move, not a second copy. Numerically identical
-to Hugging Face's `PhiForCausalLM`.
+The layer layout is chosen when a model is made and never changes: `scan_layers=True` (the default) stores one set
+of parameters with a leading `layers` axis, which training scans over (compile time does not grow with depth) and
+which checkpoints and Hugging Face conversion name; `scan_layers=False` stores one Block per layer, which a decode
+step reads without a copy. Both layouts run every path and give the same logits. On XLA:CPU, decoding reads a
+stacked layer's weights through a slice that copies them on every token, so there the unrolled layout is the fast
+one for decoding (docs/PERFORMANCE.md, Generation); `phi_jax.from_pretrained(..., scan_layers=False)` loads
+straight into it, and `to_layout` returns a model's parameters in the other layout as a new model. Numerically
+identical to Hugging Face's `PhiForCausalLM`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from phi_jax.attention import attention, cached_attention, causal_segment_mask
-from phi_jax.config import Compute, PhiConfig
+from phi_jax.config import REMAT_POLICIES, Compute, PhiConfig
+from phi_jax.dispatch import default_platform
 from phi_jax.layers import Dense, LayerNorm, param
 from phi_jax.rotary import apply_partial_rotary, rotary_tables
 from phi_jax.sharding import constrain
@@ -35,8 +39,8 @@ Rope = tuple[jax.Array, jax.Array]  # cos, sin: [batch, seq, rotary_dim]
 
 class LayerCache(NamedTuple):
     """One attention layer's keys and values, each [batch * heads, max_len, head_dim]: [B, N, S, H] with batch and
-    heads merged (the same bytes). With a unit batch dimension, XLA:CPU copied a [1, N, S, H] cache on every
-    decode step (the compiled step's temporaries held the whole cache); the merged one is updated in place."""
+    heads merged (the same bytes). XLA:CPU copies a [1, N, S, H] cache (a unit batch dimension) on every decode
+    step, its temporaries holding the whole cache; the merged one is updated in place."""
 
     k: jax.Array
     v: jax.Array
@@ -54,8 +58,8 @@ class Cache(NamedTuple):
 def _dense(cfg: PhiConfig, compute: Compute, rngs: nnx.Rngs, in_shape, out_shape, in_names, out_names, *,
            activation=None, impl=None) -> Dense:
     return Dense(in_shape, out_shape, in_names=in_names, out_names=out_names, activation=activation,
-                 impl=impl or compute.dense_impl, dtype=compute.dtype, param_dtype=compute.param_dtype,
-                 init_std=cfg.initializer_range, rngs=rngs)
+                 impl=impl or compute.dense_impl, platform=compute.platform, dtype=compute.dtype,
+                 param_dtype=compute.param_dtype, init_std=cfg.initializer_range, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -63,7 +67,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: PhiConfig, compute: Compute, *, rngs: nnx.Rngs):
         d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        self.impl, self.num_heads, self.head_dim = compute.attention_impl, n, h
+        self.impl, self.platform, self.num_heads, self.head_dim = compute.attention_impl, compute.platform, n, h
         # q, k and v in one [embed, 3, heads, head_dim] kernel: one matmul, heads visible to tensor parallelism.
         self.qkv = _dense(cfg, compute, rngs, (d,), (3, n, h), ("embed",), ("qkv", "heads", "head_dim"))
         self.dense = _dense(cfg, compute, rngs, (n, h), (d,), ("heads", "head_dim"), ("embed",))
@@ -83,7 +87,7 @@ class Attention(nnx.Module):
         q, k = apply_partial_rotary(q, *rope), apply_partial_rotary(k, *rope)
         q, k, v = (constrain(t, ("batch", "length", "act_heads", "head_dim")) for t in (q, k, v))
         if cache is None:
-            return self.dense(attention(q, k, v, segment_ids=segment_ids, impl=self.impl)), None
+            return self.dense(attention(q, k, v, segment_ids=segment_ids, impl=self.impl, platform=self.platform)), None
         b, t, n, h = k.shape
         write = lambda c, new: jax.lax.dynamic_update_slice(  # in place: the Sampler donates the cache
             c, new.transpose(0, 2, 1, 3).reshape(b * n, t, h).astype(c.dtype), (0, index, 0))
@@ -118,75 +122,44 @@ class Block(nnx.Module):
         return constrain(h, ("batch", "length", "act_embed")), cache
 
 
-_REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
-}
-
-
 class Phi(nnx.Module):
     """phi-1 / phi-1.5 causal language model: `model(tokens)` -> (float32 logits [batch, seq, vocab], cache).
 
-    `cfg` is the architecture, `compute` how it runs (dtypes, kernels, remat); the model keeps both."""
+    `cfg` is the architecture, `compute` how it runs (dtypes, kernels, remat); the model keeps both, `compute`
+    resolved for its platform (JAX's default backend unless `compute` is already resolved: phi_jax.config.Compute).
+    `scan_layers` is the layer layout (module docstring): True stacks the layers for a scan (training,
+    checkpoints), False keeps one Block per layer (decoding)."""
 
-    def __init__(self, cfg: PhiConfig, compute: Compute = Compute(), *, rngs: nnx.Rngs):
-        self.cfg, self.compute = cfg, compute
+    def __init__(self, cfg: PhiConfig, compute: Compute = Compute(), *, rngs: nnx.Rngs, scan_layers: bool = True):
+        compute = compute if compute.platform else compute.resolve(default_platform())
+        self.cfg, self.compute, self.scan_layers = cfg, compute, scan_layers
         self.embed_tokens = param(rngs, nnx.initializers.normal(cfg.initializer_range),
                                   (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), compute.param_dtype)
+        if scan_layers:
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, compute, rngs=rngs)
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, compute, rngs=rngs)
-
-        self.layers: Block | nnx.List[Block] = make_blocks(rngs)  # stacked until unstack_layers()
+            self.layers: Block | nnx.List[Block] = make_blocks(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, compute, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=compute.dtype,
                                          param_dtype=compute.param_dtype, rngs=rngs)
         self.lm_head = _dense(cfg, compute, rngs, (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",),
                               impl="xla")
 
-    @property
-    def stacked(self) -> bool:
-        return isinstance(self.layers, Block)
-
-    def unstack_layers(self) -> None:
-        """Moves the stacked layer parameters into one Block per layer, in place (for decoding; see the module
-        docstring). Each stacked array is released once split, so the model keeps one copy of its weights (while
-        this runs, at most one stacked parameter's worth more). Full sequences then run the layers unrolled."""
-        if not self.stacked:
-            return
-        n, graphdef = self.cfg.num_layers, nnx.graphdef(self.layers)
-        pieces = []
-        for path, var in nnx.iter_graph(self.layers):
-            if isinstance(var, nnx.Variable):
-                stacked = var.get_value()
-                names = var.get_metadata().get("out_sharding")
-                extra = {"out_sharding": names[1:]} if names else {}  # drop the "layers" axis name
-                pieces.append((path, [var.replace(stacked[i], **extra) for i in range(n)]))
-                var.set_value(jnp.zeros((), stacked.dtype))  # release the stacked array now, not at the end
-                del stacked
-        self.layers = nnx.List([nnx.merge(graphdef, nnx.from_flat_state([(p, v[i]) for p, v in pieces]))
-                                for i in range(n)])
-
-    def stack_layers(self) -> None:
-        """The inverse of `unstack_layers` (training, checkpoints and Hugging Face export read stacked layers)."""
-        if self.stacked:
-            return
-        graphdef = nnx.graphdef(self.layers[0])
-        states = [nnx.state(block) for block in self.layers]
-
-        def stack(*vs):
-            names = vs[0].get_metadata().get("out_sharding")
-            extra = {"out_sharding": ("layers", *names)} if names else {}
-            return vs[0].replace(jnp.stack([v.get_value() for v in vs]), **extra)
-
-        stacked = jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        self.layers = nnx.merge(graphdef, stacked)
+    def _blocks(self) -> list[Block]:
+        """One Block per layer. Stacked layers are sliced out of the stacked parameters (a copy on XLA:CPU)."""
+        if not self.scan_layers:
+            return list(self.layers)
+        graphdef, state = nnx.split(self.layers)
+        return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(self.cfg.num_layers)]
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
         """An empty cache of `max_len` slots per row (dtype: the compute dtype by default)."""
         dtype = self.compute.dtype if dtype is None else dtype
-        blocks = self.layers if not self.stacked else [self.layers] * self.cfg.num_layers
+        blocks = self.layers if not self.scan_layers else [self.layers] * self.cfg.num_layers
         return Cache(tuple(b.attn.init_cache(batch, max_len, dtype) for b in blocks),
                      jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -197,83 +170,139 @@ class Phi(nnx.Module):
         Packed rows: positions restart per document and segment ids keep attention within it. With a cache, the
         tokens fill slots [index, index + seq) and segment id 0 marks padding (left-padded prompts). Returns float32
         logits [batch, seq, vocab] and the updated cache (None without one)."""
-        cfg = self.cfg
-        batch, seq = tokens.shape
-        start = 0 if cache is None else cache.index
-        if positions is None:
-            positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        rope = rotary_tables(positions, cfg.rotary_dim, cfg.rope_theta)
-
-        # Gather the (vocab/FSDP-sharded) table whole in the compute dtype before the lookup: a gather from a
-        # sharded table makes the SPMD partitioner replicate it implicitly, and less efficiently.
-        table = constrain(self.embed_tokens[...].astype(self.compute.dtype), (None, None))
-        h = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "act_embed"))
-
-        if cache is not None:
-            h, cache = self._decode_layers(h, rope, segment_ids, cache)
-        elif self.stacked:
-            h = self._scan_layers(h, rope, segment_ids)
+        if cache is None:
+            h = self.hidden_states(tokens, positions, segment_ids=segment_ids)
         else:
-            for block in self.layers:
-                h, _ = block(h, rope, segment_ids)
-
-        logits = self.lm_head(self.final_layernorm(h), out_dtype=jnp.float32)
+            h, rope = self._embed(tokens, positions, cache.index)
+            h, cache = self._decode_layers(h, rope, segment_ids, cache)
+            h = self.final_layernorm(h)
+        logits = self.lm_head(h, out_dtype=jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab")), cache
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                       segment_ids: jax.Array | None = None) -> jax.Array:
-        """The final-layernormed hidden states [batch, seq, hidden] of whole sequences (no cache): what the lm_head
-        reads, e.g. for embeddings. tokens, positions, segment_ids as in `__call__`."""
-        batch, seq = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        rope = rotary_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
-        table = constrain(self.embed_tokens[...].astype(self.compute.dtype), (None, None))
-        h = constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "act_embed"))
-        if self.stacked:
-            h = self._scan_layers(h, rope, segment_ids)
+        """The final-layernormed hidden states [batch, seq, hidden] of whole sequences (what lm_head reads), in the
+        compute dtype; tokens, positions, segment_ids as in `__call__` without a cache."""
+        h, rope = self._embed(tokens, positions, 0)
+        if self.scan_layers:  # one scan over the stacked layers: compile time does not grow with depth
+            graphdef, state = nnx.split(self.layers)
+            layer = self._layer_fn(graphdef, rope, segment_ids)
+            h = jax.lax.scan(lambda h, state: (layer(h, state), None), h, state)[0]
         else:
             for block in self.layers:
-                h, _ = block(h, rope, segment_ids)
-        return constrain(self.final_layernorm(h), ("batch", "length", "act_embed"))
+                graphdef, state = nnx.split(block)
+                h = self._layer_fn(graphdef, rope, segment_ids)(h, state)
+        return self.final_layernorm(h)
 
-    def _scan_layers(self, h, rope, segment_ids):
-        """Training's path: one scan over the stacked layers, so compile time does not grow with depth."""
-        graphdef, state = nnx.split(self.layers)
+    def _embed(self, tokens, positions, start) -> tuple[jax.Array, Rope]:
+        """The token embeddings [B, T, D] and the rotary tables of `positions` (default: start, start + 1, ...)."""
+        cfg = self.cfg
+        batch, seq = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        rope = rotary_tables(positions, cfg.rotary_dim, cfg.rope_theta)
+        # Gather the (vocab/FSDP-sharded) table whole in the compute dtype before the lookup: a gather from a
+        # sharded table makes the SPMD partitioner replicate it implicitly, and less efficiently.
+        table = constrain(self.embed_tokens[...].astype(self.compute.dtype), (None, None))
+        return constrain(jnp.take(table, tokens, axis=0), ("batch", "length", "act_embed")), rope
 
+    def _layer_fn(self, graphdef: nnx.GraphDef, rope, segment_ids):
+        """(h, layer state) -> h for one layer of whole sequences, rematerialised as compute.remat says."""
         def layer(h, state):
-            return nnx.merge(graphdef, state)(h, rope, segment_ids)[0], None
+            return nnx.merge(graphdef, state)(h, rope, segment_ids)[0]
 
-        if self.compute.remat != "none":
-            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.compute.remat], prevent_cse=False)
-        return jax.lax.scan(layer, h, state)[0]
+        if self.compute.remat == "none":
+            return layer
+        return jax.checkpoint(layer, policy=REMAT_POLICIES[self.compute.remat], prevent_cse=not self.scan_layers)
 
     def _decode_layers(self, h, rope, segment_ids, cache: Cache):
-        """Writes the tokens' slots into the cache and runs the layers unrolled, each on its own cache."""
+        """Writes the tokens' slots into the cache and runs the layers one after another, each on its own cache."""
         batch, seq = h.shape[:2]
         segment_ids = jnp.ones((batch, seq), jnp.int32) if segment_ids is None else segment_ids
         slots = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
         mask = causal_segment_mask(segment_ids, seq, kv_segment_ids=slots, q_start=cache.index)  # built once
-        if self.stacked:  # correct, but on XLA:CPU each slice copies a layer's weights: decode unstacked
-            graphdef, state = nnx.split(self.layers)
-            blocks = [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(self.cfg.num_layers)]
-        else:
-            blocks = self.layers
         layers = []
-        for block, layer_cache in zip(blocks, cache.layers, strict=True):
+        for block, layer_cache in zip(self._blocks(), cache.layers, strict=True):
             h, layer_cache = block(h, rope, segment_ids, layer_cache, index=cache.index, mask=mask)
             layers.append(layer_cache)
         return h, Cache(tuple(layers), slots, cache.index + seq)
 
 
-def init_model(cfg: PhiConfig, seed: int = 0, compute: Compute = Compute()) -> Phi:
-    return Phi(cfg, compute, rngs=nnx.Rngs(params=seed))
+def init_model(cfg: PhiConfig, seed: int = 0, compute: Compute = Compute(), *, scan_layers: bool = True) -> Phi:
+    """A freshly initialised model. The two layouts draw their weights differently: one seed gives different
+    weights in each (`to_layout` moves a model's own weights)."""
+    return Phi(cfg, compute, rngs=nnx.Rngs(params=seed), scan_layers=scan_layers)
 
 
-def abstract_model(cfg: PhiConfig, compute: Compute = Compute()) -> Phi:
+def abstract_model(cfg: PhiConfig, compute: Compute = Compute(), *, scan_layers: bool = True) -> Phi:
     """The model's structure and shapes without allocating any parameter (for full-size checks and restores)."""
-    return nnx.eval_shape(lambda: Phi(cfg, compute, rngs=nnx.Rngs(params=0)))
+    return nnx.eval_shape(lambda: Phi(cfg, compute, rngs=nnx.Rngs(params=0), scan_layers=scan_layers))
 
 
 def count_params(model: Phi) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def param_paths(model: Phi) -> dict[str, nnx.Variable]:
+    """The model's parameters by dotted path: "layers.attn.qkv.kernel" ([layers, ...]) in the stacked layout,
+    "layers.3.attn.qkv.kernel" in the unrolled one."""
+    return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def split_layer(path: str) -> tuple[str, int | None]:
+    """An unrolled parameter path as (its stacked-layout path, its layer): "layers.3.attn.qkv.kernel" ->
+    ("layers.attn.qkv.kernel", 3); any other path -> (path, None)."""
+    parts = path.split(".")
+    if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit():
+        return ".".join([parts[0], *parts[2:]]), int(parts[1])
+    return path, None
+
+
+def stacked_params(model: Phi) -> dict[str, jax.Array]:
+    """Every parameter by its stacked-layout path, per-layer ones with a leading layers axis, whichever layout
+    `model` has (the names checkpoints and Hugging Face conversion use). Nothing of `model` changes; for an
+    unrolled model the per-layer arrays are stacked into new arrays."""
+    if model.scan_layers:
+        return {p: v[...] for p, v in param_paths(model).items()}
+    out, layers = {}, {}
+    for p, v in param_paths(model).items():
+        name, layer = split_layer(p)
+        if layer is None:
+            out[name] = v[...]
+        else:
+            layers.setdefault(name, {})[layer] = v[...]
+    out.update({name: jnp.stack([by_layer[i] for i in range(len(by_layer))]) for name, by_layer in layers.items()})
+    return out
+
+
+def from_params(cfg: PhiConfig, compute: Compute, params: dict, *, scan_layers: bool = True) -> Phi:
+    """A model holding `params` (stacked-layout paths -> arrays, as `stacked_params`, checkpoints and Hugging Face
+    conversion give them), cast to compute.param_dtype. Each entry is popped from `params` once placed, so a caller
+    that hands over its only reference to the dict holds one copy of the weights at a time (plus one stacked
+    parameter while it is split into layers). Every parameter's path and shape is checked."""
+    model = abstract_model(cfg, compute, scan_layers=scan_layers)
+    targets: dict[str, list[tuple[int | None, nnx.Variable]]] = {}
+    for p, var in param_paths(model).items():
+        name, layer = split_layer(p)
+        targets.setdefault(name, []).append((layer, var))
+    if missing := sorted(set(targets) - set(params)):
+        raise ValueError(f"No value for parameters {missing} of the {cfg.num_layers}-layer model.")
+    if unknown := sorted(set(params) - set(targets)):
+        raise ValueError(f"Parameters {unknown} are not part of the model (known: {sorted(targets)}).")
+    for name, places in targets.items():
+        value = params.pop(name)
+        stacked_shape = (cfg.num_layers, *places[0][1].shape) if places[0][0] is not None else places[0][1].shape
+        if tuple(value.shape) != tuple(stacked_shape):
+            raise ValueError(f"Parameter {name} has shape {tuple(value.shape)}, expected {tuple(stacked_shape)}.")
+        for layer, var in places:
+            var.set_value(jnp.asarray(value if layer is None else value[layer], compute.param_dtype))
+        del value
+    return model
+
+
+def to_layout(model: Phi, *, scan_layers: bool) -> Phi:
+    """`model`'s parameters in the layer layout `scan_layers` as a new model (its own arrays); `model` itself is
+    unchanged. A model already in that layout is returned as it is."""
+    if model.scan_layers == scan_layers:
+        return model
+    return from_params(model.cfg, model.compute, stacked_params(model), scan_layers=scan_layers)

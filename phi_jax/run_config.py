@@ -5,15 +5,18 @@ Overriding a key that is not here is an error (`--config.lerning_rate=...` fails
 
 import ml_collections
 
+from phi_jax.config import Compute
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = "tiny"  # a PhiConfig preset: phi-1.5 | phi-100m | quickstart | tiny
-    c.dtype = "float32"  # compute dtype: bfloat16 | float16 (with dynamic loss scaling) | float32
-    c.param_dtype = "float32"  # parameters and optimizer state
-    c.attention_impl = "auto"  # auto | xla | pallas | cudnn
-    c.dense_impl = "auto"  # auto | xla | pallas
-    c.remat = "none"  # none | full | save_dots
+    # The choices of each key are listed once, in phi_jax/config.py (validate.RULES checks against them).
+    c.model = "tiny"  # a PhiConfig preset: config.PRESETS
+    c.dtype = "float32"  # compute dtype, config.DTYPES (float16 adds dynamic loss scaling)
+    c.param_dtype = "float32"  # parameters and optimizer state, config.DTYPES
+    c.attention_impl = "auto"  # config.ATTENTION_CHOICES; auto: the platform's default (phi_jax.dispatch)
+    c.dense_impl = "auto"  # config.DENSE_CHOICES
+    c.remat = "none"  # config.REMAT_POLICIES: what the backward pass recomputes per layer
 
     c.seed = 0
     c.seq_len = 256
@@ -34,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batches = 4
     c.checkpoint_every = 100
     c.keep_checkpoints = 3
-    c.peak_flops_per_device = 0.0  # for MFU; 0 = from the device kind (measured matmul peak on CPU)
+    c.peak_flops_per_device = 0.0  # for MFU; 0 = the device kind's spec sheet (on CPU: phi_jax.flops' nominal figure)
     # A restart refuses changes that would silently corrupt the run (data, seq_len, batch_size, seed: see
     # docs/RELIABILITY.md); list the ones you mean here, comma-separated, e.g. "data.path,seed".
     c.allow_changes = ""
@@ -56,5 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
     c.mesh.dcn_data = 1  # multi-slice TPU / multi-node GPU: data-parallel groups across the slow network
-    c.sharding = "fsdp"  # dp | zero1 | fsdp; tensor parallelism comes from mesh.tensor > 1
+    c.sharding = "fsdp"  # sharding.STRATEGIES; tensor parallelism comes from mesh.tensor > 1
     return c
+
+
+def compute_options(c: ml_collections.ConfigDict) -> Compute:
+    """How a run computes: its run config's dtype, param_dtype, attention_impl, dense_impl and remat."""
+    return Compute(dtype=c.dtype, param_dtype=c.param_dtype, attention_impl=c.attention_impl,
+                   dense_impl=c.dense_impl, remat=c.remat)

@@ -28,12 +28,13 @@ from phi_jax.config import Compute, PhiConfig
 from phi_jax.data.training_data import TrainingData, resolve_data
 from phi_jax.flops import flops_per_token, peak_flops_per_device
 from phi_jax.metrics import MetricsWriter, StepTimer
-from phi_jax.optim import LossScale, make_optimizer
+from phi_jax.optim import make_optimizer
 from phi_jax.paths import user_path
 from phi_jax.preemption import PREEMPTED_EXIT_CODE, Preemption
-from phi_jax.sharding import batch_sharding, make_mesh, strategy_rules
-from phi_jax.train_state import TrainState, create_train_state, state_shardings
-from phi_jax.train_step import jit_steps
+from phi_jax.run_config import compute_options
+from phi_jax.sharding import make_mesh
+from phi_jax.train_state import TrainState, fresh_loss_scale
+from phi_jax.trainer import build_trainer
 from phi_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger("phi_jax")
@@ -41,24 +42,6 @@ log = logging.getLogger("phi_jax")
 
 class NonFiniteError(RunFailure):
     """The loss, a gradient or the parameters stopped being finite."""
-
-
-def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> PhiConfig:
-    """The architecture for this run; the tokenizer's ids must fit the embedding."""
-    cfg = PhiConfig.preset(c.model)
-    if vocab_size > cfg.vocab_size:
-        raise ValueError(f"The tokenizer has {vocab_size} ids but model {c.model!r} embeds {cfg.vocab_size}: "
-                         "use a model with a larger vocab_size or a smaller tokenizer.")
-    if c.seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"seq_len={c.seq_len} exceeds the model's max_position_embeddings="
-                         f"{cfg.max_position_embeddings}; lower --config.seq_len.")
-    return cfg
-
-
-def compute_options(c: ml_collections.ConfigDict) -> Compute:
-    """How this run computes: the run config's dtype, param_dtype, attention_impl, dense_impl and remat."""
-    return Compute(dtype=c.dtype, param_dtype=c.param_dtype, attention_impl=c.attention_impl,
-                   dense_impl=c.dense_impl, remat=c.remat)
 
 
 def accumulation_steps(c: ml_collections.ConfigDict, mesh) -> int:
@@ -199,6 +182,7 @@ def train_loop(run: Run, preemption: Preemption) -> dict[str, float]:
             timer.start(step)  # throughput is measured from here
         run.writer.advance()
         if step % c.log_every == 0 or step in (run.start + 1, c.total_steps):
+            jax.block_until_ready(metrics)  # the lap ends when this step has run, not when it was dispatched
             last = run.log_metrics(step, state, metrics, timer.lap(step))
         if int(state.skipped) >= c.max_consecutive_skips:
             raise NonFiniteError(f"{int(state.skipped)} consecutive updates had a non-finite loss or gradient "
@@ -222,10 +206,8 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
     if lock is not None:
         lock.acquire()
     data = resolve_data(c)  # builds the embedded corpus on first use; checks shards against the tokenizer
-    cfg = model_config(c, data.tokenizer.vocab_size)
-    compute = compute_options(c)
+    cfg, compute = PhiConfig.preset(c.model), compute_options(c)  # validate.check_values checked seq_len against it
     data.check_model_vocab(cfg.vocab_size)
-    param_rules, opt_rules = strategy_rules(c.sharding)
     tx = make_optimizer(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
                         warmup_steps=c.warmup_steps, grad_clip_norm=c.grad_clip_norm)
     log.info("model %s: %.1fM parameters; mesh %s; sharding %s; %d micro-batch(es) per step",
@@ -233,15 +215,15 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
 
     ckpt = Checkpointer(workdir, max_to_keep=c.keep_checkpoints)
     try:
-        abstract, shardings = state_shardings(cfg, tx, mesh, param_rules, opt_rules, compute=compute)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        trainer = build_trainer(cfg, compute, tx, mesh, c.sharding)
+        target = trainer.abstract_state
         latest, saved_meta, start_batch = resume_point(ckpt, c, cfg, compute, data)
         dataset = data.train_dataset(c, jax.process_index(), jax.process_count(), start_batch)
-        train_sharding, eval_sharding = batch_sharding(mesh, leading_dims=1), batch_sharding(mesh)
-        step_fn, eval_fn = jit_steps(mesh, shardings, param_rules)
+        check_one_batch(dataset, c, data)
         memory_check.check_state_fits(target, target.params)  # before compiling or allocating anything
         log.info("compiling the train step")
-        compiled_step = step_fn.lower(target, abstract_batch(dataset, c, accum, train_sharding, data)).compile()
+        compiled_step = trainer.train_step.lower(target, trainer.abstract_batch(accum, c.batch_size // accum,
+                                                                                c.seq_len)).compile()
         memory_check.check_compiled_fits(compiled_step)  # still before allocating the state
 
         if latest is not None:
@@ -249,14 +231,11 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
             if restart.loss_scale_reset(saved_meta, c):
                 log.warning("dtype changed from %s to %s: the loss scale starts afresh", saved_meta["run"]["dtype"],
                             c.dtype)
-                fresh = LossScale.create(dynamic=compute.dtype == jnp.float16)
-                state = state.replace(loss_scale=jax.device_put(fresh, shardings.loss_scale))
+                state = state.replace(loss_scale=jax.device_put(fresh_loss_scale(compute),
+                                                                trainer.shardings.loss_scale))
             log.info("resumed from %s at step %d", ckpt.directory, latest)
         else:
-            state = create_train_state(cfg, tx, mesh, seed=c.seed, rules=param_rules,
-                                       opt_rules=opt_rules, compute=compute)
-            if c.init_from_hf:
-                state = _load_hf_params(state, c, cfg, shardings)
+            state = trainer.init_state(c.seed, init_from=c.init_from_hf or None)
         eval_batches = {}
         if c.eval_every > 0 and c.eval_batches > 0:
             eval_batches = data.eval_batches(c.seq_len, c.batch_size // accum, c.eval_batches)
@@ -270,8 +249,9 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
         log.info("%.3g FLOPs/token (causal attention counted); peak %.3g FLOP/s per device (%s)", fpt, peak,
                  peak_source)
         return Run(c=c, workdir=workdir, data=data, ckpt=ckpt, writer=MetricsWriter(workdir, c.total_steps, start),
-                   state=state, batches=iter(dataset), step_fn=compiled_step, eval_fn=eval_fn,
-                   eval_batches=eval_batches, accum=accum, shardings=(train_sharding, eval_sharding), start=start,
+                   state=state, batches=iter(dataset), step_fn=compiled_step, eval_fn=trainer.eval_step,
+                   eval_batches=eval_batches, accum=accum,
+                   shardings=(trainer.batch_sharding, trainer.eval_batch_sharding), start=start,
                    start_batch=start_batch, saved_step=latest,
                    meta={"model": cfg.to_dict(), "run": c.to_dict(), "data": data.identity()}, flops=(fpt, peak))
     except BaseException:
@@ -287,21 +267,16 @@ def resume_point(ckpt: Checkpointer, c, cfg: PhiConfig, compute: Compute,
     if latest is None:
         return None, {}, 0
     saved_meta = ckpt.check_architecture(latest, cfg, compute)
-    if (position := ckpt.data_position(latest, saved_meta)) is None:
-        log.info("checkpoint %d holds no data-iterator state (position); the data starts from the beginning", latest)
-        return latest, saved_meta, 0
+    position = ckpt.data_position(latest, saved_meta)
     restart.check_restart(saved_meta, c, data.identity(), str(ckpt.directory / str(latest)))  # the same data
     return latest, saved_meta, position // c.batch_size  # exact: check_restart keeps the global batch size
 
 
-def abstract_batch(dataset, c, accum: int, sharding, data: TrainingData) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global train batch's keys, shapes and dtypes, read from a first batch (of a fresh iterator)."""
-    first = next(iter(dataset), None)
-    if first is None:
+def check_one_batch(dataset, c, data: TrainingData) -> None:
+    """The train split must hold at least one global batch (read from a fresh iterator)."""
+    if next(iter(dataset), None) is None:
         raise ValueError(f"The train split of {data.path} holds less than one global batch (batch_size={c.batch_size}"
                          f" x seq_len={c.seq_len} tokens): lower --config.batch_size or --config.seq_len, or add data.")
-    return {k: jax.ShapeDtypeStruct((accum, c.batch_size // accum, *v.shape[1:]), v.dtype, sharding=sharding)
-            for k, v in first.items()}
 
 
 def summary(run: Run, last: dict[str, float]) -> str:
@@ -313,25 +288,8 @@ def summary(run: Run, last: dict[str, float]) -> str:
     return "\n".join([
         f"finished at step {step} of {run.c.total_steps}" + (f": {losses}" if losses else ""),
         f"  newest checkpoint: {run.ckpt.directory / str(step)}",
-        f"  export to Hugging Face: python -m tools.export_hf --workdir={workdir} --out=exported/{name}",
+        f"  export to Hugging Face: python -m tools.export_hf --model={workdir} --out=exported/{name}",
         f"  generate: python -m phi_jax.generate --model={workdir} --prompt='def fibonacci(n):'"])
-
-
-def _load_hf_params(state: TrainState, c, cfg: PhiConfig, shardings: TrainState) -> TrainState:
-    """Replaces freshly initialised parameters with a Hugging Face checkpoint's (fine-tuning), cast to the run's
-    param_dtype; its architecture must equal the run's."""
-    from flax import nnx
-
-    from phi_jax.loading import from_pretrained, load_config, resolve
-
-    source = resolve(c.init_from_hf)  # a Hugging Face directory (local or gs://), a Hub id or a workdir
-    if (saved := load_config(source)) != cfg:  # before reading any weight
-        raise ValueError(f"{c.init_from_hf} does not have the architecture of model {c.model!r} (checkpoint vs run: "
-                         + "; ".join(saved.diff(cfg)) + "); choose the preset it was trained as.")
-    hf = from_pretrained(source, compute_options(c))
-    params = jax.device_put(nnx.to_pure_dict(nnx.state(hf, nnx.Param)), shardings.params)
-    log.info("initialised parameters from %s", c.init_from_hf)
-    return state.replace(params=params)
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,4 +1,7 @@
-"""The training state (a pytree) and its creation directly in its sharded layout."""
+"""The training state (a pytree), how to initialise it, and the sharding of each of its leaves.
+
+phi_jax.trainer.build_trainer puts these together for a mesh; `Trainer.init_state` creates the state directly in
+its shardings."""
 
 from __future__ import annotations
 
@@ -36,15 +39,20 @@ def logical_names(cfg: PhiConfig) -> dict:
     return nnx.to_pure_dict(names)
 
 
-def _init(cfg: PhiConfig, compute: Compute, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def fresh_loss_scale(compute: Compute) -> LossScale:
     """float16 compute gets a dynamic loss scale (its gradients underflow otherwise); other dtypes a static 1."""
+    return LossScale.create(dynamic=compute.dtype == jnp.float16)
+
+
+def init_state(cfg: PhiConfig, compute: Compute, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A freshly initialised train state (jit it with out_shardings to create it sharded; eval_shape it for its
+    shapes). The model's layers are stacked: the train step scans over them."""
     model = Phi(cfg, compute, rngs=nnx.Rngs(params=seed))
     graphdef, params = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(params)
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=tx.init(params),
-                      loss_scale=LossScale.create(dynamic=compute.dtype == jnp.float16), skipped=zero,
-                      total_skipped=zero, graphdef=graphdef, tx=tx)
+    return TrainState(step=zero, params=params, opt_state=tx.init(params), loss_scale=fresh_loss_scale(compute),
+                      skipped=zero, total_skipped=zero, graphdef=graphdef, tx=tx)
 
 
 def _dict_keys(path) -> tuple[str, ...]:
@@ -55,7 +63,7 @@ def state_shardings(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh
                     opt_rules: dict | None = None, *, compute: Compute = Compute()) -> tuple[TrainState, TrainState]:
     """(abstract state, shardings). Parameters follow `rules`; optimizer moments (the leaves whose dict path is a
     parameter's) follow `opt_rules`, so ZeRO can shard moments further than parameters; the rest is replicated."""
-    abstract = jax.eval_shape(lambda: _init(cfg, compute, tx, 0))
+    abstract = jax.eval_shape(lambda: init_state(cfg, compute, tx, 0))
     is_names = lambda x: isinstance(x, tuple)
     names = logical_names(cfg)
     param_sh = jax.tree.map(lambda n: NamedSharding(mesh, logical_to_spec(n, rules)), names, is_leaf=is_names)
@@ -74,11 +82,3 @@ def state_shardings(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh
         loss_scale=jax.tree.map(lambda _: replicated, abstract.loss_scale),
         skipped=replicated, total_skipped=replicated)
     return abstract, shardings
-
-
-def create_train_state(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh, *, seed: int = 0,
-                       rules: dict | None = None, opt_rules: dict | None = None,
-                       compute: Compute = Compute()) -> TrainState:
-    """Initialises parameters and optimizer state already sharded: nothing is materialised whole on one host."""
-    _, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, compute=compute)
-    return jax.jit(lambda: _init(cfg, compute, tx, seed), out_shardings=shardings)()

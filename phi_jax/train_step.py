@@ -12,7 +12,9 @@ from phi_jax.optim import current_learning_rate
 from phi_jax.sharding import activation_sharding, batch_sharding
 from phi_jax.train_state import TrainState
 
-Batch = dict[str, jax.Array]  # inputs, targets, positions, segment_ids: int32; loss_mask: float32
+Batch = dict[str, jax.Array]  # the keys of BATCH_DTYPES
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
+                "loss_mask": jnp.float32}
 
 
 def loss_sum(params, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from phi_jax.config import ATTENTION_IMPLS, DENSE_IMPLS, DTYPES, PRESETS, REMAT_POLICIES
+from phi_jax.config import ATTENTION_CHOICES, DENSE_CHOICES, DTYPES, PRESETS, REMAT_POLICIES
 from phi_jax.sharding import STRATEGIES
 
 
@@ -41,8 +41,8 @@ RULES: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], str
     "model": (str, _one_of(*sorted(PRESETS))),
     "dtype": (str, _one_of(*DTYPES)),
     "param_dtype": (str, _one_of(*DTYPES)),
-    "attention_impl": (str, _one_of(*ATTENTION_IMPLS)),
-    "dense_impl": (str, _one_of(*DENSE_IMPLS)),
+    "attention_impl": (str, _one_of(*ATTENTION_CHOICES)),  # where each runs: Compute.resolve, at setup
+    "dense_impl": (str, _one_of(*DENSE_CHOICES)),
     "remat": (str, _one_of(*REMAT_POLICIES)),
     "seed": (int, NON_NEGATIVE),
     "seq_len": (int, POSITIVE),

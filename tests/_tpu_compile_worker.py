@@ -16,9 +16,9 @@ import sys
 import time
 import traceback
 
-from tools.plan_memory import AVAILABLE_HBM_GIB, DEVICELESS_TPU_ENV, compile_step, tpu_devices
+from phi_jax.memory_check import AVAILABLE_HBM_GIB, DEVICELESS_TPU_ENV, compile_report, tpu_devices
 
-os.environ.update(DEVICELESS_TPU_ENV)
+os.environ.update(DEVICELESS_TPU_ENV)  # before JAX's backends start (importing JAX starts none)
 os.environ["JAX_PLATFORMS"] = "cpu"  # the host backend; TPU programs are compiled for topology devices
 
 import jax
@@ -26,9 +26,10 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from phi_jax.attention import attention
+from phi_jax.dispatch import mesh_platform
 from phi_jax.kernels.dense import fused_dense
 from phi_jax.kernels.flash_attention import flash_attention
-from phi_jax.sharding import activation_sharding, make_mesh
+from phi_jax.sharding import make_mesh
 
 TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
 # (head_dim, seq, segment ids): every head_dim, S 2048 and an odd length, with and without segment ids.
@@ -52,23 +53,21 @@ def _attention_check(kind: str, mesh, head_dim: int, seq: int, segments: bool, d
     heads = 2048 // head_dim if head_dim == 64 else 4
     x = _abstract(mesh, (1, seq, heads, head_dim), dtype)
     seg = _abstract(mesh, (1, seq), jnp.int32) if segments else None
+    platform = mesh_platform(mesh)  # "tpu": the topology's devices
     if kind == "splash (attention_impl=auto)":
-        def fn(q, k, v, s):
-            with activation_sharding(mesh):  # resolves for the mesh's TPU devices: auto -> splash
-                return attention(q, k, v, segment_ids=s, impl="auto")
+        def fn(q, k, v, s):  # auto -> splash on a TPU
+            return attention(q, k, v, segment_ids=s, impl="auto", platform=platform)
     else:
-        def fn(q, k, v, s):
-            with activation_sharding(mesh):  # resolves for the mesh's TPU devices: Mosaic, compiled
-                return flash_attention(q, k, v, s, causal=True, backend="tpu")
+        def fn(q, k, v, s):  # Mosaic, compiled
+            return flash_attention(q, k, v, s, causal=True, backend="tpu", platform=platform)
     return _grad_fn(fn, 3).lower(x, x, x, seg)
 
 
 def _dense_check(mesh, m: int, k: int, n: int, activation):
     x, w, b = _abstract(mesh, (m, k), jnp.bfloat16), _abstract(mesh, (k, n), jnp.bfloat16), _abstract(
         mesh, (n,), jnp.bfloat16)
-    def fn(x, w, b):
-        with activation_sharding(mesh):  # resolves for the mesh's TPU devices: Mosaic, compiled
-            return fused_dense(x, w, b, activation=activation, backend="tpu")
+    def fn(x, w, b):  # Mosaic, compiled
+        return fused_dense(x, w, b, activation=activation, backend="tpu", platform=mesh_platform(mesh))
     return _grad_fn(fn, 3).lower(x, w, b)
 
 
@@ -153,7 +152,9 @@ def _vmem_control(mesh, rows: int):
 def step_check(records: list) -> None:
     from configs.phi15 import get_config
     from phi_jax.config import PhiConfig
-    from phi_jax.train import compute_options
+    from phi_jax.optim import make_optimizer
+    from phi_jax.run_config import compute_options
+    from phi_jax.trainer import build_trainer
 
     c = get_config()
     cfg, compute = PhiConfig.preset(c.model), compute_options(c)
@@ -162,8 +163,9 @@ def step_check(records: list) -> None:
     name = (f"{STEP_TOPOLOGY} phi-1.5 train step, configs/phi15.py ({c.sharding}, mesh {dict(mesh.shape)}, "
             f"{c.dtype}, remat {c.remat}), micro-batch {STEP_MICRO_BATCH} x {c.seq_len}")
     try:
-        result = compile_step(cfg, mesh, c.sharding, STEP_MICRO_BATCH, 1, c.seq_len,
-                              AVAILABLE_HBM_GIB[mesh.devices.flat[0].device_kind], compute)
+        trainer = build_trainer(cfg, compute, make_optimizer(c.learning_rate), mesh, c.sharding)
+        result = compile_report(trainer, STEP_MICRO_BATCH, 1, c.seq_len,
+                                AVAILABLE_HBM_GIB[mesh.devices.flat[0].device_kind])
         record = {"name": name, "ok": result["fits"], "result": result}
         if not result["fits"]:
             record["error"] = result.get("compiler_message", f"memory analysis exceeds HBM: {result}")

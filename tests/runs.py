@@ -14,8 +14,7 @@ from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--config.model=tiny", "--config.seq_len=32", "--config.batch_size=8", "--config.log_every=1",
-            "--config.eval_every=0", "--config.learning_rate=3e-3", "--config.checkpoint_every=3",
-            "--config.peak_flops_per_device=1e11"]  # for MFU: saves measuring the CPU's matmul peak (~1.5 s) per run
+            "--config.eval_every=0", "--config.learning_rate=3e-3", "--config.checkpoint_every=3"]
 
 
 def documents(n: int) -> list[str]:

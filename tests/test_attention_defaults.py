@@ -61,12 +61,27 @@ def test_resolution_is_logged(caplog):
     assert "attention: splash (asked for 'auto', bfloat16 on 'tpu')" in caplog.text
 
 
-def test_platform_follows_the_sharding_context():
-    """A step compiled for a mesh resolves for that mesh's devices, not for the host's default backend."""
-    mesh = make_mesh(devices=jax.devices()[:1])
-    assert dispatch.current_platform() == jax.default_backend()
-    with activation_sharding(mesh):
-        assert dispatch.current_platform() == mesh.devices.flat[0].platform
+def test_compute_is_resolved_once_for_the_mesh_platform():
+    """A model resolves `auto` when it is made: for JAX's default backend, or for the mesh a trainer is built for
+    (the platform of its devices; a TPU topology's devices resolve for TPU, tests/test_compile_tpu.py)."""
+    from phi_jax.model import init_model
+    from phi_jax.optim import make_optimizer
+    from phi_jax.trainer import build_trainer
+
+    assert dispatch.mesh_platform(types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="cuda")]))
+                                  ) == "gpu"
+    model = init_model(PhiConfig.preset("tiny"))
+    assert model.compute == Compute(attention_impl="xla", dense_impl="xla", platform="cpu")
+    assert model.layers.attn.impl == "xla" and model.layers.attn.platform == "cpu"
+    trainer = build_trainer(PhiConfig.preset("tiny"), Compute(dtype="bfloat16"), make_optimizer(1e-3),
+                            make_mesh(devices=jax.devices()[:1]))
+    assert trainer.compute.platform == "cpu" and trainer.compute.attention_impl == "xla"
+    assert Compute().resolve("tpu").attention_impl == "splash"
+    assert Compute(dtype="bfloat16").resolve("gpu").attention_impl == "cudnn"
+    with pytest.raises(ValueError, match="resolved for 'tpu', not 'cpu'"):
+        Compute().resolve("tpu").resolve("cpu")
+    with pytest.raises(ValueError, match=r"attention_impl='cudnn' cannot run on 'cpu'"):
+        init_model(PhiConfig.preset("tiny"), compute=Compute(dtype="bfloat16", attention_impl="cudnn"))
 
 
 # ------------------------------------------------------------------------------- splash vs XLA (interpret mode)
@@ -164,18 +179,17 @@ def test_splash_bad_shapes_raise():
 @pytest.mark.parametrize("packed", [False, True])
 def test_auto_on_gpu_lowers_to_cudnn_fused_attention(monkeypatch, packed):
     """`auto` with bf16 on a GPU lowers, forward and backward, to cuDNN's fused-attention custom calls with the
-    causal mask (and the segment mask as a bias). No GPU here: the platform is set to 'gpu' and jaxlib's cuDNN
+    causal mask (and the segment mask as a bias). No GPU here: the platform is named 'gpu' and jaxlib's cuDNN
     version query (absent without the CUDA plugin) answers 9.10; the lowering itself is JAX's real one."""
     from jax._src.cudnn import fused_attention_stablehlo
 
-    monkeypatch.setattr(dispatch, "current_platform", lambda: "gpu")
     monkeypatch.setattr(fused_attention_stablehlo, "cuda_versions",
                         types.SimpleNamespace(cudnn_get_version=lambda: 91000))
     x = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((2, 256), jnp.int32) if packed else None
 
     def loss(q, k, v, seg):
-        return jnp.sum(attention(q, k, v, segment_ids=seg, impl="auto").astype(jnp.float32))
+        return jnp.sum(attention(q, k, v, segment_ids=seg, impl="auto", platform="gpu").astype(jnp.float32))
 
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg).lower(
         lowering_platforms=("cuda",)).as_text()
@@ -199,29 +213,26 @@ def test_auto_on_gpu_lowers_to_cudnn_fused_attention(monkeypatch, packed):
     ("tpu", None, None, ("tpu", False)),
     ("gpu", "tpu", True, ("tpu", True)),
 ])
-def test_pallas_target(monkeypatch, platform, backend, interpret, expected):
-    monkeypatch.setattr(dispatch, "current_platform", lambda: platform)
-    assert dispatch.pallas_target(backend, interpret) == expected
+def test_pallas_target(platform, backend, interpret, expected):
+    assert dispatch.pallas_target(platform, backend, interpret) == expected
 
 
 @pytest.mark.parametrize(("platform", "backend", "interpret", "match"), [
     ("cpu", None, False, "interpret=False needs a GPU, but this computation runs on 'cpu'"),
+    ("cuda", None, None, "platform='cuda' is not one of"),
     ("gpu", "tpu", None, "needs a TPU, but this computation runs on 'gpu'"),
     ("tpu", "cuda", None, "backend='cuda' is not a Pallas lowering"),
 ])
-def test_pallas_target_errors(monkeypatch, platform, backend, interpret, match):
-    monkeypatch.setattr(dispatch, "current_platform", lambda: platform)
+def test_pallas_target_errors(platform, backend, interpret, match):
     with pytest.raises(ValueError, match=match):
-        dispatch.pallas_target(backend, interpret)
+        dispatch.pallas_target(platform, backend, interpret)
 
 
-def _mesh_on(platform: str):
-    """A sharding context whose mesh's devices are on `platform` (only the platform is read by the resolver)."""
-    devices = np.array([types.SimpleNamespace(platform=platform)], dtype=object)
-    return activation_sharding(types.SimpleNamespace(devices=devices))
-
-
-def _lowered_for_tpu(kernel: str) -> str:
+@pytest.mark.parametrize("kernel", ["flash_attention", "splash_attention", "fused_dense"])
+def test_pallas_kernels_follow_the_named_platform(kernel):
+    """Every Pallas entry point lowers for the platform it is given, and jit's cache sees it (a static argument):
+    from this CPU host, `platform="tpu"` (as when compiling ahead of time for a TPU topology) lowers to a compiled
+    Mosaic kernel; the default (JAX's backend, CPU here) runs in interpret mode (no Mosaic custom call)."""
     from phi_jax.kernels.dense import fused_dense
     from phi_jax.kernels.flash_attention import flash_attention
     from phi_jax.kernels.splash_attention import splash_attention
@@ -230,15 +241,6 @@ def _lowered_for_tpu(kernel: str) -> str:
     args = {"fused_dense": (jax.ShapeDtypeStruct((16, 128), jnp.float32), jax.ShapeDtypeStruct((128, 128), jnp.float32),
                             jax.ShapeDtypeStruct((128,), jnp.float32))}.get(kernel, (x, x, x))
     fn = {"fused_dense": fused_dense, "flash_attention": flash_attention, "splash_attention": splash_attention}[kernel]
-    # A new function each time: jit's cache does not see the sharding context the kernels resolve by.
-    return jax.jit(lambda *a: fn(*a)).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
-
-
-@pytest.mark.parametrize("kernel", ["flash_attention", "splash_attention", "fused_dense"])
-def test_pallas_kernels_follow_the_mesh_platform(kernel):
-    """Every Pallas entry point asks the one resolver: from this CPU host, inside a TPU mesh's sharding context
-    (as when compiling ahead of time for a TPU topology) it lowers to a compiled Mosaic kernel; outside it, it runs
-    in interpret mode (no Mosaic custom call)."""
-    with _mesh_on("tpu"):
-        assert "tpu_custom_call" in _lowered_for_tpu(kernel)
-    assert "tpu_custom_call" not in _lowered_for_tpu(kernel)
+    lowered = jax.jit(fn, static_argnames="platform")
+    assert "tpu_custom_call" in lowered.trace(*args, platform="tpu").lower(lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" not in lowered.trace(*args).lower(lowering_platforms=("tpu",)).as_text()

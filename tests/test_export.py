@@ -1,7 +1,6 @@
-"""export_hf and import_hf (phi_jax.hf.convert; tools/export_hf.py and tools/import_hf.py are their command lines): a
+"""export_hf (phi_jax.hf.convert; tools/export_hf.py is its command line) and starting from exported weights: a
 workdir checkpoint -> transformers (weights and tokenizer) and back."""
 
-import glob
 import os
 from pathlib import Path
 
@@ -10,11 +9,11 @@ import numpy as np
 import pytest
 
 from phi_jax.checkpoint import Checkpointer, load_model
-from phi_jax.config import PhiConfig
-from phi_jax.hf.convert import export_hf, import_hf
+from phi_jax.config import Compute, PhiConfig
+from phi_jax.hf.convert import export_hf
 from phi_jax.optim import make_optimizer
 from phi_jax.sharding import make_mesh
-from phi_jax.train_state import create_train_state
+from phi_jax.trainer import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 STDLIB = Path(os.__file__).parent
@@ -43,7 +42,7 @@ def workdir(tmp_path_factory, sp_model):
     ckpt = Checkpointer(wd, async_save=False)
     meta = {"model": cfg.to_dict(), "run": {"model": "tiny"}, "data": {"tokenizer_path": str(sp_model)}}
     for step, seed in ((10, 1), (20, 2)):
-        state = create_train_state(cfg, tx, mesh, seed=seed)
+        state = build_trainer(cfg, Compute(), tx, mesh).init_state(seed)
         ckpt.save(step, state.replace(step=state.step + step), meta)
     ckpt.close()
     return wd
@@ -131,24 +130,29 @@ def test_export_refuses_existing_dir_and_bad_steps(workdir, exported, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
-def test_import_hf_round_trip(exported, tmp_path):
+def test_init_from_pretrained_takes_the_exported_weights(exported, workdir):
+    """Trainer.init_state(init_from=...) (--config.init_from_hf) starts from a Hugging Face directory's or a
+    workdir's parameters, in the run's param dtype, with a fresh optimizer state; another architecture is refused
+    before any weight is read."""
+    import jax.numpy as jnp
     from flax import nnx
 
     from phi_jax import from_pretrained
 
-    wd = tmp_path / "imported"
-    import_hf(str(exported), str(wd))
-    model, meta, step = load_model(wd)
-    assert step == 0 and meta["data"]["tokenizer_path"].endswith("tokenizer.json")
-    direct = from_pretrained(exported)
-    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(direct, nnx.Param)),
-                    strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # The optimizer state is there too, fresh: a full restore of the train state works.
-    ckpt = Checkpointer(wd, async_save=False)
-    assert ckpt.read_meta(0)["model"] == model.cfg.to_dict()
-    ckpt.close()
-    assert glob.glob(str(wd / "checkpoints" / "0" / "state" / "*"))
+    cfg, mesh = PhiConfig.preset("tiny", max_position_embeddings=256), make_mesh(devices=jax.devices()[:1])
+    for source, dtype in ((exported, "float32"), (workdir, "bfloat16")):
+        trainer = build_trainer(cfg, Compute(param_dtype=dtype), make_optimizer(1e-3), mesh)
+        state = trainer.init_state(9, init_from=str(source))
+        direct = nnx.state(from_pretrained(source), nnx.Param)
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(direct), strict=True):
+            assert a.dtype == jnp.dtype(dtype)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b[...].astype(dtype)))
+        mu = state.opt_state.inner_state[0].mu
+        assert all(not np.asarray(m).any() for m in jax.tree.leaves(mu)) and int(state.step) == 0
+    other = build_trainer(cfg.replace(rope_theta=500.0), Compute(), make_optimizer(1e-3), mesh)
+    with pytest.raises(ValueError, match=r"does not have the architecture of the run's model \(checkpoint vs run: "
+                                         r"rope_theta: 10000.0 vs 500.0\)"):
+        other.init_state(0, init_from=str(exported))
 
 
 def test_overwrite_replaces_only_an_empty_dir_or_a_previous_export(workdir, tmp_path, capsys):
@@ -187,18 +191,18 @@ def test_overwrite_replaces_only_an_empty_dir_or_a_previous_export(workdir, tmp_
 
 
 def test_the_command_lines_run_as_modules(workdir, tmp_path):
-    """`python -m tools.export_hf` from the checkout (no sys.path edits); a bad --workdir is one line naming the
+    """`python -m tools.export_hf` from the checkout (no sys.path edits); a bad --model is one line naming the
     accepted forms (phi_jax.cli.run), before anything is written."""
     import subprocess
     import sys
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    ok = subprocess.run([sys.executable, "-m", "tools.export_hf", f"--workdir={workdir}", f"--out={tmp_path / 'out'}",
+    ok = subprocess.run([sys.executable, "-m", "tools.export_hf", f"--model={workdir}", f"--out={tmp_path / 'out'}",
                          "--step=20"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "tokenizer.json").exists()
-    bad = subprocess.run([sys.executable, "-m", "tools.import_hf", f"--hf_dir={tmp_path / 'missing'}",
-                          f"--workdir={tmp_path / 'wd'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+    bad = subprocess.run([sys.executable, "-m", "tools.export_hf", f"--model={tmp_path / 'missing'}",
+                          f"--out={tmp_path / 'wd'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
     assert bad.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'missing'} is not a model directory")

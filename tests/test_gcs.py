@@ -152,8 +152,8 @@ def test_train_sigterm_resume_export_and_generate_in_a_bucket(tmp_path, gcs, sha
     export = ["tools.export_hf"]
     procs = [_tool(*generate, f"--model={workdir}", env=env),
              _tool(*generate, f"--model={tmp_path / 'reference'}", env=env),
-             _tool(*export, f"--workdir={workdir}", f"--out={tmp_path / 'from_bucket'}", env=env),
-             _tool(*export, f"--workdir={tmp_path / 'reference'}", f"--out={tmp_path / 'from_disk'}", env=env)]
+             _tool(*export, f"--model={workdir}", f"--out={tmp_path / 'from_bucket'}", env=env),
+             _tool(*export, f"--model={tmp_path / 'reference'}", f"--out={tmp_path / 'from_disk'}", env=env)]
     from_bucket, from_disk, *_ = [_finish(p) for p in procs]
     assert from_bucket == from_disk and from_disk.strip()
     exported = sorted(p.name for p in (tmp_path / "from_disk").iterdir())

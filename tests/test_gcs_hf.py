@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from gcs_emulator import BUCKET, gcs_emulator
-from runs import make_shards, tiny_config
+from runs import make_shards
 
 IDS = np.random.default_rng(0).integers(0, 512, (2, 24))
 TEXT = "def f(x):\n    return x + 1\n\nclass A:\n    pass\n"
@@ -56,16 +56,16 @@ def workdir(gcs, shards, tmp_path_factory):
     from etils import epath
 
     from phi_jax.checkpoint import Checkpointer
-    from phi_jax.config import PhiConfig
+    from phi_jax.config import Compute, PhiConfig
     from phi_jax.optim import make_optimizer
     from phi_jax.sharding import make_mesh
-    from phi_jax.train_state import create_train_state
+    from phi_jax.trainer import build_trainer
 
     tokenizer = f"gs://{BUCKET}/tokenizers/sp512.model"
     epath.Path(tokenizer).write_bytes((shards.parent / "sp512.model").read_bytes())
     wd = tmp_path_factory.mktemp("run")
     cfg = PhiConfig.preset("tiny")
-    state = create_train_state(cfg, make_optimizer(1e-3), make_mesh(devices=jax.devices()[:1]), seed=3)
+    state = build_trainer(cfg, Compute(), make_optimizer(1e-3), make_mesh(devices=jax.devices()[:1])).init_state(3)
     ckpt = Checkpointer(wd, async_save=False)
     ckpt.save(1, state, {"model": cfg.to_dict(), "run": {"param_dtype": "float32", "seq_len": 32},
                          "data": {"tokenizer_path": tokenizer}})
@@ -113,30 +113,23 @@ def test_generate_and_evaluate_read_a_bucket_directory(workdir, exported, tmp_pa
     assert f"{exported} on {tmp_path / 't.txt'}: " in out and "perplexity " in out
 
 
-def test_init_from_hf_and_import_read_a_bucket_directory(workdir, exported, shards, tmp_path):
-    """train's init_from_hf step (without compiling a train step) and import_hf both take the bucket model's
+def test_init_from_hf_reads_a_bucket_directory(workdir, exported):
+    """train's init_from_hf (Trainer.init_state, without compiling a train step) takes the bucket model's
     parameters."""
     from flax import nnx
 
     from phi_jax import from_pretrained
-    from phi_jax.checkpoint import load_model
-    from phi_jax.config import PhiConfig
-    from phi_jax.hf.convert import import_hf
+    from phi_jax.config import Compute, PhiConfig
     from phi_jax.optim import make_optimizer
     from phi_jax.sharding import make_mesh
-    from phi_jax.train import _load_hf_params
-    from phi_jax.train_state import create_train_state, state_shardings
+    from phi_jax.trainer import build_trainer
 
     ref = jax.tree.leaves(nnx.state(from_pretrained(workdir), nnx.Param))
-    cfg, tx, mesh = PhiConfig.preset("tiny"), make_optimizer(1e-3), make_mesh(devices=jax.devices()[:1])
-    state = create_train_state(cfg, tx, mesh, seed=9)
-    state = _load_hf_params(state, tiny_config(shards, init_from_hf=exported), cfg, state_shardings(cfg, tx, mesh)[1])
-    import_hf(exported, tmp_path / "imported")
-    model, meta, _ = load_model(tmp_path / "imported")
-    for params in (state.params, nnx.to_pure_dict(nnx.state(model, nnx.Param))):
-        for a, b in zip(jax.tree.leaves(params), ref, strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert meta["data"]["tokenizer_path"] == f"{exported}/tokenizer.json"
+    trainer = build_trainer(PhiConfig.preset("tiny"), Compute(), make_optimizer(1e-3),
+                            make_mesh(devices=jax.devices()[:1]))
+    state = trainer.init_state(9, init_from=exported)
+    for a, b in zip(jax.tree.leaves(state.params), ref, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_a_failed_upload_leaves_nothing_a_reader_takes_for_a_model(workdir, monkeypatch):

@@ -17,7 +17,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sampler(hf_dir):
-    return gen.Sampler(from_pretrained(hf_dir))
+    return gen.Sampler(from_pretrained(hf_dir, scan_layers=False))
 
 
 def _prompts(lengths, seed=0):
@@ -114,7 +114,7 @@ def test_decode_step_copies_neither_weights_nor_cache(batch):
     from phi_jax.model import init_model
 
     cfg = PhiConfig.preset("tiny")
-    sampler = gen.Sampler(init_model(cfg))
+    sampler = gen.Sampler(init_model(cfg, scan_layers=False))
     cache = sampler.model.init_cache(batch, 256)
     tokens = jnp.zeros((batch,), jnp.int32)
     sampling = (jnp.float32(1), jnp.int32(0), jnp.float32(1))
@@ -128,7 +128,7 @@ def test_decode_step_copies_neither_weights_nor_cache(batch):
 
 def test_stacked_layers_would_copy_weights_every_step():
     """The control for the test above: the same decode step over the stacked layers (as trained) holds copies of
-    the weights as temporaries on XLA:CPU, which is why the Sampler unstacks them."""
+    the weights as temporaries on XLA:CPU, which is why decoding loads the unrolled layout."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -145,17 +145,40 @@ def test_stacked_layers_would_copy_weights_every_step():
     assert memory.temp_size_in_bytes >= layer_weight_bytes
 
 
-def test_a_model_used_by_a_sampler_still_exports(tmp_path):
-    """A Sampler unstacks the model's layers in place; save_pretrained stacks them back and writes the same weights."""
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_sampling_exporting_and_evaluating_leave_the_model_unchanged(tmp_path, scan_layers):
+    """A model handed to a Sampler, save_pretrained, evaluate and the lm-eval adapter keeps its layout, its tree,
+    its Variable objects and its arrays (the same objects, equal values); the export round-trips its logits."""
+    import jax
+    from flax import nnx
+    from lm_eval.api.instance import Instance
+
     import phi_jax
     from phi_jax.config import PhiConfig
-    from phi_jax.generate import Sampler
+    from phi_jax.evaluate import evaluate_tokens
+    from phi_jax.lm_eval_adapter import PhiJaxLM
     from phi_jax.model import init_model
 
-    model = init_model(PhiConfig.preset("tiny"), seed=3)
+    model = init_model(PhiConfig.preset("tiny", max_position_embeddings=64), seed=3, scan_layers=scan_layers)
     ids = np.arange(1, 20, dtype=np.int32)[None]
     before = np.asarray(model(ids)[0])
-    Sampler(model)
-    assert not model.stacked
+    graphdef, state = nnx.split(model)
+    variables = [id(v) for _, v in nnx.to_flat_state(nnx.state(model))]
+    arrays = [id(x) for x in jax.tree.leaves(state)]
+    values = [np.asarray(x) for x in jax.tree.leaves(state)]
+
+    gen.Sampler(model)(_prompts([4, 9]), max_new_tokens=5)
     phi_jax.save_pretrained(model, tmp_path / "hf")
-    np.testing.assert_array_equal(np.asarray(phi_jax.from_pretrained(tmp_path / "hf")(ids)[0]), before)
+    evaluate_tokens(model, np.arange(3, 100), seq_len=32, batch_size=2)
+    lm = PhiJaxLM(model=model, tokenizer=_CharTokenizer(), batch_size=2)
+    lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, idx=0, arguments=("ab", "cd"))])
+    lm.generate_until([Instance(request_type="generate_until", doc={}, idx=0,
+                                arguments=("ab", {"until": ["z"], "max_gen_toks": 3}))])
+
+    assert model.scan_layers is scan_layers and nnx.graphdef(model) == graphdef
+    assert [id(v) for _, v in nnx.to_flat_state(nnx.state(model))] == variables
+    assert [id(x) for x in jax.tree.leaves(nnx.state(model))] == arrays
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), values, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    reloaded = phi_jax.from_pretrained(tmp_path / "hf", scan_layers=scan_layers)  # the same program: bit for bit
+    np.testing.assert_array_equal(np.asarray(reloaded(ids)[0]), before)

@@ -9,8 +9,8 @@ from phi_jax.config import Compute, PhiConfig
 from phi_jax.model import Phi
 from phi_jax.optim import make_optimizer
 from phi_jax.sharding import make_mesh
-from phi_jax.train_state import create_train_state
 from phi_jax.train_step import loss_sum, train_step
+from phi_jax.trainer import build_trainer
 
 SEQ, ROWS = 48, 2  # 48 is not a multiple of the kernels' blocks: padding is exercised too
 
@@ -49,7 +49,7 @@ def test_training_with_both_kernels_matches_xla():
     losses = {}
     mesh = make_mesh(devices=jax.devices()[:1])
     for impl in ("xla", "pallas"):
-        state = create_train_state(PhiConfig.preset("tiny"), make_optimizer(3e-3), mesh, compute=compute(impl))
+        state = build_trainer(PhiConfig.preset("tiny"), compute(impl), make_optimizer(3e-3), mesh).init_state()
         step = jax.jit(train_step)
         losses[impl] = []
         for _ in range(3):

@@ -116,13 +116,17 @@ def test_a_hub_id_loads_from_the_hub_cache_offline(model, hf_dir, tmp_path):
 
 
 def test_init_from_hf_compares_the_whole_architecture_before_reading_weights(hf_dir, monkeypatch):
-    """rope_theta is outside the three fields train.py used to compare by hand; the check is now `==`."""
-    import types
+    """Every architecture field is compared (`==`), rope_theta included, before any weight is read."""
+    import jax
 
-    from phi_jax import train
+    from phi_jax.config import Compute
+    from phi_jax.optim import make_optimizer
+    from phi_jax.sharding import make_mesh
+    from phi_jax.trainer import build_trainer
 
     monkeypatch.setattr(loading, "from_pretrained", lambda *a, **k: pytest.fail("weights read before the check"))
-    c = types.SimpleNamespace(init_from_hf=str(hf_dir), model="tiny")
-    with pytest.raises(ValueError, match=r"does not have the architecture of model 'tiny' \(checkpoint vs run: "
+    trainer = build_trainer(PhiConfig.preset("tiny", rope_theta=500.0), Compute(), make_optimizer(1e-3),
+                            make_mesh(devices=jax.devices()[:1]))
+    with pytest.raises(ValueError, match=r"does not have the architecture of the run's model \(checkpoint vs run: "
                                          r"rope_theta: 10000.0 vs 500.0\); choose the preset"):
-        train._load_hf_params(None, c, PhiConfig.preset("tiny", rope_theta=500.0), None)
+        trainer.pretrained_params(str(hf_dir))

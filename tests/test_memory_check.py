@@ -12,12 +12,12 @@ import pytest
 from runs import ROOT, clean_env, make_shards
 
 from phi_jax import memory_check
-from phi_jax.config import PhiConfig
+from phi_jax.config import Compute, PhiConfig
 from phi_jax.optim import make_optimizer
 from phi_jax.run_config import base_config
-from phi_jax.sharding import make_mesh, strategy_rules
+from phi_jax.sharding import make_mesh
 from phi_jax.train import train
-from phi_jax.train_state import state_shardings
+from phi_jax.trainer import build_trainer
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +61,8 @@ def test_a_step_whose_activations_do_not_fit_stops_after_compiling(tmp_path, sha
     c = base_config()
     c.model, c.seq_len, c.batch_size, c.total_steps, c.eval_every = "tiny", 256, 64, 2, 0
     c.data.path = str(shards)
-    rules, opt_rules = strategy_rules(c.sharding)
     mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    abstract, shardings = state_shardings(PhiConfig.preset("tiny"), make_optimizer(1e-3), mesh, rules, opt_rules)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    target = build_trainer(PhiConfig.preset("tiny"), Compute(), make_optimizer(1e-3), mesh, c.sharding).abstract_state
     state_and_grads = memory_check._per_device_bytes(target) + memory_check._per_device_bytes(target.params)
     monkeypatch.setenv(memory_check.AVAILABLE_ENV, str(state_and_grads * jax.local_device_count() + 4096))
     with pytest.raises(memory_check.InsufficientMemoryError,

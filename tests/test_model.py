@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from phi_jax.config import PRESETS, Compute, PhiConfig
-from phi_jax.model import abstract_model, count_params, init_model
+from phi_jax.model import abstract_model, count_params, init_model, to_layout
 
 
 def test_full_phi15_shapes_without_memory():
@@ -42,6 +42,7 @@ def test_invalid_config(bad, match):
     (dict(attention_impl="flash"), "Compute.attention_impl='flash' is not one of"),
     (dict(dense_impl="cuda"), "Compute.dense_impl='cuda' is not one of"),
     (dict(remat="some"), "Compute.remat='some' is not one of"),
+    (dict(platform="cuda"), "Compute.platform='cuda' is not one of"),
 ])
 def test_invalid_compute(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -53,19 +54,18 @@ def test_compute_holds_jnp_dtypes_and_names_them():
     assert c.dtype == jnp.bfloat16 and c.param_dtype == jnp.float16 and isinstance(c.dtype, jnp.dtype)
     assert c == Compute(dtype=jnp.bfloat16, param_dtype="float16")  # one value whichever way it was written
     assert c.to_dict() == {"dtype": "bfloat16", "param_dtype": "float16", "attention_impl": "auto",
-                           "dense_impl": "auto", "remat": "none"}
+                           "dense_impl": "auto", "remat": "none", "platform": None}
     assert Compute(**c.to_dict()) == c
 
 
 def test_phi_config_is_the_architecture_only():
-    """An old checkpoint's meta["model"] holds the compute fields too: they are dropped, anything else unknown
-    is still an error; a model keeps both objects."""
-    old = {**PhiConfig.preset("tiny").to_dict(), "dtype": "bfloat16", "param_dtype": "float32",
-           "attention_impl": "auto", "dense_impl": "xla", "remat": "full"}
-    assert PhiConfig.from_dict(old).to_dict() == PhiConfig.preset("tiny").to_dict()
+    """PhiConfig holds no compute field and reads back its own dict; an unknown key is an error (a compute field
+    in a model config too); a model keeps both objects."""
+    tiny = PhiConfig.preset("tiny")
+    assert PhiConfig.from_dict(tiny.to_dict()) == tiny
     assert not {"dtype", "param_dtype", "attention_impl", "dense_impl", "remat"} & set(PhiConfig().to_dict())
-    with pytest.raises(ValueError, match=r"Unknown PhiConfig fields \['n_layer'\]"):
-        PhiConfig.from_dict({**old, "n_layer": 2})
+    with pytest.raises(ValueError, match=r"Unknown PhiConfig fields \['n_layer', 'remat'\]"):
+        PhiConfig.from_dict({**tiny.to_dict(), "n_layer": 2, "remat": "full"})
     assert PhiConfig.preset("tiny").diff(PhiConfig.preset("tiny", num_layers=3)) == ["num_layers: 2 vs 3"]
     # The special token ids and the init std are recorded but are not the architecture.
     other_ids = PhiConfig.preset("tiny", eos_token_id=7, bos_token_id=7, initializer_range=0.2)
@@ -92,19 +92,16 @@ def test_packed_documents_equal_separate_runs(tiny):
     assert not np.allclose(np.asarray(tiny(packed, positions)[0])[0, 150:], out[0, 150:], atol=1e-3)
 
 
-@pytest.mark.parametrize("unstacked", [False, True])
-def test_kv_cache_decode_matches_full_forward(unstacked):
-    """Prefill and single-token steps through the cache equal one full forward, with the layers stacked (as
-    trained) or moved to per-layer arrays (as the Sampler decodes); unstacking also leaves the forward unchanged
-    and stacking back restores the training layout exactly."""
-    model = init_model(PhiConfig.preset("tiny"), seed=1)
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_kv_cache_decode_matches_full_forward(scan_layers):
+    """Prefill and single-token steps through the cache equal one full forward, in either layer layout (stacked,
+    as trained, or one Block per layer, as decoded); the unrolled copy of a model computes the same logits."""
+    stacked = init_model(PhiConfig.preset("tiny"), seed=1)
     ids = np.random.default_rng(1).integers(0, 512, (2, 40))
-    full = np.asarray(model(ids)[0])
-    if unstacked:
-        stacked_state = jax.tree.map(np.asarray, nnx.state(model.layers))
-        model.unstack_layers()
-        assert not model.stacked and len(model.layers) == model.cfg.num_layers
-        np.testing.assert_allclose(np.asarray(model(ids)[0]), full, atol=2e-5)
+    full = np.asarray(stacked(ids)[0])
+    model = to_layout(stacked, scan_layers=scan_layers)
+    assert model.scan_layers is scan_layers
+    np.testing.assert_allclose(np.asarray(model(ids)[0]), full, atol=2e-5)
     cache = model.init_cache(batch=2, max_len=64)
     prefill, cache = model(ids[:, :30], cache=cache)
     steps = [prefill]
@@ -113,10 +110,42 @@ def test_kv_cache_decode_matches_full_forward(unstacked):
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], axis=1), full, atol=2e-5)
     assert int(cache.index) == 40
-    if unstacked:
-        model.stack_layers()
-        for a, b in zip(jax.tree.leaves(nnx.state(model.layers)), jax.tree.leaves(stacked_state), strict=True):
-            np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_to_layout_is_a_new_model_and_round_trips_exactly():
+    """Unrolling gives one Block per layer holding layer i of each stacked parameter; stacking back gives the
+    stacked arrays bit for bit; the source model is never changed."""
+    model = init_model(PhiConfig.preset("tiny"), seed=2)
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    graphdef = nnx.graphdef(model)
+    unrolled = to_layout(model, scan_layers=False)
+    assert unrolled is not model and len(unrolled.layers) == model.cfg.num_layers
+    np.testing.assert_array_equal(np.asarray(unrolled.layers[1].mlp.fc1.kernel[...]),
+                                  np.asarray(model.layers.mlp.fc1.kernel[...])[1])
+    assert unrolled.layers[1].mlp.fc1.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
+    assert model.layers.mlp.fc1.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
+    back = to_layout(unrolled, scan_layers=True)
+    assert nnx.graphdef(back) == graphdef and to_layout(back, scan_layers=True) is back
+    for a, b in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert nnx.graphdef(model) == graphdef
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_hidden_states_are_what_lm_head_reads():
+    model = init_model(PhiConfig.preset("tiny"), seed=6)
+    ids = np.random.default_rng(6).integers(0, 512, (2, 24))
+    seg = np.array([[1] * 10 + [2] * 14] * 2)
+    pos = np.concatenate([np.arange(10), np.arange(14)])[None].repeat(2, 0)
+    h = model.hidden_states(ids, pos, segment_ids=seg)
+    assert h.shape == (2, 24, model.cfg.hidden_size)
+    np.testing.assert_allclose(np.asarray(model.lm_head(h, out_dtype=jnp.float32)),
+                               np.asarray(model(ids, pos, segment_ids=seg)[0]), atol=1e-6)
+    # The final LayerNorm at initialisation (scale 1, bias 0): each row has mean 0 and variance v / (v + eps) for
+    # its input's variance v (~2e-3 here), just under 1; the residual stream before it has v itself.
+    np.testing.assert_allclose(np.asarray(h).mean(-1), 0, atol=1e-5)
+    assert np.all((np.asarray(h).var(-1) > 0.98) & (np.asarray(h).var(-1) < 1.0))
 
 
 def test_bfloat16_compute_keeps_float32_logits(monkeypatch):

@@ -4,11 +4,11 @@ cannot remove a running trainer's in-progress (temporary) checkpoint."""
 import jax
 
 from phi_jax.checkpoint import Checkpointer, load_model, read_meta
-from phi_jax.config import PhiConfig
+from phi_jax.config import Compute, PhiConfig
 from phi_jax.loading import from_pretrained, tokenizer_file
 from phi_jax.optim import make_optimizer
 from phi_jax.sharding import make_mesh
-from phi_jax.train_state import create_train_state
+from phi_jax.trainer import build_trainer
 
 
 def _listing(root):
@@ -21,7 +21,7 @@ def test_readers_leave_an_in_progress_checkpoint_alone(tmp_path):
     ckpt = Checkpointer(tmp_path, async_save=False)
     meta = {"model": cfg.to_dict(), "run": {"model": "tiny"},
             "data": {"tokenizer_path": str(tmp_path / "tokenizer.model")}}
-    state = create_train_state(cfg, make_optimizer(1e-3), make_mesh(devices=jax.devices()[:1]), seed=0)
+    state = build_trainer(cfg, Compute(), make_optimizer(1e-3), make_mesh(devices=jax.devices()[:1])).init_state(0)
     ckpt.save(3, state.replace(step=state.step + 3), meta)
     ckpt.close()
     # What a trainer writing step 6 leaves on disk mid-write: orbax's temporary directory, renamed when complete.

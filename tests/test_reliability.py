@@ -150,7 +150,9 @@ def config(shards: Path, **kw):
 
 def poison_parameters(monkeypatch):
     """Start from parameters holding a NaN (as a corrupted init or a bad fine-tuning source would)."""
-    create = train_module.create_train_state
+    from phi_jax.trainer import Trainer
+
+    create = Trainer.init_state
 
     def poisoned(*args, **kwargs):
         state = create(*args, **kwargs)
@@ -159,7 +161,7 @@ def poison_parameters(monkeypatch):
                                                      "bias": bias.at[0].set(jnp.nan)}}
         return state.replace(params=params)
 
-    monkeypatch.setattr(train_module, "create_train_state", poisoned)
+    monkeypatch.setattr(Trainer, "init_state", poisoned)
 
 
 def test_non_finite_parameters_are_never_checkpointed(tmp_path, shards, monkeypatch):
@@ -217,7 +219,7 @@ def test_file_size_limit_during_an_async_checkpoint_keeps_the_previous_one(tmp_p
 
 def test_file_size_limit_during_an_export_keeps_the_previous_export(tmp_path, reference_workdir):
     out = tmp_path / "export"
-    cmd = [sys.executable, "-m", "tools.export_hf", f"--workdir={reference_workdir}", f"--out={out}"]
+    cmd = [sys.executable, "-m", "tools.export_hf", f"--model={reference_workdir}", f"--out={out}"]
     exported = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert len(exported.stderr.splitlines()) <= 5, exported.stderr  # phi_jax's few lines, no screens of orbax's

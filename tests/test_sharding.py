@@ -6,11 +6,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from phi_jax.checkpoint import Checkpointer
-from phi_jax.config import PhiConfig
+from phi_jax.config import Compute, PhiConfig
 from phi_jax.optim import make_optimizer
 from phi_jax.sharding import logical_to_spec, make_mesh, strategy_rules
-from phi_jax.train_state import create_train_state, state_shardings
-from phi_jax.train_step import jit_steps
+from phi_jax.trainer import build_trainer
 
 SEQ, ROWS, STEPS = 32, 16, 3
 CFG = PhiConfig.preset("tiny")
@@ -32,12 +31,10 @@ def batches(steps: int, accum: int = 1, vocab: int = CFG.vocab_size):
 
 
 def run(mesh, strategy: str, steps=STEPS, state=None, data=None):
-    tx = TX
-    rules, opt_rules = strategy_rules(strategy)
-    _, shardings = state_shardings(CFG, tx, mesh, rules, opt_rules)
+    trainer = build_trainer(CFG, Compute(), TX, mesh, strategy)
     if state is None:
-        state = create_train_state(CFG, tx, mesh, seed=0, rules=rules, opt_rules=opt_rules)
-    step_fn, _ = jit_steps(mesh, shardings, rules)
+        state = trainer.init_state(seed=0)
+    step_fn = trainer.train_step
     losses, grad_norms = [], []
     for b in data or batches(steps):
         state, m = step_fn(state, b)
@@ -82,8 +79,7 @@ def test_parameter_and_moment_shardings_follow_the_strategy():
         "fsdp": (P(None, "fsdp", None, "tensor", None), P(None, "fsdp", None, "tensor", None)),
     }
     for strategy, (param_spec, moment_spec) in expected_qkv.items():
-        rules, opt_rules = strategy_rules(strategy)
-        state = create_train_state(CFG, TX, mesh, rules=rules, opt_rules=opt_rules)
+        state = build_trainer(CFG, Compute(), TX, mesh, strategy).init_state()
         qkv = state.params["layers"]["attn"]["qkv"]["kernel"]
         assert qkv.sharding.spec == param_spec, strategy
         mu = state.opt_state.inner_state[0].mu["layers"]["attn"]["qkv"]["kernel"]
@@ -120,10 +116,7 @@ def test_checkpoint_from_8_devices_restores_onto_4(tmp_path, reference):
     ckpt.close()
 
     mesh4 = make_mesh(1, 2, 2, devices=jax.devices()[:4])
-    rules, opt_rules = strategy_rules("fsdp")
-    abstract, shardings = state_shardings(CFG, TX, mesh4, rules, opt_rules)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    restored = Checkpointer(tmp_path).restore(2, target)
+    restored = Checkpointer(tmp_path).restore(2, build_trainer(CFG, Compute(), TX, mesh4, "fsdp").abstract_state)
     assert restored.params["layers"]["attn"]["qkv"]["kernel"].sharding.mesh.devices.size == 4
     _, last, _ = run(mesh4, "fsdp", state=restored, data=data[2:])
     np.testing.assert_allclose(first + last, ref_losses, rtol=2e-5)

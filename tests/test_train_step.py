@@ -11,8 +11,8 @@ import pytest
 from phi_jax.config import Compute, PhiConfig
 from phi_jax.optim import make_optimizer
 from phi_jax.sharding import make_mesh
-from phi_jax.train_state import create_train_state
 from phi_jax.train_step import train_step
+from phi_jax.trainer import build_trainer
 
 SEQ = 32
 
@@ -30,8 +30,7 @@ def synthetic_batch(rows: int, accum: int, seed: int = 0, vocab: int = 64) -> di
 
 def new_state(cfg=None, lr=3e-3, compute=Compute(), **kw):
     cfg = cfg or PhiConfig.preset("tiny")
-    return create_train_state(cfg, make_optimizer(lr, **kw), make_mesh(devices=jax.devices()[:1]), seed=0,
-                              compute=compute)
+    return build_trainer(cfg, compute, make_optimizer(lr, **kw), make_mesh(devices=jax.devices()[:1])).init_state()
 
 
 step_fn = jax.jit(train_step)
@@ -54,7 +53,7 @@ def test_accumulation_equals_one_large_batch():
     cfg = PhiConfig.preset("tiny")
     results = []
     for accum in (1, 4):
-        state = create_train_state(cfg, sgd, make_mesh(devices=jax.devices()[:1]), seed=0)
+        state = build_trainer(cfg, Compute(), sgd, make_mesh(devices=jax.devices()[:1])).init_state()
         before = state.params
         after, metrics = step_fn(state, synthetic_batch(8, accum))
         grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), before, after.params)

@@ -1,6 +1,6 @@
 """The acceptance run for the first GPU or TPU host: tests, kernel speed, training speed and the phi-1.5 step.
 
-    python -m tools.accelerator_check --out=accelerator_check.json          # on the GPU/TPU host, <= 8 min
+    python -m tools.accelerator_check                                       # on the GPU/TPU host, <= 8 min
     python -m tools.accelerator_check --dry_run --out=/tmp/check.json       # every code path on CPU, tiny shapes
 
 Stages, in order, each in its own subprocess under a time budget; a stage that fails or runs out of time is
@@ -29,7 +29,7 @@ import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from tools._bench import command, write_json
+from tools._bench import add_out_flag, command, write_json
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: pytest and the stages run from here
 # name -> (budget in seconds on an accelerator, in --dry_run on CPU); 480 s in all.
@@ -62,7 +62,7 @@ def stage_device(dry_run: bool) -> dict:
 def stage_attention(dry_run: bool) -> dict:
     import jax.numpy as jnp
 
-    from tools.bench_kernels import attention_rows
+    from tools._kernel_rows import attention_rows
 
     b, s, n, h = (1, 256, 2, 64) if dry_run else (4, 2048, 32, 64)
     dtype = jnp.float32 if dry_run else jnp.bfloat16  # fp32 on CPU: bf16 is no faster there and less exact
@@ -74,7 +74,7 @@ def stage_attention(dry_run: bool) -> dict:
 def stage_dense(dry_run: bool) -> dict:
     import jax.numpy as jnp
 
-    from tools.bench_kernels import PHI15_LAYERS, dense_rows
+    from tools._kernel_rows import PHI15_LAYERS, dense_rows
 
     m, layers = (128, [("fc1 (tiny)", 256, 512, "gelu_new")]) if dry_run else (8192, PHI15_LAYERS)
     dtype = jnp.float32 if dry_run else jnp.bfloat16
@@ -83,9 +83,10 @@ def stage_dense(dry_run: bool) -> dict:
 
 
 def stage_train_100m(dry_run: bool) -> dict:
+    from phi_jax.config import ATTENTION_IMPLS, Compute
     from phi_jax.flops import flops_per_token, peak_flops_per_device
-    from tools.bench_kernels import ATTENTION_IMPLS, attention_unavailable
-    from tools.bench_train import setup, time_steps
+    from tools._bench import time_steps, train_setup
+    from tools._kernel_rows import attention_unavailable
 
     model, seq, batch, steps, dtype = ("tiny", 64, 2, 2, "float32") if dry_run else ("phi-100m", 2048, 8, 30,
                                                                                     "bfloat16")
@@ -104,10 +105,10 @@ def stage_train_100m(dry_run: bool) -> dict:
             rows.append({**row, "skipped": why_not})
             continue
         try:
-            cfg, step_fn, state, b = setup(model, seq, batch, dtype, "none", attention_impl=impl)
-            row.update(time_steps(step_fn, state, b, steps))
+            trainer, state, b = train_setup(model, seq, batch, Compute(dtype=dtype, attention_impl=impl))
+            row.update(time_steps(trainer.train_step, state, b, steps))
             row["tokens_per_sec"] = tps = batch * seq / row["step_sec_median"]
-            row["mfu"] = tps * flops_per_token(cfg, seq) / peak if peak else None
+            row["mfu"] = tps * flops_per_token(trainer.cfg, seq) / peak if peak else None
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         rows.append(row)
@@ -119,12 +120,9 @@ def stage_step_phi15(dry_run: bool) -> dict:
     import jax
     import numpy as np
 
-    from phi_jax.config import Compute, PhiConfig
-    from phi_jax.optim import make_optimizer
-    from phi_jax.sharding import batch_sharding, make_mesh, strategy_rules
-    from phi_jax.train_state import create_train_state, state_shardings
-    from phi_jax.train_step import jit_steps
-    from tools.bench_train import synthetic_batch, time_steps
+    from phi_jax.config import Compute
+    from phi_jax.sharding import make_mesh
+    from tools._bench import time_steps, train_setup
 
     devices = jax.devices()
     memory = (devices[0].memory_stats() or {}).get("bytes_limit", 0) / 2**30 if not dry_run else 0
@@ -132,15 +130,11 @@ def stage_step_phi15(dry_run: bool) -> dict:
     # by the TPU compiler, docs/PERFORMANCE.md); 4 on 40+ GiB devices, where one device holds the whole 17 GiB
     # state plus remat-full activations.
     model, seq, micro = ("tiny", 64, 1) if dry_run else ("phi-1.5", 2048, 4 if memory >= 40 else 2)
-    cfg, compute = PhiConfig.preset(model), Compute(dtype="float32" if dry_run else "bfloat16", remat="full")
+    compute = Compute(dtype="float32" if dry_run else "bfloat16", remat="full")
     mesh = make_mesh(1, -1, 1, devices=devices[:1] if dry_run else devices)
-    rules, opt_rules = strategy_rules("fsdp")
-    tx = make_optimizer(2e-4)
-    state = create_train_state(cfg, tx, mesh, rules=rules, opt_rules=opt_rules, compute=compute)
-    _, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, compute=compute)
-    step_fn, _ = jit_steps(mesh, shardings, rules)
     rows = micro * mesh.shape["fsdp"]
-    batch = jax.device_put(synthetic_batch(cfg.vocab_size, rows, seq), batch_sharding(mesh, leading_dims=1))
+    trainer, state, batch = train_setup(model, seq, rows, compute, mesh, "fsdp")
+    step_fn = trainer.train_step
     timing = time_steps(step_fn, state, batch, steps=1)
     result = {"model": model, "mesh": dict(mesh.shape), "micro_batch_per_device": micro, "seq_len": seq,
               "remat": "full", "first_step_sec (compile + run)": timing["compile_sec"],
@@ -185,7 +179,7 @@ def _run_stage(name: str, dry_run: bool, budget: float) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=False, default="accelerator_check.json")
+    add_out_flag(p, __file__)
     p.add_argument("--dry_run", action="store_true", help="CPU, tiny shapes, Pallas in interpret mode")
     p.add_argument("--stages", default=",".join(["device", "tests", *list(STAGE_FUNCTIONS)[1:]]))
     p.add_argument("--stage", default="", help=argparse.SUPPRESS)  # internal: run one stage in this process

@@ -1,12 +1,13 @@
 """Generation speed: phi_jax's KV-cache decode beside transformers' `generate` on the same random weights.
 
-    python -m tools.bench_generate [--presets=quickstart,phi-100m] [--new_tokens=64] [--out=bench_generate.json]
+    python -m tools.bench_generate [--preset=quickstart,phi-100m] [--new_tokens=64] [--out=FILE.json]
 
 Per preset: decode latency (ms/token) at batch 1 and 8, prefill tokens/s at 2048 tokens of context (or the model's
 maximum), the same for transformers (fp32, torch CPU) on the weights exported with save_pretrained, the measured
 memory-copy bandwidth (numpy copy of a 512 MiB array) and the memory floor of a decode step: the bytes of weights
 and KV cache it must read divided by that bandwidth. Beside it, XLA's own time for the step's matmuls alone (a vector
-times every weight matrix, one jitted program). Peak memory is the process's maxrss (cumulative).
+times every weight matrix, one jitted program). Peak memory is the process's maxrss (cumulative). The model decodes in
+the unrolled layer layout (`scan_layers=False`, what phi_jax.generate loads); --scan_layers measures the stacked one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools._bench import command, device, machine, median_seconds, write_json
+from tools._bench import add_out_flag, command, device, machine, median_seconds, preset_list, write_json
 
 
 def copy_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
@@ -41,8 +42,8 @@ def maxrss_mib() -> float:
 
 def weight_read_ms(model, batch: int) -> float:
     """XLA's own time to multiply `batch` vectors by every weight matrix a decode step reads (each layer's
-    and the lm_head), in one jitted program: the floor this machine's XLA:CPU matmuls allow. `model`: unstacked
-    (as a Sampler leaves it), so that each matrix is an array of its own."""
+    and the lm_head), in one jitted program: the floor this machine's XLA:CPU matmuls allow. `model`: unrolled
+    (scan_layers=False, the decoding layout), so that each matrix is an array of its own."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -112,27 +113,30 @@ def bench_transformers(hf_dir: Path, vocab: int, batch: int, prompt_len: int, ne
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--presets", default="quickstart,phi-100m")
+    p.add_argument("--preset", default="quickstart,phi-100m", help="named architectures, comma-separated")
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--prefill_len", type=int, default=2048)
-    p.add_argument("--out", default="bench_generate.json")
+    p.add_argument("--scan_layers", action="store_true",
+                   help="decode the stacked (training) layer layout instead of the unrolled decoding layout")
+    add_out_flag(p, __file__)
     args = p.parse_args(argv)
+    presets = preset_list(p, args.preset)
 
     from phi_jax import save_pretrained
     from phi_jax.config import PhiConfig
     from phi_jax.generate import Sampler
     from phi_jax.host_memory import status
-    from phi_jax.model import init_model
+    from phi_jax.model import init_model, to_layout
 
     bandwidth = copy_bandwidth()
     report = {"command": command(__file__, argv), "machine": {**machine(), **device(), "host_memory": status()},
               "copy_bandwidth_gb_s": bandwidth / 1e9, "results": []}
-    for preset in args.presets.split(","):
+    for preset in presets:
         cfg = PhiConfig.preset(preset)
-        model = init_model(cfg, seed=0)
-        sampler = Sampler(model)  # unstacks the model's layers in place
-        row = {"preset": preset, "params_m": cfg.num_params() / 1e6}
+        model = init_model(cfg, seed=0, scan_layers=args.scan_layers)  # default: the decoding layout
+        sampler = Sampler(model)
+        row = {"preset": preset, "params_m": cfg.num_params() / 1e6, "scan_layers": args.scan_layers}
         for batch in (1, 8):
             ours = bench_phi_jax(sampler, batch, args.prompt_len, args.new_tokens)
             cache_len = -(-(16 * (-(-args.prompt_len // 16)) + args.new_tokens) // 16) * 16
@@ -141,14 +145,13 @@ def main(argv=None) -> dict:
             weight_bytes = 4 * (cfg.num_params() - (cfg.vocab_size - batch) * cfg.hidden_size)
             kv_bytes = 2 * 4 * cfg.num_layers * batch * cache_len * cfg.hidden_size
             floor_ms = 1e3 * (weight_bytes + kv_bytes) / bandwidth
-            xla_ms = weight_read_ms(model, batch)
+            xla_ms = weight_read_ms(to_layout(model, scan_layers=False), batch)
             row[f"b{batch}"] = {**ours, "floor_ms": floor_ms, "vs_floor": ours["decode_ms_per_token"] / floor_ms,
                                 "xla_weight_matmuls_ms": xla_ms,
                                 "vs_xla_weight_matmuls": ours["decode_ms_per_token"] / xla_ms}
         prefill = min(args.prefill_len, cfg.max_position_embeddings) - 1  # + the one generated token = the context
         row["prefill_len"] = prefill
         row["prefill_tokens_per_s"] = bench_prefill(sampler, prefill)
-        model.stack_layers()  # Hugging Face export reads the stacked (training) layout
         with tempfile.TemporaryDirectory() as tmp:
             hf_dir = save_pretrained(model, Path(tmp) / "hf")
             for batch in (1, 8):

@@ -1,6 +1,6 @@
 """Speed of phi_jax's Pallas kernels beside XLA (and cuDNN, splash) at phi-1.5 shapes, on a GPU or TPU.
 
-    python -m tools.bench_kernels --out=bench_kernels.json                         # attention and dense
+    python -m tools.bench_kernels                                                  # attention and dense
     python -m tools.bench_kernels --kernels=dense --m=8192,16384 --blocks=128,128,64 --num_warps=8
 
 attention: every implementation phi_jax.attention runs on this platform (pallas, splash, cudnn, xla), causal,
@@ -15,149 +15,31 @@ the kernels' correctness is tested by tests/test_flash_attention.py and tests/te
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from phi_jax.activations import gelu_new
-from tools._bench import command, device, fwd_bwd, median_seconds, print_table, write_json
-
-ATTENTION_IMPLS = ("pallas", "splash", "cudnn", "xla")
-ATTENTION_FWD_BWD, DENSE_FWD_BWD = 3.5, 3  # forward+backward FLOPs / forward FLOPs
-# phi-1.5: d_model 2048, mlp 8192. (layer, K, N, activation)
-PHI15_LAYERS = (("qkv", 2048, 6144, None), ("out_proj", 2048, 2048, None), ("fc1", 2048, 8192, "gelu_new"),
-                ("fc2", 8192, 2048, None))
-
-
-def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-
-
-def _timed(f, args: tuple, ct, flops: float, bwd_factor: float, passes, warmup: int, iters: int) -> dict:
-    """{PASS_ms, PASS_tflops} for each of `passes`: fwd is jit(f)(*args) at `flops`; fwd_bwd is f and its vjp of
-    `ct`, counted as `bwd_factor` times the forward's FLOPs."""
-    out = {}
-    for name in passes:
-        run, run_args, n = ((jax.jit(f), args, flops) if name == "fwd" else
-                            (fwd_bwd(f), (*args, ct), flops * bwd_factor))
-        sec = median_seconds(run, *run_args, warmup=warmup, iters=iters)
-        out[f"{name}_ms"], out[f"{name}_tflops"] = sec * 1e3, n / sec / 1e12
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------ attention
-def causal_attention_flops(batch: int, seq: int, heads: int, head_dim: int) -> float:
-    """Forward FLOPs of causal attention: two S x S x H matmuls, half of them masked. Forward+backward counts 3.5x
-    this (ATTENTION_FWD_BWD): the backward's five matmuls against the forward's two (FA-2 convention)."""
-    return 2 * 2 * batch * heads * seq * seq * head_dim / 2
-
-
-def attention_unavailable(impl: str, dtype) -> str | None:
-    """None if attention `impl` runs here, else why not (phi_jax.attention's own check)."""
-    from phi_jax.dispatch import resolve_attention_impl
-
-    try:
-        resolve_attention_impl(impl, dtype)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def attention_rows(batch: int, seq: int, heads: int, head_dim: int, dtype, warmup: int, iters: int,
-                   passes: tuple[str, ...] = ("fwd", "fwd_bwd")) -> list[dict]:
-    """One row per (implementation, with or without segment ids); `passes`: which of fwd, fwd_bwd to time."""
-    from phi_jax.attention import attention
-
-    keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v, ct = (jax.random.normal(kk, (batch, seq, heads, head_dim), jnp.float32).astype(dtype) for kk in keys)
-    segments = jnp.where(jnp.arange(seq) < seq // 3, 1, 2)[None].repeat(batch, 0).astype(jnp.int32)  # 2 documents
-    flops = causal_attention_flops(batch, seq, heads, head_dim)
-    rows, reference = [], {}
-    for packed in (False, True):
-        seg = segments if packed else None
-        for impl in ("xla", *[i for i in ATTENTION_IMPLS if i != "xla"]):  # xla first: the reference output
-            row = {"impl": impl, "segment_ids": packed, "shape": f"{batch}x{seq}x{heads}x{head_dim}",
-                   "dtype": jnp.dtype(dtype).name}
-            why_not = attention_unavailable(impl, dtype)
-            if why_not:
-                rows.append({**row, "skipped": why_not})
-                continue
-            attn = lambda q, k, v, impl=impl, seg=seg: attention(q, k, v, segment_ids=seg, impl=impl)
-            try:
-                out = jax.jit(attn)(q, k, v).astype(jnp.float32)
-                reference.setdefault(packed, out)
-                row["max_abs_diff_vs_xla"] = float(jnp.max(jnp.abs(out - reference[packed])))
-                row.update(_timed(attn, (q, k, v), ct, flops, ATTENTION_FWD_BWD, passes, warmup, iters))
-            except Exception as e:  # one implementation failing must not hide the others' figures
-                row["error"] = _error(e)
-            rows.append(row)
-            print(row, flush=True)
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------------------- dense
-def xla_dense(x, w, b, activation=None):
-    """The unfused baseline (the model's `dense_impl=xla`): one dot_general, then bias and activation in fp32."""
-    z = jnp.dot(x, w, preferred_element_type=jnp.float32) + b.astype(jnp.float32)
-    return (gelu_new(z) if activation == "gelu_new" else z).astype(x.dtype)
-
-
-def dense_inputs(m: int, k: int, n: int, dtype, seed: int = 0):
-    """x [m, k], w [k, n] (scaled by 1/sqrt(k)), b [n] and a cotangent [m, n], all in `dtype`."""
-    kx, kw, kb, kc = jax.random.split(jax.random.key(seed), 4)
-    x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
-    w = (jax.random.normal(kw, (k, n), jnp.float32) / np.sqrt(k)).astype(dtype)
-    b = jax.random.normal(kb, (n,), jnp.float32).astype(dtype)
-    ct = jax.random.normal(kc, (m, n), jnp.float32).astype(dtype)
-    return x, w, b, ct
-
-
-def dense_rows(ms, dtype, warmup: int, iters: int, layers=PHI15_LAYERS, block_sizes=None,
-               passes: tuple[str, ...] = ("fwd", "fwd_bwd")) -> list[dict]:
-    """One row per (M, layer): fused_dense and XLA, TFLOP/s for each of `passes` (fwd+bwd counts 3x the forward)."""
-    from phi_jax.kernels.dense import fused_dense
-
-    rows = []
-    for m in ms:
-        for name, k, n, act in layers:
-            x, w, b, ct = dense_inputs(m, k, n, dtype)
-            row = {"layer": name, "m": m, "k": k, "n": n, "activation": act, "dtype": jnp.dtype(dtype).name}
-            impls = {"xla": functools.partial(xla_dense, activation=act),  # first: the reference output
-                     "fused": functools.partial(fused_dense, activation=act, block_sizes=block_sizes)}
-            for label, f in impls.items():
-                try:
-                    out = jax.jit(f)(x, w, b).astype(jnp.float32)
-                    if label == "xla":
-                        reference = out
-                    else:
-                        row[f"{label}_max_abs_diff_vs_xla"] = float(jnp.max(jnp.abs(out - reference)))
-                    figures = _timed(f, (x, w, b), ct, 2 * m * k * n, DENSE_FWD_BWD, passes, warmup, iters)
-                    row.update({f"{label}_{key}": value for key, value in figures.items()})
-                except Exception as e:
-                    row[f"{label}_error"] = _error(e)
-            rows.append(row)
-            print(row, flush=True)
-    return rows
+from phi_jax.config import DTYPES
+from tools._bench import add_out_flag, command, device, print_table, write_json
+from tools._kernel_rows import attention_rows, dense_rows
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernels", default="attention,dense", help="comma-separated, from: attention,dense")
     p.add_argument("--batch", type=int, default=8, help="attention")
-    p.add_argument("--seq", type=int, default=2048, help="attention")
+    p.add_argument("--seq_len", type=int, default=2048, help="attention")
     p.add_argument("--heads", type=int, default=32, help="attention")
     p.add_argument("--head_dim", type=int, default=64, help="attention")
     p.add_argument("--m", default="8192,16384", help="dense: rows (batch x seq), comma-separated")
     p.add_argument("--blocks", default="", help="dense: BM,BN,BK block sizes (default: fused_dense's own)")
     p.add_argument("--num_warps", type=int, default=4, help="dense, with --blocks (Triton)")
     p.add_argument("--num_stages", type=int, default=3, help="dense, with --blocks (Triton)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--out", default="bench_kernels.json")
+    add_out_flag(p, __file__)
     args = p.parse_args(argv)
     names = [k.strip() for k in args.kernels.split(",") if k.strip()]
     if unknown := [k for k in names if k not in ("attention", "dense")]:
@@ -168,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = jnp.dtype(args.dtype)
     report = {"command": command(__file__, argv), **device(), "dtype": args.dtype, "results": {}}
     if "attention" in names:
-        rows = attention_rows(args.batch, args.seq, args.heads, args.head_dim, dtype, args.warmup, args.iters)
+        rows = attention_rows(args.batch, args.seq_len, args.heads, args.head_dim, dtype, args.warmup, args.iters)
         report["results"]["attention"] = rows
         print_table("attention (causal; fwd+bwd counts 3.5x the forward FLOPs)", rows)
     if "dense" in names:

@@ -16,7 +16,7 @@ from phi_jax.data.default import ensure_default_dataset
 from phi_jax.data.loader import make_dataset, make_mixture_dataset
 from phi_jax.data.prepare import prepare_shards
 from phi_jax.data.tokenizer import load_tokenizer
-from tools._bench import command, machine, write_json
+from tools._bench import add_out_flag, command, machine, write_json
 
 DEVICES, DEVICE_TOKENS_PER_SEC = 64, 45_000
 
@@ -67,8 +67,8 @@ def bench_phi15(data_dir, tok_path, hosts: list[int], global_batches: int, warmu
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="JSON results file")
-    p.add_argument("--seq_lens", default="256,2048")
+    add_out_flag(p, __file__)
+    p.add_argument("--seq_len", default="256,2048", help="comma-separated")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=200, help="batches timed (--phi15: global batches' worth)")
     p.add_argument("--warmup", type=int, default=10)
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
         print(f"wrote {a.out}")
         return
     rows = [bench(data_dir, int(s), a.batch, packing, a.steps, a.warmup)
-            for s in a.seq_lens.split(",") for packing in (False, True)]
+            for s in a.seq_len.split(",") for packing in (False, True)]
     result = {"command": command(__file__, argv), "data_dir": str(data_dir),
               "dataset_ready_seconds": round(ready, 2), "machine": host, "results": rows}
     write_json(a.out, result)

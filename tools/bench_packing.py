@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from phi_jax.data.loader import pack_plan
-from tools._bench import command, machine, write_json
+from tools._bench import add_out_flag, command, machine, write_json
 
 
 def peak_rss_gb() -> float:
@@ -30,7 +30,7 @@ def synthetic_lengths(n: int, seed: int, block: int = 1 << 22) -> np.ndarray:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="JSON results file")
+    add_out_flag(p, __file__)
     p.add_argument("--docs", type=int, default=100_000_000)
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)

@@ -21,7 +21,7 @@ from phi_jax.data.corpus import stdlib_documents
 from phi_jax.data.default import ensure_default_dataset
 from phi_jax.data.prepare import prepare_shards
 from phi_jax.data.tokenizer import load_tokenizer
-from tools._bench import command, machine, write_json
+from tools._bench import add_out_flag, command, machine, write_json
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -32,7 +32,7 @@ def cpu_seconds() -> tuple[float, float]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="JSON results file")
+    add_out_flag(p, __file__)
     p.add_argument("--workers", default="1,2")
     p.add_argument("--docs_per_shard", type=int, default=100)
     p.add_argument("--repeats", type=int, default=2, help="runs per setting; the best is reported")

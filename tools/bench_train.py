@@ -1,81 +1,38 @@
 """Training throughput: tokens/s and MFU of the jitted train step, beside this machine's measured matmul ceiling.
 
-    python -m tools.bench_train --models=quickstart,phi-100m --out=bench_results/train.json
+    python -m tools.bench_train --preset=quickstart,phi-100m --out=bench_results/bench_train.json
 
 Synthetic batches (the loader is measured by tools.bench_loader); one device; steps timed after a warm-up
-compile. MFU counts 6 x matmul parameters + causal attention FLOPs per token (phi_jax.flops.flops_per_token), and is
-reported against both the measured float32 matmul ceiling (on CPU) and, where known, the spec-sheet peak.
+compile. MFU counts 6 x matmul parameters + causal attention FLOPs per token (phi_jax.flops.flops_per_token); `mfu`
+is against the peak the training log uses (phi_jax.flops.peak_flops_per_device: the spec sheet, or on CPU a nominal
+per-core figure), and `mfu_vs_measured_matmul` against this machine's measured float32 matmul ceiling.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
-import time
 
-from tools._bench import command, device, machine, write_json
-
-
-def setup(name: str, seq_len: int, batch: int, dtype: str = "float32", remat: str = "none", **overrides):
-    """(cfg, jitted train step, train state, synthetic batch) on one device; `overrides` are Compute fields."""
-    import jax
-
-    from phi_jax.config import Compute, PhiConfig
-    from phi_jax.optim import make_optimizer
-    from phi_jax.sharding import batch_sharding, make_mesh
-    from phi_jax.train_state import create_train_state, state_shardings
-    from phi_jax.train_step import jit_steps
-
-    cfg, compute = PhiConfig.preset(name), Compute(dtype=dtype, remat=remat, **overrides)
-    mesh = make_mesh(devices=jax.devices()[:1])
-    tx = make_optimizer(1e-4)
-    state = create_train_state(cfg, tx, mesh, compute=compute)
-    _, shardings = state_shardings(cfg, tx, mesh, compute=compute)
-    step_fn, _ = jit_steps(mesh, shardings)
-    batch = jax.device_put(synthetic_batch(cfg.vocab_size, batch, seq_len), batch_sharding(mesh, leading_dims=1))
-    return cfg, step_fn, state, batch
-
-
-def synthetic_batch(vocab_size: int, rows: int, seq_len: int) -> dict:
-    """One optimizer step's batch of random tokens (one micro-batch of `rows` unpacked sequences), as numpy."""
-    import numpy as np
-
-    tokens = np.random.default_rng(0).integers(0, vocab_size, (1, rows, seq_len + 1), dtype=np.int32)
-    return {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (1, rows, seq_len)).copy(),
-            "segment_ids": np.ones((1, rows, seq_len), np.int32), "loss_mask": np.ones((1, rows, seq_len), np.float32)}
-
-
-def time_steps(step_fn, state, batch, steps: int) -> dict:
-    """One untimed-for-speed first step (compile + run), then `steps` timed ones, each ended by
-    block_until_ready: their median and minimum seconds, the last loss, and host memory's cost per timed step
-    (page faults and kernel time, phi_jax/host_memory.py)."""
-    import jax
-    import numpy as np
-
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    first_step_sec = time.perf_counter() - start
-    times = []
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = step_fn(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    after = resource.getrusage(resource.RUSAGE_SELF)
-    return {"compile_sec": round(first_step_sec, 2), "steps": steps, "step_sec_median": float(np.median(times)),
-            "step_sec_min": min(times), "loss": float(metrics["loss"]),
-            "page_faults_per_step": (after.ru_minflt - usage.ru_minflt) / steps,
-            "system_sec_per_step": (after.ru_stime - usage.ru_stime) / steps}
+from phi_jax.config import DTYPES, REMAT_POLICIES
+from tools._bench import (
+    add_out_flag,
+    command,
+    device,
+    machine,
+    matmul_flops_per_sec,
+    preset_list,
+    time_steps,
+    train_setup,
+    write_json,
+)
 
 
 def bench_model(name: str, seq_len: int, batch: int, steps: int, dtype: str, remat: str) -> dict:
-    from phi_jax.flops import flops_per_token, matmul_flops_per_sec
+    from phi_jax.config import Compute
+    from phi_jax.flops import flops_per_token
 
-    cfg, step_fn, state, b = setup(name, seq_len, batch, dtype, remat)
-    timing = time_steps(step_fn, state, b, steps)
+    trainer, state, b = train_setup(name, seq_len, batch, Compute(dtype=dtype, remat=remat))
+    cfg = trainer.cfg
+    timing = time_steps(trainer.train_step, state, b, steps)
     tps = batch * seq_len / timing["step_sec_median"]
     fpt = flops_per_token(cfg, seq_len)
     return {"model": name, "parameters": cfg.num_params(), "seq_len": seq_len, "batch": batch, "dtype": dtype,
@@ -88,28 +45,24 @@ def bench_model(name: str, seq_len: int, batch: int, steps: int, dtype: str, rem
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="quickstart,phi-100m")
-    p.add_argument("--seq_len", default="256,512", help="per model, comma-separated (one value: all models)")
-    p.add_argument("--batch", default="16,8", help="per model, comma-separated (one value: all models)")
+    p.add_argument("--preset", default="quickstart,phi-100m", help="named architectures, comma-separated")
+    p.add_argument("--seq_len", default="256,512", help="per preset, comma-separated (one value: all presets)")
+    p.add_argument("--batch", default="16,8", help="per preset, comma-separated (one value: all presets)")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--remat", default="none")
-    p.add_argument("--out", default="bench_results/train.json")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--remat", default="none", choices=list(REMAT_POLICIES))
+    add_out_flag(p, __file__)
     args = p.parse_args(argv)
-    import jax
+    models = preset_list(p, args.preset)
 
-    from phi_jax.flops import measured_matmul_peak, peak_flops_per_device
+    from phi_jax.flops import peak_flops_per_device
     from phi_jax.host_memory import status
 
-    models = args.models.split(",")
     per_model = lambda s: [int(x) for x in s.split(",")] * (len(models) if "," not in s else 1)
-    ceiling = measured_matmul_peak(n=2048, seconds=3.0)
+    ceiling = matmul_flops_per_sec(2048, 2048, 2048, seconds=3.0)
     rows = [bench_model(m, s, b, args.steps, args.dtype, args.remat)
             for m, s, b in zip(models, per_model(args.seq_len), per_model(args.batch), strict=True)]
-    if jax.default_backend() == "cpu":  # the ceiling measured above; measuring it again would give another figure
-        peak, peak_source = ceiling, "measured float32 2048^3 matmul"
-    else:
-        peak, peak_source = peak_flops_per_device()
+    peak, peak_source = peak_flops_per_device()  # what the training log's MFU is measured against
     for r in rows:
         r["mfu"], r["peak_flops_per_sec"], r["peak_source"] = r["achieved_flops_per_sec"] / peak, peak, peak_source
         r["mfu_vs_measured_matmul"] = r["achieved_flops_per_sec"] / ceiling

@@ -1,6 +1,6 @@
 """Any phi model -> a Hugging Face directory that transformers loads with `from_pretrained`.
 
-    python -m tools.export_hf --workdir=runs/quickstart --out=exported/quickstart [--step=N] [--dtype=float16]
+    python -m tools.export_hf --model=runs/quickstart --out=exported/quickstart [--step=N] [--dtype=float16]
 
 The logic is phi_jax.hf.convert.export_hf: weights, config.json and generation_config.json, and the model's
 tokenizer as tokenizer.json (a SentencePiece model is converted) with tokenizer_config.json and
@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import argparse
 
+from phi_jax.config import DTYPES
 from phi_jax.hf.convert import export_hf
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", dest="model", help="a training workdir")
-    source.add_argument("--model", dest="model", help="any model: a workdir, a Hugging Face directory or a Hub id")
+    p.add_argument("--model", required=True,
+                   help="a training workdir, a Hugging Face phi directory (local or gs://) or a Hub id")
     p.add_argument("--out", required=True, help="the new directory, local or gs://")
     p.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--tokenizer", default=None, help="default: the model's own (a workdir: recorded in the checkpoint)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is empty or a previous export (which lists its files in "

@@ -1,6 +1,6 @@
 """Where a training step's time goes: one traced step, its XLA ops' time summed by kind.
 
-    python -m tools.profile_train --model=phi-100m --seq_len=512 --batch=4 --out=bench_results/profile_train.json
+    python -m tools.profile_train --preset=phi-100m --seq_len=512 --batch=4 --out=bench_results/profile_train.json
 
 Traces one step (after a compile and a warm-up step) with jax.profiler, matches each traced op to its instruction
 in the compiled HLO, and sums op time into: matmuls of the linear layers, attention's matmuls, attention's other
@@ -17,6 +17,8 @@ import glob
 import re
 import tempfile
 import time
+
+from phi_jax.config import DTYPES, PRESETS, REMAT_POLICIES
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, str]:
@@ -41,23 +43,25 @@ def kind_of(line: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="phi-100m")
+    p.add_argument("--preset", default="phi-100m", choices=sorted(PRESETS), help="a named architecture")
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--remat", default="none")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--remat", default="none", choices=list(REMAT_POLICIES))
     p.add_argument("--top", type=int, default=25, help="also list the N slowest ops")
-    p.add_argument("--out", default="bench_results/profile_train.json")
+    p.add_argument("--out", default="bench_results/profile_train.json", help="the JSON results file")
     args = p.parse_args(argv)
 
     import jax
     from jax.profiler import ProfileData
 
+    from phi_jax.config import Compute
     from phi_jax.host_memory import status
-    from tools._bench import command, device, machine, write_json
-    from tools.bench_train import setup
+    from tools._bench import command, device, machine, train_setup, write_json
 
-    _, step_fn, state, batch = setup(args.model, args.seq_len, args.batch, args.dtype, args.remat)
+    trainer, state, batch = train_setup(args.preset, args.seq_len, args.batch,
+                                        Compute(dtype=args.dtype, remat=args.remat))
+    step_fn = trainer.train_step
     defs = hlo_instructions(step_fn.lower(state, batch).compile().as_text())
     for _ in range(2):  # compile, then one warm step
         state, m = step_fn(state, batch)
@@ -81,12 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         kinds[op_kind[name]] += sec
     total = sum(kinds.values())
     result = {"command": command(__file__, argv), **device(), "machine": machine(), "host_memory": status(),
-              "model": args.model,
+              "preset": args.preset,
               "seq_len": args.seq_len, "batch": args.batch, "traced_step_sec": step_sec,
               "op_seconds_by_kind": dict(kinds.most_common()),
               "slowest_ops": [{"op": n, "kind": op_kind[n], "sec": s, "hlo": defs[n][:200]}
                               for n, s in per_op.most_common(args.top)]}
-    print(f"{args.model} {args.seq_len} x {args.batch}: traced step {step_sec:.2f} s; op time by kind:")
+    print(f"{args.preset} {args.seq_len} x {args.batch}: traced step {step_sec:.2f} s; op time by kind:")
     for kind, sec in kinds.most_common():
         print(f"  {kind:<20}{sec:>9.2f} s{sec / total:>8.1%}")
     print("slowest ops:")

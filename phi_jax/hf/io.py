@@ -14,25 +14,19 @@ import jax
 import numpy as np
 import safetensors.numpy
 from etils import epath
-from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from phi_jax.config import Compute, PhiConfig, as_dtype
 from phi_jax.hf import mapping
 from phi_jax.hf.config import phi_config_from_hf, phi_config_to_hf
-from phi_jax.model import Phi, abstract_model
+from phi_jax.model import Phi, abstract_model, from_params, param_paths
 from phi_jax.paths import is_url, user_path
 
 log = logging.getLogger("phi_jax")
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 MANIFEST = "phi_jax_export.json"  # marks a directory save_pretrained wrote, so that overwrite may replace it
-
-
-def param_paths(model: Phi) -> dict[str, nnx.Variable]:
-    """The model's parameters by dotted path ("layers.attn.qkv.kernel" -> Variable)."""
-    return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 class _File:
@@ -101,21 +95,18 @@ def load_hf_config(path: str | os.PathLike) -> PhiConfig:
     return phi_config_from_hf(json.loads(config_file.read_text()))
 
 
-def load_hf_directory(path: str | os.PathLike, compute: Compute = Compute()) -> Phi:
+def load_hf_directory(path: str | os.PathLike, compute: Compute = Compute(), *, scan_layers: bool = True) -> Phi:
     """A Hugging Face phi directory (native, MixFormerSequential or 2023 remote-code layout; local or gs://), run
-    as `compute` says (its parameters cast to compute.param_dtype). Every tensor's key and shape is checked before
-    any conversion. `phi_jax.from_pretrained` takes any model source and calls this for a directory."""
+    as `compute` says (its parameters cast to compute.param_dtype), in the layer layout `scan_layers`. Every
+    tensor's key and shape is checked before any conversion. `phi_jax.from_pretrained` takes any model source and
+    calls this for a directory."""
     path = user_path(path)
     cfg = load_hf_config(path)
     tensors = SafetensorsDir(path)
     layout = mapping.detect_layout(tensors.shapes)
-    model = abstract_model(cfg, compute)
-    variables = param_paths(model)
-    shapes = {p: tuple(v.shape) for p, v in variables.items()}
+    shapes = {p: tuple(v.shape) for p, v in param_paths(abstract_model(cfg, compute)).items()}  # stacked names
     mapping.check_keys_and_shapes(mapping.expected_hf_shapes(layout, cfg, shapes), tensors.shapes, str(path))
-    converted = mapping.hf_to_ours(layout, cfg, shapes, tensors.get)
-    for p, var in variables.items():
-        var.set_value(jax.numpy.asarray(converted.pop(p), dtype=compute.param_dtype))
+    model = from_params(cfg, compute, mapping.hf_to_ours(layout, cfg, shapes, tensors.get), scan_layers=scan_layers)
     log.info("loaded %s (%s layout, %d layers, %s params)", path, layout.name, cfg.num_layers,
              compute.param_dtype.name)
     return model
@@ -198,14 +189,19 @@ def save_pretrained(model: Phi, out_dir: str | os.PathLike, dtype: str = "float3
     Returns the directory: a pathlib.Path on local disk, an epath.Path in a bucket.
     """
     dtype = as_dtype(dtype).name  # a ValueError naming the choices, before any work
-    model.stack_layers()  # the mapping reads stacked layers; a model a Sampler unstacked is stacked back (no-op else)
     out_dir = user_path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose a new directory or pass overwrite=True.")
     previous = check_replaceable(out_dir) if out_dir.exists() else None
     cfg = model.cfg
-    params = {p: np.asarray(jax.device_get(v[...])) for p, v in param_paths(model).items()}
-    tensors = {k: t.astype(as_dtype(dtype)) for k, t in mapping.ours_to_hf(cfg, params).items()}
+    params = {p: np.asarray(jax.device_get(v[...])) for p, v in param_paths(model).items()}  # either layout
+
+    def get(name: str, layer: int | None) -> np.ndarray:  # a stacked-layout name, and the layer of a per-layer one
+        if layer is None:
+            return params[name]
+        return params[name][layer] if name in params else params[name.replace("layers.", f"layers.{layer}.", 1)]
+
+    tensors = {k: t.astype(as_dtype(dtype)) for k, t in mapping.ours_to_hf(cfg, get).items()}
     extra_files = extra_files or {}
 
     if is_url(out_dir):

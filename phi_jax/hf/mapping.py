@@ -192,13 +192,13 @@ def hf_to_ours(layout: Layout, cfg: PhiConfig, shapes: Mapping[str, Shape],
     return params
 
 
-def ours_to_hf(cfg: PhiConfig, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Our parameters -> the native PhiForCausalLM tensors."""
+def ours_to_hf(cfg: PhiConfig, get: Callable[[str, int | None], np.ndarray]) -> dict[str, np.ndarray]:
+    """Our parameters -> the native PhiForCausalLM tensors. `get(path, layer)` gives one parameter by its path in
+    the stacked layout (`layer` None), or one layer of a per-layer parameter, so either layer layout is read as
+    it is."""
     out = {}
     for rule in NATIVE.rules:
-        x = params[rule.ours]
         for layer in range(cfg.num_layers) if rule.per_layer else [None]:
             keys = NATIVE.keys(rule, cfg, layer)
-            tensors = rule.transform.to_hf(x if layer is None else x[layer], len(keys))
-            out.update(zip(keys, tensors, strict=True))
+            out.update(zip(keys, rule.transform.to_hf(get(rule.ours, layer), len(keys)), strict=True))
     return out

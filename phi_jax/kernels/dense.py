@@ -10,8 +10,8 @@ GEMM kernels:
   dx = dz @ w.T
   dw = x.T @ dz, db = sum_m dz       (db accumulated in fp32 in the same loop)
 
-Forming dz inside the GEMMs instead (an earlier design) recomputed gelu_new'(z) in every k-step of both
-loops, spilled registers and needed 208 KiB of shared memory for fc1's dw (docs/KERNELS.md has the figures).
+Forming dz inside the GEMMs instead would recompute gelu_new'(z) in every k-step of both loops, spill
+registers and need 208 KiB of shared memory for fc1's dw (docs/KERNELS.md has the figures).
 Lowerings: `dense_gpu` (Triton) and `dense_tpu` (Mosaic); on CPU either one runs
 in Pallas interpret mode. Shapes that are not block multiples are zero-padded here and sliced back (zero
 rows/columns of x and w contribute nothing; padded dy is zero, so padded dz is zero too).
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from phi_jax.activations import activation_grad, apply_activation
-from phi_jax.dispatch import pallas_target
+from phi_jax.dispatch import default_platform, pallas_target
 from phi_jax.kernels import dense_gpu, dense_tpu
 
 __all__ = ["BlockSizes", "dense_reference", "fused_dense"]
@@ -166,15 +166,15 @@ _fused_dense_padded.defvjp(_fwd, _bwd)
 # ------------------------------------------------------------------------------------------- public API
 def fused_dense(x: jax.Array, w: jax.Array, b: jax.Array, *, activation: str | None = None,
                 block_sizes: BlockSizes | None = None, backend: Backend | None = None,
-                interpret: bool | None = None) -> jax.Array:
+                interpret: bool | None = None, platform: str | None = None) -> jax.Array:
     """act(x @ w + b) in x.dtype, fp32 accumulation and epilogue; x [..., K], w [K, N], b [N] -> [..., N].
 
-    backend: 'gpu' (Triton) or 'tpu' (Mosaic); interpret: Pallas interpret mode. None resolves both for the platform
-    this runs on (phi_jax.dispatch.pallas_target): its own lowering, compiled; on CPU the GPU-style one, interpreted.
+    backend: 'gpu' (Triton) or 'tpu' (Mosaic); interpret: Pallas interpret mode. None resolves both for `platform`,
+    where this runs ("cpu", "gpu", "tpu"; None: JAX's default backend; phi_jax.dispatch.pallas_target): its own
+    lowering, compiled; on CPU the GPU-style one, interpreted.
     """
     _validate(x, w, b, activation)
-    # Resolved outside the jit: the platform follows the sharding context, which jit's cache does not see.
-    backend, interpret = pallas_target(backend, interpret)
+    backend, interpret = pallas_target(platform or default_platform(), backend, interpret)
     return _fused_dense(x, w, b, activation=activation, block_sizes=block_sizes, backend=backend,
                         interpret=interpret)
 

@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from phi_jax.dispatch import pallas_target
+from phi_jax.dispatch import default_platform, pallas_target
 from phi_jax.kernels import flash_attention_gpu, flash_attention_tpu
 from phi_jax.kernels.flash_attention_common import PAD_SEGMENT_ID
 
@@ -53,7 +53,7 @@ class BlockSizes:
 
     @classmethod
     def default(cls, backend: str, head_dim: int = 64) -> BlockSizes:
-        """Starting points, not tuned on hardware (no GPU/TPU was available when they were chosen).
+        """Starting points chosen by compiling, not by timing on hardware.
 
         GPU, H <= 64: 128x128 forward tiles and 64x128 (dK/dV) / 128x64 (dQ) backward tiles on 8 warps, picked
         by compiling candidates with tools/ptx_stats.py (fewest PTX instructions per score, no spills on sm_80
@@ -139,11 +139,13 @@ def flash_attention(
     block_sizes: BlockSizes | None = None,
     backend: str | None = None,
     interpret: bool | None = None,
+    platform: str | None = None,
 ) -> jax.Array:  # [batch, seq, heads, head_dim], q.dtype
     """FlashAttention-2 self-attention; differentiable (custom VJP) in q, k, v.
 
-    backend: "gpu" (Triton) or "tpu" (Mosaic); interpret: Pallas interpret mode. None resolves both for the platform
-    this runs on (phi_jax.dispatch.pallas_target): its own lowering, compiled; on CPU the GPU-style one, interpreted.
+    backend: "gpu" (Triton) or "tpu" (Mosaic); interpret: Pallas interpret mode. None resolves both for `platform`,
+    where this runs ("cpu", "gpu", "tpu"; None: JAX's default backend; phi_jax.dispatch.pallas_target): its own
+    lowering, compiled; on CPU the GPU-style one, interpreted.
     sm_scale defaults to head_dim ** -0.5. Any sequence length works (padded internally to a block multiple).
     """
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
@@ -162,7 +164,7 @@ def flash_attention(
             raise ValueError(f"segment_ids must be an integer [batch, seq] = {(batch, seq)} array; got "
                              f"{segment_ids.shape=} {segment_ids.dtype=}.")
         segment_ids = segment_ids.astype(jnp.int32)
-    backend, interpret = pallas_target(backend, interpret)
+    backend, interpret = pallas_target(platform or default_platform(), backend, interpret)
     blocks = (block_sizes or BlockSizes.default(backend, head_dim)).fit(backend, seq)
     sm_scale = float(head_dim ** -0.5 if sm_scale is None else sm_scale)
 

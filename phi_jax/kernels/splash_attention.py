@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from phi_jax.dispatch import pallas_target
+from phi_jax.dispatch import default_platform, pallas_target
 from phi_jax.kernels.flash_attention_common import PAD_SEGMENT_ID
 
 LANES = 128
@@ -50,11 +50,12 @@ def splash_attention(
     segment_ids: jax.Array | None = None,  # int [batch, seq]
     *,
     interpret: bool | None = None,
+    platform: str | None = None,
 ) -> jax.Array:  # [batch, seq, heads, head_dim], q.dtype
     """Causal self-attention with splash attention's forward and backward kernels (differentiable in q, k, v).
 
-    interpret: Pallas TPU interpret mode; None means True on CPU (tests) and False on a TPU
-    (phi_jax.dispatch.pallas_target; any other platform is an error).
+    interpret: Pallas TPU interpret mode; None means True on CPU (tests) and False on a TPU. `platform` is where this
+    runs (None: JAX's default backend; phi_jax.dispatch.pallas_target; a GPU is an error).
     """
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must all be [batch, seq, heads, head_dim] of one shape; got {q.shape=}, "
@@ -62,7 +63,7 @@ def splash_attention(
     batch, seq, heads, head_dim = q.shape
     if segment_ids is not None and segment_ids.shape != (batch, seq):
         raise ValueError(f"segment_ids must be [batch, seq] = {(batch, seq)}; got {segment_ids.shape}.")
-    _, interpret = pallas_target("tpu", interpret)
+    _, interpret = pallas_target(platform or default_platform(), "tpu", interpret)
     block = block_size(seq)
     padded = -(-seq // block) * block
     q = q * jnp.asarray(head_dim**-0.5, q.dtype)  # splash computes q @ k.T unscaled

@@ -1,0 +1,99 @@
+"""The sharded training program for one mesh, built in one place: `build_trainer(cfg, compute, tx, mesh)`.
+
+It computes the sharding rules, the abstract state and its shardings once, and jits the pure
+`train_step(state, batch)` and `eval_step` with them (phi_jax/train_step.py). Training (`phi_jax.train`), starting
+from pretrained weights (`--config.init_from_hf`), the memory planner and the benchmarks all build their step here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from phi_jax.config import Compute, PhiConfig
+from phi_jax.dispatch import mesh_platform
+from phi_jax.sharding import batch_sharding, strategy_rules
+from phi_jax.train_state import TrainState, init_state, state_shardings
+from phi_jax.train_step import BATCH_DTYPES, jit_steps
+
+log = logging.getLogger("phi_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """Everything the train and eval steps of one (architecture, compute, optimizer, mesh, strategy) need."""
+
+    cfg: PhiConfig
+    compute: Compute
+    tx: optax.GradientTransformation
+    mesh: Mesh
+    rules: dict  # the strategy's parameter rules (activations follow them too)
+    opt_rules: dict  # the strategy's optimizer-moment rules
+    abstract_state: TrainState  # jax.ShapeDtypeStructs carrying the shardings: what restores and compiles take
+    shardings: TrainState
+    train_step: Callable  # jitted: explicit in/out shardings, the state donated
+    eval_step: Callable
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """A train batch [accum, micro_batch, seq]: the micro-batch split over the data-parallel axes."""
+        return batch_sharding(self.mesh, leading_dims=1)
+
+    @property
+    def eval_batch_sharding(self) -> NamedSharding:
+        """An eval batch [batch, seq]."""
+        return batch_sharding(self.mesh)
+
+    def abstract_batch(self, accum: int, micro_batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """A global train batch [accum, micro_batch, seq_len] (micro_batch: rows over all devices), abstract."""
+        return {k: jax.ShapeDtypeStruct((accum, micro_batch, seq_len), dtype, sharding=self.batch_sharding)
+                for k, dtype in BATCH_DTYPES.items()}
+
+    def init_state(self, seed: int = 0, *, init_from: str | os.PathLike | None = None) -> TrainState:
+        """A fresh train state, created directly in its shardings (nothing is materialised whole on one host).
+
+        `init_from` starts from pretrained parameters instead: a Hugging Face directory (local or gs://), a Hub id
+        or a training workdir, whose architecture must equal `cfg` (checked before any weight is read); they are
+        cast to compute.param_dtype, and the optimizer state is fresh."""
+        state = jax.jit(lambda: init_state(self.cfg, self.compute, self.tx, seed),
+                        out_shardings=self.shardings)()
+        if init_from:
+            state = state.replace(params=self.pretrained_params(init_from))
+        return state
+
+    def pretrained_params(self, source: str | os.PathLike) -> dict:
+        """The parameters of a model source (see `init_state`) in this trainer's shardings and param dtype."""
+        from phi_jax.loading import from_pretrained, load_config, resolve
+
+        source = resolve(source)
+        if (saved := load_config(source)) != self.cfg:  # before reading any weight
+            raise ValueError(f"{source.name} does not have the architecture of the run's model (checkpoint vs run: "
+                             + "; ".join(saved.diff(self.cfg)) + "); choose the preset (--config.model) it was "
+                             "trained as.")
+        model = from_pretrained(source, Compute(param_dtype=self.compute.param_dtype))
+        params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), self.shardings.params)
+        log.info("initialised parameters from %s", source.name)
+        return params
+
+
+def build_trainer(cfg: PhiConfig, compute: Compute, tx: optax.GradientTransformation, mesh: Mesh,
+                  sharding: str = "fsdp") -> Trainer:
+    """The sharded train and eval steps of `cfg` on `mesh` under a sharding strategy (phi_jax.sharding.STRATEGIES).
+
+    `compute` is resolved for the mesh's platform (`auto` becomes what runs on its devices: a mesh of TPU topology
+    devices compiles the TPU kernels from any host). Nothing is allocated: the state is abstract until
+    `Trainer.init_state` (or a checkpoint restore into `Trainer.abstract_state`)."""
+    compute = compute.resolve(mesh_platform(mesh))
+    rules, opt_rules = strategy_rules(sharding)
+    abstract, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, compute=compute)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    train_fn, eval_fn = jit_steps(mesh, shardings, rules)
+    return Trainer(cfg=cfg, compute=compute, tx=tx, mesh=mesh, rules=rules, opt_rules=opt_rules,
+                   abstract_state=target, shardings=shardings, train_step=train_fn, eval_step=eval_fn)
