@@ -9,7 +9,7 @@ import pytest
 
 from phi_jax.data import default as default_mod
 from phi_jax.data import loader as loader_mod
-from phi_jax.data.corpus import file_documents, jsonl_documents, stdlib_documents, tfds_documents
+from phi_jax.data.corpus import SkipReport, file_documents, jsonl_documents, stdlib_documents, tfds_documents
 from phi_jax.data.loader import KEYS, PackedRows, make_dataset, make_eval_batches, pack_plan
 from phi_jax.data.prepare import prepare_shards
 from phi_jax.data.shards import SplitReader, check_compatible, is_val, read_metadata
@@ -347,7 +347,7 @@ def test_tfds_source_into_shards(tok, tmp_path):
     prepare_shards(docs, tok, tmp_path / "d", val_fraction=0, workers=1)
     reader = SplitReader(tmp_path / "d", "train")
     assert [reader.document(i).tolist() for i in range(len(reader))] == [[*tok.encode(d), tok.eos_id] for d in docs]
-    with pytest.raises(KeyError, match="no field 'content'"):
+    with pytest.raises(ValueError, match=r"no field 'content'.*pass --text_field"):
         next(tfds_documents("tiny_code", data_dir=str(tmp_path / "tfds"), split="train", text_field="content"))
 
 
@@ -359,9 +359,13 @@ def test_file_and_jsonl_sources(tmp_path):
     with pytest.raises(FileNotFoundError):
         list(file_documents(str(tmp_path / "*.rs")))
     (tmp_path / "x.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n{"body": "three"}\n')
-    with pytest.raises(KeyError, match=r"x.jsonl:4 has no field 'text'"):
+    with pytest.raises(ValueError, match=r"x.jsonl:4: no field 'text' \(its fields: \['body'\]; the text field is "
+                                         r"named by --text_field\)\. .*--skip_bad_lines"):
         list(jsonl_documents(str(tmp_path / "x.jsonl")))
     assert list(itertools.islice(jsonl_documents(str(tmp_path / "x.jsonl")), 2)) == ["one", "two"]
+    report = SkipReport()  # a record without the field is a bad line like any other: skipped and counted
+    assert list(jsonl_documents(str(tmp_path / "x.jsonl"), report=report, skip_bad_lines=True)) == ["one", "two"]
+    assert report["bad_lines"] == 1 and "x.jsonl:4: no field 'text'" in report["examples"][0]
 
 
 @pytest.mark.slow
