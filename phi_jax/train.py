@@ -237,6 +237,9 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         latest, saved_meta, start_batch = resume_point(ckpt, c, cfg, compute, data)
         dataset = data.train_dataset(c, jax.process_index(), jax.process_count(), start_batch)
+        eval_batches = {}  # read before compiling: a validation split too short for one batch is an error now
+        if c.eval_every > 0 and c.eval_batches > 0:
+            eval_batches = data.eval_batches(c.seq_len, c.batch_size // accum, c.eval_batches)
         train_sharding, eval_sharding = batch_sharding(mesh, leading_dims=1), batch_sharding(mesh)
         step_fn, eval_fn = jit_steps(mesh, shardings, param_rules)
         memory_check.check_state_fits(target, target.params)  # before compiling or allocating anything
@@ -257,9 +260,6 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
                                        opt_rules=opt_rules, compute=compute)
             if c.init_from_hf:
                 state = _load_hf_params(state, c, cfg, shardings)
-        eval_batches = {}
-        if c.eval_every > 0 and c.eval_batches > 0:
-            eval_batches = data.eval_batches(c.seq_len, c.batch_size // accum, c.eval_batches)
 
         start = int(state.step)
         if start >= c.total_steps:
@@ -309,11 +309,11 @@ def summary(run: Run, last: dict[str, float]) -> str:
     step = run.saved_step
     losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if k in last)
     workdir = shlex.quote(str(run.workdir))
-    name = run.workdir.name or "run"
+    out = shlex.quote(f"exported/{run.workdir.name or 'run'}")
     return "\n".join([
         f"finished at step {step} of {run.c.total_steps}" + (f": {losses}" if losses else ""),
         f"  newest checkpoint: {run.ckpt.directory / str(step)}",
-        f"  export to Hugging Face: python -m tools.export_hf --workdir={workdir} --out=exported/{name}",
+        f"  export to Hugging Face: python -m tools.export_hf --workdir={workdir} --out={out}",
         f"  generate: python -m phi_jax.generate --model={workdir} --prompt='def fibonacci(n):'"])
 
 
