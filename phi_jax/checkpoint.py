@@ -49,8 +49,8 @@ def _damage(step_dir) -> str | None:
             content = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return f"{item}/{name} is not valid JSON ({e})"
-        if not isinstance(content, dict) or ("model" if item == "meta" else "tree_metadata") not in content:
-            return f"{item}/{name} is not a phi_jax checkpoint's"
+        if not isinstance(content, dict) or (item == "state" and "tree_metadata" not in content):
+            return f"{item}/{name} is not an orbax checkpoint's {'metadata' if item == 'meta' else 'tree'}"
         if item == "state":
             tree = content
     if tree.get("use_ocdbt", True):
@@ -126,6 +126,10 @@ class Checkpointer:
                 log.warning("ignoring incomplete checkpoint(s) %s in %s (a crash during a write); they are removed",
                             partial, self.directory)
             self._set_aside_damaged()  # before orbax lists the steps
+        if not read_only and jax.process_count() > 1:  # every process lists the steps after process 0 moved any
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("phi_jax: damaged checkpoints set aside")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=not read_only, cleanup_tmp_directories=not read_only,
                                                read_only=read_only)

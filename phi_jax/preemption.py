@@ -37,6 +37,23 @@ def on_immediate_exit(cleanup: Callable[[], None]) -> Iterator[None]:
         _ON_IMMEDIATE_EXIT.remove(cleanup)
 
 
+def _run_multiprocessing_finalizers(timeout_s: float = 2.0) -> None:
+    """What interpreter exit runs and os._exit skips: a worker pool's semaphores are unlinked (else Python's resource
+    tracker reports them as leaked, after removing them itself). Only the finalizers of priority >= 0 (semaphores,
+    closing queues), not those that join threads, and for at most `timeout_s`: exiting matters more."""
+    from multiprocessing import util
+
+    def run() -> None:
+        try:
+            util._run_finalizers(0)
+        except Exception as e:
+            log.warning("releasing worker pools before exiting failed: %s", e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+
+
 class Preemption:
     """Installs the handlers for the life of a run; `close()` restores the previous ones."""
 
@@ -71,6 +88,7 @@ class Preemption:
                         cleanup()
                     except Exception as e:  # exiting matters more
                         log.warning("cleanup before exiting failed: %s", e)
+                _run_multiprocessing_finalizers()
                 for stream in (sys.stdout, sys.stderr):
                     stream.flush()
                 os._exit(PREEMPTED_EXIT_CODE)

@@ -88,6 +88,15 @@ def _remove_stale_builds(cache_dir: Path, key: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remove(tmp: Path) -> None:
+    """rmtree, again if a file appeared meanwhile (a worker stopped a moment ago may have been writing)."""
+    for _ in range(3):
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not tmp.exists():
+            return
+        time.sleep(0.1)
+
+
 def _build(cache_dir: Path, data_dir: Path, vocab_size: int, workers: int | None) -> None:
     log.info("building the embedded stdlib corpus in %s (once; about a minute)", data_dir)
     _remove_stale_builds(cache_dir, data_dir.name)
@@ -99,7 +108,7 @@ def _build(cache_dir: Path, data_dir: Path, vocab_size: int, workers: int | None
     stride = max(1, sum(map(len, docs)) // SAMPLE_CHARS)
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{data_dir.name}.tmp-"))
     try:
-        with on_immediate_exit(lambda: shutil.rmtree(tmp, ignore_errors=True)):  # a SIGTERM before training
+        with on_immediate_exit(lambda: _remove(tmp)):  # a SIGTERM before training: exits without `finally`
             model = train_sentencepiece(docs[::stride], tmp / f"stdlib-sp{vocab_size}", vocab_size)
             log.info("trained the tokenizer in %.1f s", time.perf_counter() - start)
             prepare_shards(docs, load_tokenizer(model), tmp / "data", val_fraction=0.01, docs_per_shard=500,

@@ -1,8 +1,8 @@
 """Preparing token shards at any scale: pieces of documents tokenized in parallel, resumable, split across machines.
 
 The documents are cut, by index, into pieces of `docs_per_shard`; piece i holds documents
-[i * docs_per_shard, (i + 1) * docs_per_shard) and becomes train shard i (and val shard i when it holds validation
-documents). A piece is a pure function of its documents, so:
+[i * docs_per_shard, (i + 1) * docs_per_shard) and becomes train shard i; the pieces' few validation documents are
+gathered, in order, into files of up to docs_per_shard documents. A piece is a pure function of its documents, so:
 - workers tokenize and write whole pieces in parallel (`workers`);
 - task t of `num_tasks` (a SLURM array, the hosts of a TPU pod) writes the pieces i with i % num_tasks == t, and
   `merge_shards` assembles them, so any number of tasks gives the same bytes;
@@ -14,6 +14,7 @@ Memory stays bounded: a task holds at most 2 x workers pieces, and lengths live 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from phi_jax.data.shards import (
     token_dtype,
 )
 from phi_jax.data.tokenizer import Tokenizer
+from phi_jax.preemption import on_immediate_exit
 
 log = logging.getLogger("phi_jax")
 
@@ -132,10 +134,26 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _workers(pool) -> list:
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
+def _freeze_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """For an exit at once (os._exit follows): the workers are stopped (SIGSTOP), so that they write nothing more
+    while their temporary files are removed, and then end with their parent (PR_SET_PDEATHSIG's SIGKILL). Killing
+    them here would let the parent's main thread see a broken pool and exit first, with another status."""
+    for process in _workers(pool):
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGSTOP if sys.platform == "linux" else signal.SIGKILL)
+
+
 def _stop(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     """Ends the workers now (an error or an interrupt): pieces in flight are abandoned, not finished."""
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        process.terminate()
+    processes = _workers(pool)
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join(2)
     pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -282,6 +300,9 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
         pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker,
                                                       (tokenizer, os.getpid()))
     pending: set[concurrent.futures.Future] = set()
+    stack = contextlib.ExitStack()
+    if pool is not None:  # a signal that ends the process at once (training's, before its first step) ends them
+        stack.enter_context(on_immediate_exit(lambda: _freeze_workers(pool)))
     try:
         for piece, first, docs in _pieces(documents, docs_per_shard):
             total = first + len(docs)
@@ -313,6 +334,7 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
         _after_failure(work, num_tasks, e)
         raise
     finally:
+        stack.close()
         if pool is not None:
             pool.shutdown()
     _write_json(work / f"task-{task_index:05d}-of-{num_tasks:05d}.json",
@@ -368,11 +390,14 @@ def merge_shards(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict
     splits = {}
     for split in SPLITS:
         parts = [m[split] for m in manifests if m[split] is not None]
-        shards = []
-        for j, part in enumerate(parts):
-            name = f"{split}-{j:05d}-of-{len(parts):05d}.array_record"
-            _link(work / part["shard"]["file"], merged / name)
-            shards.append({**part["shard"], "file": name})
+        if split == "val":  # a few documents per piece: gathered into files of up to docs_per_shard documents
+            shards = _gather(work, parts, merged, split, params["docs_per_shard"])
+        else:
+            shards = []
+            for j, part in enumerate(parts):
+                name = f"{split}-{j:05d}-of-{len(parts):05d}.array_record"
+                _link(work / part["shard"]["file"], merged / name)
+                shards.append({**part["shard"], "file": name})
         lengths_name = f"{split}-lengths.npy"
         n = sum(p["documents"] for p in parts)
         lengths = np.lib.format.open_memmap(merged / lengths_name, mode="w+", dtype=np.int64, shape=(n,))
@@ -400,6 +425,32 @@ def merge_shards(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict
     log.info("wrote %s: %d train / %d val documents, %d / %d tokens", out_dir, splits["train"]["documents"],
              splits["val"]["documents"], splits["train"]["tokens"], splits["val"]["tokens"])
     return meta
+
+
+def _gather(work: Path, parts: list[dict], merged: Path, split: str, per_file: int) -> list[dict]:
+    """The pieces' shards of `split` rewritten, in order, into files of up to `per_file` documents (whole pieces;
+    at least one per file). The validation split holds ~val_fraction of each piece: one file per piece would be
+    thousands of files, each at least 128 KiB (ArrayRecord's index block), for a handful of documents each."""
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+    groups: list[list[dict]] = []
+    for part in parts:
+        if not groups or sum(p["documents"] for p in groups[-1]) + part["documents"] > per_file:
+            groups.append([])
+        groups[-1].append(part)
+    shards = []
+    for j, group in enumerate(groups):
+        name = f"{split}-{j:05d}-of-{len(groups):05d}.array_record"
+        writer = ArrayRecordWriter(str(merged / name), _WRITER_OPTIONS)
+        for part in group:
+            reader = ArrayRecordReader(str(work / part["shard"]["file"]))
+            for start in range(0, part["documents"], 1024):  # bounded memory
+                for record in reader.read(start, min(start + 1024, part["documents"])):
+                    writer.write(record)
+            reader.close()
+        writer.close()
+        shards.append(file_record(merged, name, records=sum(p["documents"] for p in group)))
+    return shards
 
 
 def _link(src: Path, dst: Path) -> None:
