@@ -81,9 +81,10 @@ def test_metadata(tok, data_dir):
     assert meta["splits"]["train"]["documents"] == len(train) and meta["splits"]["val"]["documents"] == len(val) == 9
     assert meta["splits"]["train"]["tokens"] == sum(map(len, train))
     assert meta["max_token_id"] == max(max(d) for d in train + val)
-    assert len(meta["splits"]["train"]["shards"]) == len(meta["splits"]["val"]["shards"]) == 3  # 82 docs / 30
+    assert len(meta["splits"]["train"]["shards"]) == 3  # 82 docs / 30
     pieces = [range(p * 30, min(len(DOCS), p * 30 + 30)) for p in range(3)]  # shard p: documents of piece p
-    assert [s["records"] for s in meta["splits"]["val"]["shards"]] == [sum(is_val(i, 0.1) for i in r) for r in pieces]
+    # The pieces' validation documents (3 + 3 + 3) gathered into files of up to 30: one file, not one per piece.
+    assert [s["records"] for s in meta["splits"]["val"]["shards"]] == [9]
     assert [s["records"] for s in meta["splits"]["train"]["shards"]] == [sum(not is_val(i, 0.1) for i in r)
                                                                          for r in pieces]
     assert (data_dir / meta["tokenizer_file"]).read_bytes() == tok.path.read_bytes()
@@ -378,3 +379,18 @@ def test_full_default_dataset(tmp_path):
     assert tok.decode(SplitReader(data_dir, "val").document(0)[:-1]) == first  # document 0 is always validation
     b = batches(make_dataset(data_dir, seq_len=2048, global_batch_size=16, seed=0), 2)[1]
     assert b["inputs"].shape == (16, 2048) and b["inputs"].max() < 8192
+
+
+def test_the_validation_split_is_gathered_into_few_files(tok, tmp_path):
+    """Each piece holds ~val_fraction of its documents: they are written into files of up to docs_per_shard
+    documents (an ArrayRecord file is at least 128 KiB), in document order, whatever the number of pieces."""
+    docs = DOCS * 3
+    prepare_shards(docs, tok, tmp_path / "d", val_fraction=0.2, docs_per_shard=20, workers=1)
+    meta = read_metadata(tmp_path / "d")
+    val = [i for i in range(len(docs)) if is_val(i, 0.2)]
+    assert len(meta["splits"]["train"]["shards"]) == 13  # one per piece of 20 documents
+    assert len(val) == 50  # 4 in each piece of 20, 2 in the last piece (6 documents)
+    assert [s["records"] for s in meta["splits"]["val"]["shards"]] == [20, 20, 10]
+    reader = SplitReader(tmp_path / "d", "val")
+    assert [reader.document(k).tolist() for k in range(len(reader))] == [[*tok.encode(docs[i]), tok.eos_id]
+                                                                         for i in val]
