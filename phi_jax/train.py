@@ -449,7 +449,8 @@ def check_workdir(workdir: str) -> None:
         raise FileNotFoundError(f"--workdir={workdir} is a symbolic link to {os.readlink(path)}, which does not "
                                 "exist: create that directory, or remove the link.")
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory: choose another --workdir.")
+        raise NotADirectoryError(f"--workdir={workdir} exists and is a file, not a directory: choose another "
+                                 "--workdir.")
 
 
 def parse_flags(argv: list[str], flag_values: flags.FlagValues, config) -> list[str]:
