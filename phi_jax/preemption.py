@@ -28,8 +28,8 @@ _ON_IMMEDIATE_EXIT: list[Callable[[], None]] = []
 @contextlib.contextmanager
 def on_immediate_exit(cleanup: Callable[[], None]) -> Iterator[None]:
     """Runs `cleanup` (e.g. removing a temporary directory) if a signal ends the process at once while the block
-    runs: an exit before the first step skips `finally` blocks. (Worker processes need no entry: they end with
-    their parent, phi_jax/data/prepare.py.)"""
+    runs: an exit before the first step skips `finally` blocks. Clean-ups run newest first (phi_jax/data/prepare.py
+    stops its workers, which then end with the process, before the corpus build removes their directory)."""
     _ON_IMMEDIATE_EXIT.append(cleanup)
     try:
         yield
