@@ -39,12 +39,16 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def generate_completions(problems: Sequence[Problem], generate_batch: GenerateBatch, tokenizer, *,
-                         num_samples: int, max_new_tokens: int) -> list[list[str]]:
-    """`num_samples` completions (text, cut at the problem's stop sequences) per problem."""
+                         num_samples: int, max_new_tokens: int, max_prompt_tokens: int | None = None
+                         ) -> list[list[str]]:
+    """`num_samples` completions (text, cut at the problem's stop sequences) per problem. A prompt longer than
+    `max_prompt_tokens` keeps its last tokens (the model's context minus the new tokens)."""
     eos = tokenizer.eos_id
     prompts, owners = [], []
     for p, problem in enumerate(problems):
         ids = tokenizer.encode(problem.prompt) or [eos]
+        if max_prompt_tokens is not None:
+            ids = ids[-max_prompt_tokens:]
         prompts += [ids] * num_samples
         owners += [p] * num_samples
 
@@ -91,7 +95,7 @@ def score(problems: Sequence[Problem], completions: Sequence[Sequence[str]], san
 
 
 def evaluate(problems: Sequence[Problem], generate_batch: GenerateBatch, tokenizer, sandbox: Sandbox, *,
-             num_samples: int = 1, max_new_tokens: int = 384) -> dict:
+             num_samples: int = 1, max_new_tokens: int = 384, max_prompt_tokens: int | None = None) -> dict:
     completions = generate_completions(problems, generate_batch, tokenizer, num_samples=num_samples,
-                                       max_new_tokens=max_new_tokens)
+                                       max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
     return score(problems, completions, sandbox)
