@@ -165,3 +165,17 @@ def test_missing_data_is_skipped_with_the_reason(tmp_path, monkeypatch):
     assert hellaswag["status"] == "skipped" and "lm-eval's hellaswag needs its dataset" in hellaswag["reason"]
     assert mbpp["status"] == "skipped" and "pass --data_dir=DIR holding mbpp.jsonl" in mbpp["reason"]
     assert "Skipped:" in report["table"]
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--num_samples=4"], "--num_samples=4 with --temperature=0 repeats one greedy completion"),
+    (["--tasks=humaneval,nope"], "--tasks: ['nope'] not in the suite"),
+    (["--limit=0"], "--limit=0 must be >= 1"),
+    (["--sandbox=off"], "invalid choice: 'off'"),
+])
+def test_bad_flags_are_one_line_errors_before_loading(flags, message, capsys):
+    from phi_jax.benchmark import main
+
+    with pytest.raises(SystemExit):
+        main(["--model=/does/not/exist", "--out=/tmp/unused", *flags])
+    assert message in capsys.readouterr().err

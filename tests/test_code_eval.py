@@ -153,3 +153,40 @@ def test_batched_generation_equals_one_prompt_at_a_time_and_stops():
     stopped = batched(prompts, 12, stop=lambda ids: len(ids) >= 4)
     assert all(len(s) >= 4 and s == a[:len(s)] for s, a in zip(stopped, alone, strict=True))
     assert min(len(s) for s in stopped) < 12
+
+
+def test_evaluate_samples_each_problem_and_scores_pass_at_k(sandbox):
+    """Four samples per problem through a scripted GenerateBatch: two of problem A's are right, all of B's wrong."""
+
+    class Tok:
+        eos_id = 0
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    problems = [code_eval.Problem(name, f"def {name}():\n", humaneval.STOP,
+                                  lambda c, name=name: f"def {name}():\n{c}\nassert {name}() == 1\n")
+                for name in ("a", "b")]
+    script = {"a": ["    return 1\n", "    return 2\n", "    return 1\ndef x", "    return 3\n"],
+              "b": ["    return 0\n"] * 4}
+    calls = []
+
+    def generate_batch(prompts, max_new_tokens, stop=None):
+        calls.append((len(prompts), max_new_tokens))
+        counters = {"a": 0, "b": 0}
+        out = []
+        for p in prompts:
+            name = chr(p[4])
+            out.append([ord(c) for c in script[name][counters[name]]])
+            counters[name] += 1
+        return out
+
+    scored = code_eval.evaluate(problems, generate_batch, Tok(), sandbox, num_samples=4, max_new_tokens=7)
+    assert calls == [(8, 7)]  # one batched call for all samples of all problems
+    assert scored["correct"] == [2, 0]
+    assert scored["metrics"]["pass@1"]["value"] == pytest.approx((0.5 + 0.0) / 2)
+    assert "pass@10" not in scored["metrics"]
+    assert [s["completion"] for s in scored["samples"]][2] == "    return 1"  # cut before "\ndef"
