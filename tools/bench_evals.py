@@ -8,8 +8,8 @@ ends at its stop or EOS; a batch when all its rows have), through phi_jax.evals.
 `quickstart` is the trained quickstart model when --quickstart_workdir is given, else random weights; `phi-100m`
 has random weights (a rate does not depend on them, but random weights rarely stop early, so they generate every
 token). Per model: wall seconds and generated tokens/s for the first `problems` prompts batched, and for the first
-`sequential_problems` of them one prompt at a time (a rate; the full sequential time is extrapolated). The first
-batch's compilation is excluded from both by a warm-up call per distinct shape.
+`sequential_problems` of them one prompt at a time (a rate; the full sequential time is extrapolated).
+Compilation is excluded from both by a warm-up batch per prompt bucket whose rows stop after one token.
 
 Sandbox: HumanEval's 164 canonical solutions (each with its tests), programs/s at 1 worker and at all cores, with
 the default isolation and with `mode="none"` (a plain subprocess) for the cost of the isolation itself.
@@ -53,9 +53,10 @@ def bench_generation(name: str, args) -> dict:
             counted["tokens"] += sum(len(o) for o in out)
             return out
 
-        # Warm-up: one call per distinct prompt bucket of the subset compiles every program the timed run needs.
-        code_eval.generate_completions(_one_per_bucket(subset, tok, batch), generate_batch, tok, num_samples=1,
-                                       max_new_tokens=args.new_tokens)
+        # Warm-up: a batch per distinct prompt bucket, each row stopped after its first token, compiles every
+        # program the timed run needs (the prefill and decode shapes depend on the bucket and new_tokens only).
+        generate_batch([tok.encode(p.prompt) for p in _one_per_bucket(subset, tok, batch)], args.new_tokens,
+                       lambda ids: True)
         start = time.perf_counter()
         code_eval.generate_completions(subset, counting, tok, num_samples=1, max_new_tokens=args.new_tokens)
         seconds = time.perf_counter() - start
