@@ -71,7 +71,7 @@ class Limits:
 
     timeout: float = 10.0  # wall seconds, interpreter start included
     memory_bytes: int = 1 << 30  # address space per process
-    file_bytes: int = 16 << 20  # largest file, stdout and stderr included (beyond it the program is killed)
+    file_bytes: int = 16 << 20  # largest file, stdout and stderr included (a write beyond it fails)
     nproc: int = 8
     tmpfs_bytes: int = 64 << 20  # each of /tmp, /var/tmp, /dev/shm (RAM-backed)
     output_bytes: int = 64 << 10  # the tail of stdout and of stderr kept in the Result
@@ -188,13 +188,20 @@ class Sandbox:
                 return Result("passed", "", stdout, stderr, seconds)
             if namespaces and code > 128:  # the supervisor's report of its child's signal
                 code = 128 - code
-            reason = (f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}" if code else
+            reason = (f"signal {_signal_name(-code)}" if code < 0 else f"exit {code}" if code else
                       "exited before its last line (no completion token)")
             return Result("failed", reason, stdout, stderr, seconds)
         finally:
             shutil.rmtree(files, ignore_errors=True)
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
 
 
 def _kill_all(pgid: int, uid: int | None) -> None:
