@@ -150,10 +150,14 @@ def model_identity(source, model, args) -> dict:
     if source.is_workdir and step is None:
         steps = [int(p.name) for p in (source.path / "checkpoints").iterdir() if p.name.isdigit()]
         step = max(steps) if steps else None
+    from phi_jax.data.tokenizer import file_sha256
+    from phi_jax.loading import tokenizer_file
+
     config = model.cfg.to_dict()
+    tokenizer = args.tokenizer or str(tokenizer_file(source, args.step))
     return {"model": args.model, "kind": source.kind, "path": str(source.path), "step": step,
             "config": config, "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-            "dtype": args.dtype, "tokenizer": args.tokenizer}
+            "dtype": args.dtype, "tokenizer": tokenizer, "tokenizer_sha256": file_sha256(tokenizer)}
 
 
 def run(benchmarks: Sequence[Benchmark], model, tok, args, *, identity: dict) -> dict:

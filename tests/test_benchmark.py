@@ -117,6 +117,7 @@ def test_the_suite_end_to_end_on_local_data(trained, tmp_path):
         assert 0.0 <= x["value"] <= 1.0 and x["n"] == (2 if x["name"] in ("mbpp", "gsm8k") else 3), x
     assert by_name["humaneval"]["report"] == {"phi-1.5": 0.341, "phi-1.5-web": 0.414}
     assert report["model"]["step"] == 3 and len(report["model"]["config_sha256"]) == 64
+    assert report["model"]["tokenizer"].endswith(".model") and len(report["model"]["tokenizer_sha256"]) == 64
     assert report["sandbox"]["mode"] == "process" and report["versions"]["lm_eval"] == "0.4.13"
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "table.md").read_text().strip() in r.stdout
