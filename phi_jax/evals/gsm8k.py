@@ -1,7 +1,9 @@
 """GSM8K (Cobbe et al. 2021) "via coding", as the phi-1.5 report scores it: the model writes a Python function
 whose returned number is the answer; the sandbox runs it and the number is compared with the reference.
 
-The prompt (zero-shot) is the question as the docstring of a function the model completes:
+The report states the method (zero-shot pass@1, the model's code is run and its result taken as the answer) but
+publishes no prompt text; the prompt here is phi_jax's, in HumanEval's style, the question as the docstring of a
+function the model completes:
 
     def solution():
         \"\"\"Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.
