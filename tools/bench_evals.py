@@ -7,8 +7,10 @@ Generation: HumanEval's prompts, greedy, up to `new_tokens` new tokens cut at Hu
 ends at its stop or EOS; a batch when all its rows have), through phi_jax.evals.generation (the benchmark's path).
 `quickstart` is the trained quickstart model when --quickstart_workdir is given, else random weights; `phi-100m`
 has random weights (a rate does not depend on them, but random weights rarely stop early, so they generate every
-token). Per model: wall seconds and generated tokens/s for the first `problems` prompts batched, and for the first
-`sequential_problems` of them one prompt at a time (a rate; the full sequential time is extrapolated).
+token). Per model: wall seconds and generated tokens/s for the first `problems` prompts batched, and for
+`sequential_problems` of them, evenly spaced (representative prompt lengths), one prompt at a time (a rate; the
+full sequential time is extrapolated). Rows of a batch that stop early idle until the batch's last row stops:
+batched tokens/s counts only the tokens kept.
 Compilation is excluded from both by a warm-up batch per prompt bucket whose rows stop after one token.
 
 Sandbox: HumanEval's 164 canonical solutions (each with its tests), programs/s at 1 worker and at all cores, with
@@ -44,7 +46,8 @@ def bench_generation(name: str, args) -> dict:
     model, tok, label = _model(name, args.quickstart_workdir)
     problems = humaneval.problems(args.problems)
     row = {"model": label, "problems": len(problems), "new_tokens": args.new_tokens, "batch_size": args.batch_size}
-    for batch, subset in ((args.batch_size, problems), (1, problems[:args.sequential_problems])):
+    spread = problems[::max(1, len(problems) // args.sequential_problems)][:args.sequential_problems]
+    for batch, subset in ((args.batch_size, problems), (1, spread)):
         generate_batch = sampler_generate_batch(model, batch_size=batch, eos_id=tok.eos_id)
         counted = {"tokens": 0}
 
