@@ -5,10 +5,16 @@ Each step's checkpoint is written asynchronously to a temporary directory and re
 mid-write leaves the previous checkpoints intact and the partial one is never loaded. Readers (generate, export,
 evaluate, `from_pretrained(workdir)`) open a workdir read-only: they never create, delete or clean up anything, so
 looking at a run while it trains cannot remove the trainer's in-progress checkpoint.
+
+A complete checkpoint damaged afterwards (a file removed or truncated, an empty step directory) is found before it
+is used (`damage`: its metadata parses, and every array value its OCDBT index points to lies inside an existing
+file; no array data is read). The trainer moves it aside, one warning, to `<workdir>/damaged_checkpoints/` and
+resumes from the newest intact step; a reader skips to the newest intact step with a warning and changes nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -25,6 +31,87 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, quota, file-size limit, ...); the previous ones are intact."""
 
 
+class DamagedCheckpointError(ValueError):
+    """No intact checkpoint to use, or the chosen one is damaged: the message names each step and why."""
+
+
+def _damage(step_dir) -> str | None:
+    """Why the orbax checkpoint directory `step_dir` is damaged, or None (see Checkpointer.damage)."""
+    if not step_dir.is_dir():
+        return "its directory is missing"
+    if not any(step_dir.iterdir()):
+        return "its directory is empty"
+    for item, name in (("meta", "metadata"), ("state", "_METADATA")):
+        path = step_dir / item / name
+        if not path.is_file():
+            return f"{item}/{name} is missing"
+        try:
+            content = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return f"{item}/{name} is not valid JSON ({e})"
+        if not isinstance(content, dict) or (item == "state" and "tree_metadata" not in content):
+            return f"{item}/{name} is not an orbax checkpoint's {'metadata' if item == 'meta' else 'tree'}"
+        if item == "state":
+            tree = content
+    if tree.get("use_ocdbt", True):
+        return _ocdbt_damage(step_dir / "state", tree)
+    return None
+
+
+def _ocdbt_damage(state_dir, tree: dict) -> str | None:
+    """Walks the OCDBT index of a saved pytree (its manifest, then every B+tree node): every value it points to
+    must lie within an existing data file, and every array of the tree must have its entries."""
+    import tensorstore as ts
+
+    if not (state_dir / "manifest.ocdbt").is_file():
+        return "state/manifest.ocdbt is missing"
+    url = str(state_dir) if "://" in str(state_dir) else f"file://{state_dir}"
+    kv = ts.KvStore.open(url.rstrip("/") + "/").result()
+    try:
+        manifest = ts.ocdbt.dump(kv).result()
+    except ValueError as e:
+        return f"state/manifest.ocdbt cannot be read ({' '.join(str(e).split())[:160]})"
+    root = manifest["versions"][-1]["root"] if manifest.get("versions") else {}
+    sizes: dict[str, int | None] = {}
+
+    def outside(location: str) -> str | None:  # "<kind>:<base>:<file>:<offset>:<length>", relative to state_dir
+        _, base, name, offset, length = location.rsplit(":", 4) if location.count(":") >= 4 else ("", "", "", 0, 0)
+        rel = f"{base}{name}"
+        if rel not in sizes:
+            path = state_dir / rel
+            sizes[rel] = path.stat().length if path.is_file() else None
+        if sizes[rel] is None:
+            return f"state/{rel} is missing"
+        if sizes[rel] < int(offset) + int(length):
+            return f"state/{rel} is truncated ({sizes[rel]} bytes, data up to byte {int(offset) + int(length)})"
+        return None
+
+    keys: set[str] = set()
+    pending = [root["location"]] if "location" in root else []
+    while pending:
+        location = pending.pop()
+        if why := outside(location):
+            return why
+        try:
+            node = ts.ocdbt.dump(kv, location).result()
+        except ValueError as e:
+            return f"an index node of state/ cannot be read ({' '.join(str(e).split())[:160]})"
+        for entry in node.get("entries", []):
+            for value in entry.values():
+                if isinstance(value, str) and value.startswith("btreenode:"):
+                    pending.append(value)
+                elif isinstance(value, str) and value.startswith("value:") and (why := outside(value)):
+                    return why
+            if isinstance(entry.get("key"), bytes):
+                keys.add(entry["key"].decode("utf-8", "replace").split("/")[0])
+    names = {".".join(str(k["key"]) for k in m["key_metadata"]) for m in tree["tree_metadata"].values()
+             if m["value_metadata"].get("value_type") in ("jax.Array", "np.ndarray")
+             and not m["value_metadata"].get("skip_deserialize")}
+    if missing := sorted(names - keys):
+        return f"state/ lacks the data of {len(missing)} array(s), e.g. {missing[0]} (its index is incomplete)"
+    return None
+
+
 class Checkpointer:
     """The trainer's checkpoints (`read_only=False`: it creates the directory and removes a crashed write's
     temporary directories) or a reader's view of them (`read_only=True`: saving is refused, nothing is touched)."""
@@ -33,10 +120,16 @@ class Checkpointer:
                  read_only: bool = False):
         self.directory = user_path(workdir) / "checkpoints"  # local or gs:// (orbax takes epath paths)
         self.read_only = read_only
-        if not read_only and self.directory.is_dir() and (
-                partial := sorted(p.name for p in self.directory.iterdir() if "tmp" in p.name)):
-            log.warning("ignoring incomplete checkpoint(s) %s in %s (a crash during a write); they are removed",
-                        partial, self.directory)
+        self._damage: dict[int, str | None] = {}  # step -> why it is damaged (None: intact), checked once
+        if not read_only and self.directory.is_dir():
+            if partial := sorted(p.name for p in self.directory.iterdir() if "tmp" in p.name):
+                log.warning("ignoring incomplete checkpoint(s) %s in %s (a crash during a write); they are removed",
+                            partial, self.directory)
+            self._set_aside_damaged()  # before orbax lists the steps
+        if not read_only and jax.process_count() > 1:  # every process lists the steps after process 0 moved any
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("phi_jax: damaged checkpoints set aside")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                                create=not read_only, cleanup_tmp_directories=not read_only,
                                                read_only=read_only)
@@ -54,6 +147,67 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def damage(self, step: int) -> str | None:
+        """Why the checkpoint of `step` cannot be restored (a missing or truncated file, an empty directory), or
+        None when it is intact. Reads its metadata and OCDBT index (kilobytes), never its array data; a byte
+        changed inside an array's data is not seen here (orbax keeps no checksum of it)."""
+        if step not in self._damage:
+            try:
+                self._damage[step] = _damage(self.directory / str(step))
+            except Exception as e:  # an unreadable store (permissions, a bucket's error) is damage too
+                self._damage[step] = f"it cannot be read: {' '.join(str(e).split())[:200]}"
+        return self._damage[step]
+
+    def newest_intact_step(self, steps: list[int] | None = None) -> int | None:
+        """The newest of `steps` (default: all) whose checkpoint is intact, after one warning naming any newer
+        damaged ones; None (and a warning) when none is intact. Read-only: nothing is moved."""
+        steps = sorted(self.all_steps() if steps is None else steps, reverse=True)
+        damaged = []
+        for step in steps:
+            if (why := self.damage(step)) is None:
+                if damaged:
+                    log.warning("skipping damaged checkpoint(s) in %s: %s; using step %d", self.directory,
+                                "; ".join(f"step {s}: {w}" for s, w in damaged), step)
+                return step
+            damaged.append((step, why))
+        return None
+
+    def _set_aside_damaged(self) -> None:
+        """The trainer's start: damaged checkpoints newer than the newest intact one are moved to
+        <workdir>/damaged_checkpoints/ (never deleted), with one warning. When none is intact, the run stops
+        (rather than start again from step 0 unasked): running it again starts afresh."""
+        steps = sorted((int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir()),
+                       reverse=True)
+        damaged = []
+        for step in steps:
+            if (why := self.damage(step)) is None:
+                break
+            damaged.append((step, why))
+        if not damaged:
+            return
+        aside = self._move_aside([s for s, _ in damaged])
+        what = "; ".join(f"step {s}: {w}" for s, w in damaged)
+        if len(damaged) == len(steps):
+            raise DamagedCheckpointError(
+                f"No intact checkpoint in {self.directory}: {what}. They were moved to {aside}/. Run the same "
+                "command again to start from step 0, or put a good copy back.")
+        log.warning("damaged checkpoint(s) in %s: %s; moved to %s/; resuming from step %d", self.directory, what,
+                    aside, steps[len(damaged)])
+
+    def _move_aside(self, steps: list[int]):
+        """Moves the step directories to <workdir>/damaged_checkpoints/STEP (STEP-1, ... if taken); returns it."""
+        import jax
+
+        aside = self.directory.parent / "damaged_checkpoints"
+        if jax.process_index() == 0:  # every process finds the same damage; one moves it
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target, n = aside / str(step), 1
+                while target.exists():
+                    target, n = aside / f"{step}-{n}", n + 1
+                (self.directory / str(step)).rename(target)
+        return aside
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -99,9 +253,24 @@ class Checkpointer:
         return meta
 
     def restore(self, step: int, abstract_state):
-        """The train state, restored into `abstract_state` (ShapeDtypeStructs with shardings: any mesh)."""
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
-            "state"]
+        """The train state, restored into `abstract_state` (ShapeDtypeStructs with shardings: any mesh). A
+        checkpoint that fails to restore (damage `damage` cannot see) is an error; the trainer moves it aside first,
+        so that the same command resumes from the previous one."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
+        except Exception as e:
+            raise self._unrestorable(step, e) from None
+
+    def _unrestorable(self, step: int, e: Exception) -> DamagedCheckpointError:
+        cause = " ".join(str(e).split())[:300]
+        if self.read_only:
+            return DamagedCheckpointError(f"Restoring step {step} from {self.directory} failed: {cause}. The "
+                                          "checkpoint is damaged: choose another step, or put a good copy back.")
+        aside = self._move_aside([step])
+        return DamagedCheckpointError(f"Restoring step {step} from {self.directory} failed: {cause}. The "
+                                      f"checkpoint is damaged and was moved to {aside}/; run the same command again "
+                                      "to resume from the previous checkpoint.")
 
     def close(self) -> None:
         """Waits for the last asynchronous write (so it is durable), then releases the manager."""
@@ -144,11 +313,18 @@ def _checkpoint_steps(workdir: str | os.PathLike) -> tuple[Checkpointer, list[in
 
 
 def _choose(ckpt: Checkpointer, steps: list[int], step: int | None) -> int:
-    """`step`, or the newest when None; a step without a complete checkpoint is an error listing the others."""
+    """`step`, or the newest intact one when None (a warning names any newer damaged ones); a step without a
+    complete checkpoint, or a damaged one, is an error naming the others."""
     if step is None:
-        return steps[-1]
+        if (chosen := ckpt.newest_intact_step(steps)) is None:
+            raise DamagedCheckpointError(f"No intact checkpoint in {ckpt.directory}: " + "; ".join(
+                f"step {s}: {ckpt.damage(s)}" for s in reversed(steps)) + ". Put a good copy back, or train again.")
+        return chosen
     if step not in steps:
         raise ValueError(f"No checkpoint at step {step} in {ckpt.directory}; available steps: {steps}.")
+    if why := ckpt.damage(step):
+        raise DamagedCheckpointError(f"The checkpoint of step {step} in {ckpt.directory} is damaged: {why}. Choose "
+                                     f"another step ({[s for s in steps if s != step]}) or put a good copy back.")
     return step
 
 
@@ -174,7 +350,10 @@ def load_model(workdir: str | os.PathLike, step: int | None = None, compute: Com
         target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)}
         restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                          partial_restore=True)
-        params = ckpt.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+        try:
+            params = ckpt.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+        except Exception as e:
+            raise ckpt._unrestorable(step, e) from None
     finally:
         ckpt.close()
     graphdef, state = nnx.split(abstract_model(cfg, compute), nnx.Param)

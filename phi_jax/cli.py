@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -20,19 +22,48 @@ def run(main: Callable[[], object], *, failed_write: Callable[[OSError], str] = 
     """Calls `main()` with the start-up every entry point shares; a user error, a `RunFailure` or a failed write
     exits with status 1 and one line `error: MESSAGE`. `failed_write` words an OSError (disk full, a size limit,
     permissions) for this entry point: what the failure left intact (outputs are atomic) and how to go on.
+    SIGTERM, like Ctrl-C, unwinds `main()` (its clean-ups run) and exits with 128 + the signal's number and one
+    line, unless the entry point handles signals itself (training: phi_jax/preemption.py).
 
     Before anything else, a CPU host's process restarts once with glibc's malloc on huge pages (host_memory.py)."""
     from phi_jax.host_memory import ensure_huge_pages, status
 
     ensure_huge_pages()
     configure_logging()
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
     log.info("host memory: %s", status())
+    call(main, failed_write=failed_write)
+
+
+def call(main: Callable[[], object], *, failed_write: Callable[[OSError], str] = str) -> None:
+    """`main()` under the entry points' error policy (see `run`), without the start-up: what tests call."""
     try:
         main()
     except (*USER_ERRORS, RunFailure) as e:
         sys.exit(f"error: {e}")
     except OSError as e:
         sys.exit(f"error: {failed_write(e)}")
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        sys.exit(128 + signum)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
+def exit_on_signals_during_startup(code: int) -> None:
+    """Until the entry point installs its own handlers: SIGTERM/SIGINT end the process at once with `code` and one
+    line (no KeyboardInterrupt traceback from inside an import). For a start-up that has nothing to undo."""
+    def handler(signum, frame):
+        os.write(2, f"received {signal.Signals(signum).name} while starting: nothing to save; exiting with "
+                    f"{code}\n".encode())
+        os._exit(code)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def configure_logging(stream=None) -> None:

@@ -8,20 +8,50 @@ After that, a signal sets a flag and the loop checkpoints at the next step bound
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
 import threading
-
-import jax
-import numpy as np
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger("phi_jax")
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was written on SIGTERM/SIGINT; run the same command again
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_ON_IMMEDIATE_EXIT: list[Callable[[], None]] = []
+
+
+@contextlib.contextmanager
+def on_immediate_exit(cleanup: Callable[[], None]) -> Iterator[None]:
+    """Runs `cleanup` (e.g. removing a temporary directory) if a signal ends the process at once while the block
+    runs: an exit before the first step skips `finally` blocks. Clean-ups run newest first (phi_jax/data/prepare.py
+    stops its workers, which then end with the process, before the corpus build removes their directory)."""
+    _ON_IMMEDIATE_EXIT.append(cleanup)
+    try:
+        yield
+    finally:
+        _ON_IMMEDIATE_EXIT.remove(cleanup)
+
+
+def _run_multiprocessing_finalizers(timeout_s: float = 2.0) -> None:
+    """What interpreter exit runs and os._exit skips: a worker pool's semaphores are unlinked (else Python's resource
+    tracker reports them as leaked, after removing them itself). Only the finalizers of priority >= 0 (semaphores,
+    closing queues), not those that join threads, and for at most `timeout_s`: exiting matters more."""
+    from multiprocessing import util
+
+    def run() -> None:
+        try:
+            util._run_finalizers(0)
+        except Exception as e:
+            log.warning("releasing worker pools before exiting failed: %s", e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
 
 
 class Preemption:
@@ -51,11 +81,14 @@ class Preemption:
                 name = signal.Signals(next(b for b in data if b in SIGNALS)).name
                 log.warning("received %s before the first step finished: nothing new to checkpoint; exiting with %d",
                             name, PREEMPTED_EXIT_CODE)
-                if self._before_exit is not None:
+                for cleanup in [*reversed(_ON_IMMEDIATE_EXIT), self._before_exit]:
+                    if cleanup is None:
+                        continue
                     try:
-                        self._before_exit()
+                        cleanup()
                     except Exception as e:  # exiting matters more
                         log.warning("cleanup before exiting failed: %s", e)
+                _run_multiprocessing_finalizers()
                 for stream in (sys.stdout, sys.stderr):
                     stream.flush()
                 os._exit(PREEMPTED_EXIT_CODE)
@@ -67,8 +100,11 @@ class Preemption:
 
     def agreed(self) -> bool:
         """True when any process was signalled (processes must stop at the same step)."""
+        import jax  # (imported here: the data modules use on_immediate_exit without JAX)
+
         if jax.process_count() == 1:
             return self.requested
+        import numpy as np
         from jax.experimental import multihost_utils
 
         return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())

@@ -1,7 +1,8 @@
 """What a restart may change. A checkpoint records its run config and data identity; resuming with another data
-path, tokenizer, seq_len, global batch, packing, seed or data mixture would silently reuse a data position that
-means something else, so those changes are refused unless named in `--config.allow_changes`. Everything else
-(learning rate, total_steps, cadences, mesh, sharding, micro-batch, ...) may change. Rules: docs/RELIABILITY.md.
+path, other shards under the same path, tokenizer, seq_len, global batch, packing, seed or data mixture would
+silently reuse a data position that means something else, so those changes are refused unless named in
+`--config.allow_changes`. Everything else (learning rate, total_steps, cadences, mesh, sharding, micro-batch, ...)
+may change. Rules: docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ def _plain(x: Any) -> Any:
 
 def identity(run: dict, data: dict) -> dict[str, Any]:
     """The keys a restart must keep: seq_len, batch_size, seed, every data.* setting (so keys added later, such as
-    a data mixture, are covered too), the resolved shard path and the tokenizer's own identity."""
+    a data mixture, are covered too), the resolved shard path, the shards themselves (their recorded sizes and
+    checksums: other shards under the same path are other data) and the tokenizer's own identity. A key one side
+    lacks (a checkpoint written before it was recorded) is not compared."""
     flat = flatten(_plain(run))
     out = {k: flat[k] for k in CORE if k in flat}
     out.update({k: v for k, v in flat.items() if k.startswith("data.") and k not in NOT_IDENTITY})
-    for key in ("path", "tokenizer"):  # resolved: "" -> the embedded corpus's directory and tokenizer
-        if key in data:
+    for key in ("path", "tokenizer", "shards"):  # resolved: "" -> the embedded corpus's directory and tokenizer;
+        if key in data:  # shards: a digest of the shard files' recorded sizes and checksums (metadata.json)
             out[f"data.{key}"] = _plain(data[key])
     return out
 

@@ -3,7 +3,13 @@
 Restarting the same command with the same workdir resumes from the newest complete checkpoint.
 """
 
+
 from __future__ import annotations
+
+if __name__ == "__main__":  # SIGTERM/SIGINT while starting: nothing to save yet, exit 75 (docs/RELIABILITY.md)
+    from phi_jax.cli import exit_on_signals_during_startup
+
+    exit_on_signals_during_startup(75)
 
 import dataclasses
 import logging
@@ -25,11 +31,12 @@ from phi_jax import cli, distributed, memory_check, restart, validate
 from phi_jax.checkpoint import Checkpointer, CheckpointWriteError
 from phi_jax.cli import RunFailure
 from phi_jax.config import Compute, PhiConfig
+from phi_jax.data.default import CacheDirError
 from phi_jax.data.training_data import TrainingData, resolve_data
 from phi_jax.flops import flops_per_token, peak_flops_per_device
 from phi_jax.metrics import MetricsWriter, StepTimer
 from phi_jax.optim import make_optimizer
-from phi_jax.paths import user_path
+from phi_jax.paths import is_url, user_path
 from phi_jax.preemption import PREEMPTED_EXIT_CODE, Preemption
 from phi_jax.run_config import compute_options
 from phi_jax.sharding import make_mesh
@@ -220,6 +227,9 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
         latest, saved_meta, start_batch = resume_point(ckpt, c, cfg, compute, data)
         dataset = data.train_dataset(c, jax.process_index(), jax.process_count(), start_batch)
         check_one_batch(dataset, c, data)
+        eval_batches = {}  # read before compiling: a validation split too short for one batch is an error here
+        if c.eval_every > 0 and c.eval_batches > 0:
+            eval_batches = data.eval_batches(c.seq_len, c.batch_size // accum, c.eval_batches)
         memory_check.check_state_fits(target, target.params)  # before compiling or allocating anything
         log.info("compiling the train step")
         compiled_step = trainer.train_step.lower(target, trainer.abstract_batch(accum, c.batch_size // accum,
@@ -236,9 +246,6 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
             log.info("resumed from %s at step %d", ckpt.directory, latest)
         else:
             state = trainer.init_state(c.seed, init_from=c.init_from_hf or None)
-        eval_batches = {}
-        if c.eval_every > 0 and c.eval_batches > 0:
-            eval_batches = data.eval_batches(c.seq_len, c.batch_size // accum, c.eval_batches)
 
         start = int(state.step)
         if start >= c.total_steps:
@@ -284,11 +291,11 @@ def summary(run: Run, last: dict[str, float]) -> str:
     step = run.saved_step
     losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", "val_loss") if k in last)
     workdir = shlex.quote(str(run.workdir))
-    name = run.workdir.name or "run"
+    out = shlex.quote(f"exported/{run.workdir.name or 'run'}")
     return "\n".join([
         f"finished at step {step} of {run.c.total_steps}" + (f": {losses}" if losses else ""),
         f"  newest checkpoint: {run.ckpt.directory / str(step)}",
-        f"  export to Hugging Face: python -m tools.export_hf --model={workdir} --out=exported/{name}",
+        f"  export to Hugging Face: python -m tools.export_hf --model={workdir} --out={out}",
         f"  generate: python -m phi_jax.generate --model={workdir} --prompt='def fibonacci(n):'"])
 
 
@@ -297,42 +304,120 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).replace("\\n", " ").replace("\\", "").replace("'", "").split())
 
 
-def define_flags() -> None:
-    """--config and --workdir. ml_collections reads the --config.KEY overrides while defining --config, so a
-    misspelt key is reported here, in one line with its "did you mean" hint."""
-    global _CONFIG, _WORKDIR
+def unknown_config_key(argv: list[str]) -> str | None:
+    """The first --config.KEY override of `argv` that the run config does not have, worded with the keys it does
+    have (the nearest, or those of the section named); None if every key exists. Keys are those of
+    phi_jax/run_config.py's base_config, which every configs/*.py shares."""
+    import difflib
+
+    from phi_jax.run_config import base_config
+    from phi_jax.validate import flatten
+
+    keys = sorted(flatten(base_config()))
+    sections = sorted({k.split(".")[0] for k in keys if "." in k})
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        if key in keys:
+            continue
+        if not key:
+            return f"{arg!r} names no key: write --config.KEY=VALUE, e.g. --config.batch_size=8."
+        section = key.split(".")[0]
+        if section in sections:
+            if key == section:
+                return (f"--config.{key} is a section, not a value: set one of its keys, "
+                        f"{', '.join(f'--config.{k}' for k in keys if k.startswith(section + '.'))}.")
+            inside = [k for k in keys if k.startswith(section + ".")]
+            near = difflib.get_close_matches(key, inside, n=1, cutoff=0.6)
+            return (f"--config.{key} is not a run-config key" + (f"; did you mean --config.{near[0]}?" if near else
+                    "") + f" The keys of {section}: {', '.join(k.split('.', 1)[1] for k in inside)}.")
+        near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        hint = (f"did you mean {', '.join('--config.' + k for k in near)}?" if near else
+                "run python -m phi_jax.train --helpfull for the keys.")
+        return (f"--config.{key} is not a run-config key; {hint} Top-level keys: "
+                f"{', '.join(k for k in keys if '.' not in k)}; sections: {', '.join(sections)}.")
+    return None
+
+
+def define_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS):
+    """--config and --workdir in `flag_values`: (config holder, workdir holder). ml_collections reads the
+    --config.KEY overrides of `argv` while defining --config, so an unknown key is reported here, in one line
+    naming it and the keys that exist."""
+    if _config_is_base(argv) and (unknown := unknown_config_key(argv)) is not None:
+        sys.exit(f"error: {unknown}")
     try:
-        _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "A configs/*.py run config.",
-                                                  lock_config=True)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        config = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "A configs/*.py run config.",
+                                                 flag_values=flag_values, lock_config=True, sys_argv=argv)
+    except (AttributeError, KeyError, TypeError, ValueError, SyntaxError) as e:
         sys.exit(f"error: unknown or invalid --config key: {_one_line(e)}")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go (default runs/<model>).")
-    app.define_help_flags()  # --help
+    workdir = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go (default runs/<model>).",
+                                  flag_values=flag_values)
+    return config, workdir
+
+
+def parse_command_line(argv: list[str], flag_values: flags.FlagValues | None = None):
+    """(run config, workdir) of a `python -m phi_jax.train` command line, every value checked (validate.py); a bad
+    one exits with status 1 and one line. (A fresh FlagValues parses in-process, as the tests do.)"""
+    if flag_values is None:
+        flag_values = flags.FLAGS
+        app.define_help_flags()  # --help
+    config, workdir = define_flags(argv, flag_values)
+    if len(rest := parse_flags(argv, flag_values, config)) > 1:
+        sys.exit(f"error: unexpected arguments {rest[1:]}; settings go in --config.KEY=VALUE.")
+    c = config.value
+    try:
+        validate.check_values(c)  # every key's type and range, before anything is read, built or compiled
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    return c, workdir.value if workdir.value is not None else f"runs/{c.model}"
+
+
+def _config_is_base(argv: list[str]) -> bool:
+    """Whether --config is one of this repository's configs/*.py (the default is), which all have base_config's
+    keys; a config file of one's own may have others."""
+    named = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    return not named or Path(named[-1]).resolve().parent == Path(__file__).resolve().parents[1] / "configs"
 
 
 def failed_write(e: OSError) -> str:
     """A failed write (disk full, permissions, ...) in training's words: checkpoints are atomic."""
-    if isinstance(e, CheckpointWriteError):
-        return str(e)  # it names the newest complete checkpoint
+    if isinstance(e, CheckpointWriteError | CacheDirError):
+        return str(e)  # it names the newest complete checkpoint, or the cache directory and the way out
     return (f"Writing failed: {e}. The newest complete checkpoint is intact; free space or fix permissions and run "
             "the same command again to resume.")
 
 
 def main() -> None:
-    define_flags()
-    if len(argv := parse_flags(sys.argv)) > 1:
-        raise ValueError(f"Unexpected arguments {argv[1:]}; settings go in --config.KEY=VALUE.")
+    c, workdir = parse_command_line(sys.argv)
+    check_workdir(workdir)
     distributed.maybe_initialize()
-    c = _CONFIG.value
-    train(c, _WORKDIR.value or f"runs/{c.model}")
+    train(c, workdir)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a bad --config (a misspelt key, a wrong type, a missing file) reported in one line."""
+def check_workdir(workdir: str) -> None:
+    """A workdir that cannot be one, said before anything is read or built: an empty path, a file, a symlink to
+    nothing."""
+    if not workdir.strip():
+        raise ValueError("--workdir is empty: name the run's directory (default runs/<model>).")
+    if is_url(workdir):
+        return
+    path = Path(workdir).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"--workdir={workdir} is a symbolic link to {os.readlink(path)}, which does not "
+                                "exist: create that directory, or remove the link.")
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--workdir={workdir} exists and is a file, not a directory: choose another "
+                                 "--workdir.")
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues, config) -> list[str]:
+    """absl's parsing, with a bad --config (a wrong type, a missing file, a bad value) reported in one line."""
     try:
-        rest = flags.FLAGS(argv)
-        _CONFIG.value.keys()  # the file loads lazily: load it now, so that its errors are reported here
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        rest = flag_values(argv)
+        config.value.keys()  # the file loads lazily: load it now, so that its errors are reported here
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError, SyntaxError,
+            OverflowError) as e:
         sys.exit(f"error: {_one_line(e)}")
     return rest
 

@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from phi_jax.config import ATTENTION_CHOICES, DENSE_CHOICES, DTYPES, PRESETS, REMAT_POLICIES
+from phi_jax.data.tokenizer import MIN_VOCAB_SIZE
 from phi_jax.sharding import STRATEGIES
 
 
@@ -44,7 +45,7 @@ RULES: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], str
     "attention_impl": (str, _one_of(*ATTENTION_CHOICES)),  # where each runs: Compute.resolve, at setup
     "dense_impl": (str, _one_of(*DENSE_CHOICES)),
     "remat": (str, _one_of(*REMAT_POLICIES)),
-    "seed": (int, NON_NEGATIVE),
+    "seed": (int, ((lambda v: 0 <= v < 2**32), "in [0, 2**32) (it seeds jax.random and the data order)")),
     "seq_len": (int, POSITIVE),
     "batch_size": (int, POSITIVE),
     "micro_batch_per_device": (int, NON_NEGATIVE),
@@ -67,7 +68,7 @@ RULES: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], str
     "data.path": (str, ANY),
     "data.tokenizer": (str, ANY),
     "data.packing": (bool, ANY),
-    "data.default_vocab_size": (int, _at_least(16)),
+    "data.default_vocab_size": (int, _at_least(MIN_VOCAB_SIZE)),
     "data.cache_dir": (str, ANY),
     "data.mixture_weights": (str, ANY),  # its weights are parsed and checked with the sources (data/training_data.py)
     "data.verify_checksums": (bool, ANY),
@@ -98,6 +99,8 @@ def _check_type(key: str, value: Any, kind) -> None:
         ok = True
     if not ok:
         raise ValueError(f"--config.{key}={value!r} must be a {'/'.join(k.__name__ for k in kinds)}.")
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise ValueError(f"--config.{key}={value} is out of range: it must fit a 64-bit integer.")
 
 
 def check_values(c: ml_collections.ConfigDict) -> None:

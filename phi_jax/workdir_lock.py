@@ -61,7 +61,7 @@ class _LocalStore:
 
     def read(self) -> tuple[dict, object] | None:
         try:
-            holder = json.loads(self.path.read_text())
+            holder = _parse(self.path.read_bytes(), self.path.stat().mtime)
         except FileNotFoundError:
             return None
         return holder, holder.get("token")
@@ -78,7 +78,7 @@ class _LocalStore:
             os.rename(self.path, moved)
         except FileNotFoundError:
             return False
-        if json.loads(moved.read_text()).get("token") != version:  # a new holder's lock: put it back
+        if _parse(moved.read_bytes(), 0).get("token") != version:  # a new holder's lock: put it back
             with contextlib.suppress(FileExistsError):
                 os.link(moved, self.path)
             moved.unlink()
@@ -114,10 +114,10 @@ class _GcsStore:
         # downloading that generation lost a race with a taker that deleted the object in between.
         blob = self._blob()
         try:
-            text = blob.download_as_text()
+            data = blob.download_as_bytes()
         except self.exceptions.NotFound:
             return None
-        return json.loads(text), blob.generation
+        return _parse(data, blob.updated.timestamp() if blob.updated else 0.0), blob.generation
 
     def replace(self, text: str, version) -> object:
         blob = self._blob()
@@ -130,6 +130,20 @@ class _GcsStore:
             return True
         except (self.exceptions.PreconditionFailed, self.exceptions.NotFound):
             return False
+
+
+def _parse(data: bytes, written: float) -> dict:
+    """A lock's holder. A lock file that is not a JSON object (damaged: locks are written whole) has no holder to
+    ask; it stands for one whose heartbeat is the file's modification time, so it goes stale like any other."""
+    try:
+        holder = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return {"damaged": f"not JSON: {e}", "heartbeat": written}
+    if not isinstance(holder, dict):
+        return {"damaged": f"a JSON {type(holder).__name__}, not an object", "heartbeat": written}
+    if not isinstance(holder.get("heartbeat", 0), int | float) or not isinstance(holder.get("pid", -1), int):
+        return {"damaged": "its heartbeat or pid is not a number", "heartbeat": written}
+    return holder
 
 
 def _store(path: epath.Path):
@@ -175,14 +189,23 @@ class WorkdirLock:
                     break
                 continue
             holder, version = found
-            if (reason := self._stale_reason(holder)) is None:
+            if (reason := self._stale_reason(holder)) is None and "damaged" in holder:
+                raise WorkdirLockedError(
+                    f"{self.path} is damaged ({holder['damaged']}) and was written "
+                    f"{time.time() - holder['heartbeat']:.0f} s ago, so a trainer may hold it. If none uses "
+                    f"{self.path.parent}, delete {self.path}; a damaged lock is taken over once stale "
+                    f"({self.stale_after_s:.0f} s).")
+            if reason is None:
                 raise WorkdirLockedError(
                     f"{self.path.parent} is in use by another trainer (host {holder.get('host')}, pid "
                     f"{holder.get('pid')}, started {holder.get('started')}); stop it or use another --workdir. If "
                     f"that run is dead, the lock is taken over once stale ({self.stale_after_s:.0f} s), or delete "
                     f"{self.path}.")
-            log.warning("taking over the stale workdir lock of host %s pid %s (started %s): %s", holder.get("host"),
-                        holder.get("pid"), holder.get("started"), reason)
+            if "damaged" in holder:
+                log.warning("taking over the damaged workdir lock %s (%s): %s", self.path, holder["damaged"], reason)
+            else:
+                log.warning("taking over the stale workdir lock of host %s pid %s (started %s): %s",
+                            holder.get("host"), holder.get("pid"), holder.get("started"), reason)
             self._store.remove(version)
         else:
             raise WorkdirLockedError(f"Could not acquire {self.path}: other trainers keep taking it.")

@@ -9,7 +9,7 @@ import pytest
 
 from phi_jax.data import default as default_mod
 from phi_jax.data import loader as loader_mod
-from phi_jax.data.corpus import file_documents, jsonl_documents, stdlib_documents, tfds_documents
+from phi_jax.data.corpus import SkipReport, file_documents, jsonl_documents, stdlib_documents, tfds_documents
 from phi_jax.data.loader import KEYS, PackedRows, make_dataset, make_eval_batches, pack_plan
 from phi_jax.data.prepare import prepare_shards
 from phi_jax.data.shards import SplitReader, check_compatible, is_val, read_metadata
@@ -81,9 +81,10 @@ def test_metadata(tok, data_dir):
     assert meta["splits"]["train"]["documents"] == len(train) and meta["splits"]["val"]["documents"] == len(val) == 9
     assert meta["splits"]["train"]["tokens"] == sum(map(len, train))
     assert meta["max_token_id"] == max(max(d) for d in train + val)
-    assert len(meta["splits"]["train"]["shards"]) == len(meta["splits"]["val"]["shards"]) == 3  # 82 docs / 30
+    assert len(meta["splits"]["train"]["shards"]) == 3  # 82 docs / 30
     pieces = [range(p * 30, min(len(DOCS), p * 30 + 30)) for p in range(3)]  # shard p: documents of piece p
-    assert [s["records"] for s in meta["splits"]["val"]["shards"]] == [sum(is_val(i, 0.1) for i in r) for r in pieces]
+    # The pieces' validation documents (3 + 3 + 3) gathered into files of up to 30: one file, not one per piece.
+    assert [s["records"] for s in meta["splits"]["val"]["shards"]] == [9]
     assert [s["records"] for s in meta["splits"]["train"]["shards"]] == [sum(not is_val(i, 0.1) for i in r)
                                                                          for r in pieces]
     assert (data_dir / meta["tokenizer_file"]).read_bytes() == tok.path.read_bytes()
@@ -347,7 +348,7 @@ def test_tfds_source_into_shards(tok, tmp_path):
     prepare_shards(docs, tok, tmp_path / "d", val_fraction=0, workers=1)
     reader = SplitReader(tmp_path / "d", "train")
     assert [reader.document(i).tolist() for i in range(len(reader))] == [[*tok.encode(d), tok.eos_id] for d in docs]
-    with pytest.raises(KeyError, match="no field 'content'"):
+    with pytest.raises(ValueError, match=r"no field 'content'.*pass --text_field"):
         next(tfds_documents("tiny_code", data_dir=str(tmp_path / "tfds"), split="train", text_field="content"))
 
 
@@ -359,9 +360,13 @@ def test_file_and_jsonl_sources(tmp_path):
     with pytest.raises(FileNotFoundError):
         list(file_documents(str(tmp_path / "*.rs")))
     (tmp_path / "x.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n{"body": "three"}\n')
-    with pytest.raises(KeyError, match=r"x.jsonl:4 has no field 'text'"):
+    with pytest.raises(ValueError, match=r"x.jsonl:4: no field 'text' \(its fields: \['body'\]; the text field is "
+                                         r"named by --text_field\)\. .*--skip_bad_lines"):
         list(jsonl_documents(str(tmp_path / "x.jsonl")))
     assert list(itertools.islice(jsonl_documents(str(tmp_path / "x.jsonl")), 2)) == ["one", "two"]
+    report = SkipReport()  # a record without the field is a bad line like any other: skipped and counted
+    assert list(jsonl_documents(str(tmp_path / "x.jsonl"), report=report, skip_bad_lines=True)) == ["one", "two"]
+    assert report["bad_lines"] == 1 and "x.jsonl:4: no field 'text'" in report["examples"][0]
 
 
 @pytest.mark.slow
@@ -374,3 +379,18 @@ def test_full_default_dataset(tmp_path):
     assert tok.decode(SplitReader(data_dir, "val").document(0)[:-1]) == first  # document 0 is always validation
     b = batches(make_dataset(data_dir, seq_len=2048, global_batch_size=16, seed=0), 2)[1]
     assert b["inputs"].shape == (16, 2048) and b["inputs"].max() < 8192
+
+
+def test_the_validation_split_is_gathered_into_few_files(tok, tmp_path):
+    """Each piece holds ~val_fraction of its documents: they are written into files of up to docs_per_shard
+    documents (an ArrayRecord file is at least 128 KiB), in document order, whatever the number of pieces."""
+    docs = DOCS * 3
+    prepare_shards(docs, tok, tmp_path / "d", val_fraction=0.2, docs_per_shard=20, workers=1)
+    meta = read_metadata(tmp_path / "d")
+    val = [i for i in range(len(docs)) if is_val(i, 0.2)]
+    assert len(meta["splits"]["train"]["shards"]) == 13  # one per piece of 20 documents
+    assert len(val) == 50  # 4 in each piece of 20, 2 in the last piece (6 documents)
+    assert [s["records"] for s in meta["splits"]["val"]["shards"]] == [20, 20, 10]
+    reader = SplitReader(tmp_path / "d", "val")
+    assert [reader.document(k).tolist() for k in range(len(reader))] == [[*tok.encode(docs[i]), tok.eos_id]
+                                                                         for i in val]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from phi_jax.data.corpus import SkipReport, file_documents, jsonl_documents
+from phi_jax.data.loader import make_dataset
 from phi_jax.data.prepare import merge_shards, prepare_shards, work_dir
 from phi_jax.data.shards import SplitReader, read_metadata, verify_checksums
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
@@ -200,9 +201,9 @@ def test_corrupted_or_truncated_shards_are_found_at_open(whole, tmp_path):
     with pytest.raises(ValueError, match=r"train-00002-of-00007.array_record does not match the sha256"):
         resolve_data(_config(d))
     d = _copy(whole, tmp_path / "cut")
-    shard = d / "val-00001-of-00007.array_record"
+    shard = d / "val-00000-of-00001.array_record"  # the 7 pieces' validation documents, gathered
     shard.write_bytes(shard.read_bytes()[:-5])
-    with pytest.raises(ValueError, match=r"val-00001-of-00007.array_record is \d+ bytes but metadata.json records"):
+    with pytest.raises(ValueError, match=r"val-00000-of-00001.array_record is \d+ bytes but metadata.json records"):
         read_metadata(d)
     d = _copy(whole, tmp_path / "records")  # a valid shard with its size and sha256, but the wrong record count
     meta = json.loads((d / "metadata.json").read_text())
@@ -242,3 +243,150 @@ def test_the_command_line_splits_and_merges(tok, tmp_path, capsys):
     assert "run: python -m tools.prepare_data --merge" in capsys.readouterr().out
     prepare_data_cli(["--merge", f"--out={tmp_path / 'two'}"])
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
+
+
+def test_overwrite_replaces_only_a_previous_preparation(tok, whole, tmp_path):
+    """--overwrite may replace an empty directory or what a preparation wrote (the files its metadata.json lists),
+    never a user's other files: those are named and nothing is deleted."""
+    base = ["--source=jsonl", f"--tokenizer={tok.path}", "--workers=1", "--overwrite"]
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:30]))
+    user = tmp_path / "u"
+    user.mkdir()
+    (user / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match=r"u is not a prepare_data output \(notes.txt\); --overwrite replaces "
+                                              r"only an empty directory or a previous preparation"):
+        prepare_data_cli([*base, f"--jsonl={src}", f"--out={user}"])
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"] and not work_dir(user).exists()
+    prev = _copy(whole, tmp_path / "prev")
+    (prev / "mine.txt").write_text("added by hand")
+    with pytest.raises(FileExistsError, match=r"holds files the previous preparation did not write \(mine.txt\)"):
+        prepare_data_cli([*base, f"--jsonl={src}", f"--out={prev}"])
+    assert (prev / "mine.txt").exists() and _files(prev).keys() == {*_files(whole), "mine.txt"}
+    (prev / "mine.txt").unlink()
+    prepare_data_cli([*base, f"--jsonl={src}", f"--out={prev}"])  # a previous preparation: replaced
+    assert read_metadata(prev)["splits"]["train"]["documents"] + read_metadata(prev)["splits"]["val"][
+        "documents"] == 30
+    (tmp_path / "empty").mkdir()
+    prepare_data_cli([*base, f"--jsonl={src}", f"--out={tmp_path / 'empty'}"])  # an empty directory: filled
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        prepare_data_cli([*base, f"--jsonl={src}", f"--out={tmp_path / 'file'}"])
+
+
+def test_tasks_started_at_once_do_not_collide(tok, whole, tmp_path):
+    """The tasks of one preparation (a SLURM array) start together and write params.json and the tokenizer copy
+    into one work directory: every writer has its own temporary name. Threads started by one barrier stand in for
+    the processes (same files, tighter timing); with a shared temporary name, renames fail with 'No such file'."""
+    import threading
+
+    from phi_jax.data import prepare as prepare_mod
+
+    errors = []
+    for trial in range(3):
+        out = tmp_path / f"d{trial}"
+        barrier = threading.Barrier(4)
+
+        def task(t, out=out, barrier=barrier):
+            barrier.wait()
+            try:
+                prepare_shards(DOCS, tok, out, workers=1, num_tasks=4, task_index=t, **KW)
+            except Exception as e:
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=task, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        merge_shards(out)
+        assert _files(out) == _files(whole)
+    # The writers themselves, many at once on one file.
+    barrier = threading.Barrier(8)
+
+    def writer(i):
+        barrier.wait()
+        try:
+            for _ in range(30):
+                prepare_mod._write_json(tmp_path / "params.json", {"writer": i})
+        except Exception as e:
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert sorted(p.name for p in tmp_path.iterdir() if "params" in p.name) == ["params.json"]  # no .tmp left
+
+
+def test_a_failed_preparation_says_what_it_kept(tok, tmp_path, caplog):
+    """A record without the text field is one line naming file:line (no KeyError); the finished pieces before it
+    are kept for the next run and said so; a failure with nothing finished leaves no .OUT.partial; with
+    --skip_bad_lines the record is skipped and counted."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="phi_jax")
+    src = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": d}) for d in DOCS[:50]]
+    lines[45] = json.dumps({"body": "no text field"})
+    src.write_text("\n".join(lines) + "\n")
+    base = ["--source=jsonl", f"--jsonl={src}", f"--tokenizer={tok.path}", "--workers=1", "--docs_per_shard=20",
+            "--val_fraction=0.1"]
+    with pytest.raises(ValueError, match=r"c.jsonl:46: no field 'text' \(its fields: \['body'\]; the text field "
+                                         r"is named by --text_field\)\. Fix the line, or pass --skip_bad_lines"):
+        prepare_data_cli([*base, f"--out={tmp_path / 'd'}"])
+    kept = [m for m in caplog.messages if m.startswith("kept")]
+    assert kept == [f"kept 2 finished piece(s) in {work_dir(tmp_path / 'd')}: the same command resumes from them "
+                    "(skipping what is done); delete that directory to start over"], caplog.messages
+    caplog.clear()
+    lines[3] = "not json"
+    src.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"c.jsonl:4: Expecting value"):
+        prepare_data_cli([*base, f"--out={tmp_path / 'e'}"])
+    assert not work_dir(tmp_path / "e").exists() and not [m for m in caplog.messages if m.startswith("kept")]
+    prepare_data_cli([*base, f"--out={tmp_path / 'f'}", "--skip_bad_lines", "--text_field=text"])
+    meta = read_metadata(tmp_path / "f")
+    assert meta["skipped"]["bad_lines"] == 2
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 48
+
+
+def test_checksums_are_verified_once_per_dataset_until_a_file_changes(whole, tmp_path, monkeypatch):
+    """verify_checksums hashes a dataset once per host: the verdict is kept, keyed by every file's size,
+    modification time and inode; any rewrite (even of the same bytes) hashes again."""
+    import os
+
+    import phi_jax.data.shards as shards_mod
+
+    d = _copy(whole, tmp_path / "d")
+    hashed = []
+    real = shards_mod.file_sha256
+    monkeypatch.setattr(shards_mod, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    meta = read_metadata(d)
+    files = len(meta["splits"]["train"]["shards"]) + len(meta["splits"]["val"]["shards"]) + 2
+    verify_checksums(d, meta, cache_dir=tmp_path / "cache")
+    assert len(hashed) == files
+    verify_checksums(d, meta, cache_dir=tmp_path / "cache")
+    assert len(hashed) == files  # remembered
+    shard = d / meta["splits"]["train"]["shards"][1]["file"]
+    data = shard.read_bytes()
+    shard.unlink()
+    shard.write_bytes(data)  # the same bytes, rewritten: a new inode and mtime
+    verify_checksums(d, meta, cache_dir=tmp_path / "cache")
+    assert len(hashed) == 2 * files
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    stat = os.stat(shard)
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=rf"{shard.name} does not match the sha256 in metadata.json"):
+        verify_checksums(d, meta, cache_dir=tmp_path / "cache")
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the limit: a same-size, same-mtime, same-inode
+    verify_checksums(d, meta, cache_dir=tmp_path / "cache")  # overwrite (a deliberate one) is not hashed again
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        verify_checksums(d, meta)  # without a cache, every call hashes
+    with pytest.raises(ValueError, match=rf"{shard.name} (failed, the file is damaged|cannot be read as ArrayRecord) "
+                                         r"\(Corrupted Riegeli.*hash mismatch"):
+        for _ in make_dataset(d, seq_len=8, global_batch_size=4, seed=0, num_epochs=1):  # with checksums off,
+            pass  # the damaged record itself names its file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 from runs import ROOT, TINY_RUN, clean_env, losses, make_shards, metrics, run_cli, train_cmd
+from runs import documents as runs_documents
 
 from phi_jax import train as train_module
 from phi_jax.checkpoint import Checkpointer
@@ -235,3 +237,109 @@ def test_file_size_limit_during_an_export_keeps_the_previous_export(tmp_path, re
         assert ("the previous export is intact" if target == out else "nothing was written") in last
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary directory left behind
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` installed (/proc/PID/status, SigCgt)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_starting_exits_75_in_one_line(tmp_path, sig):
+    """SIGINT/SIGTERM while `python -m phi_jax.train` imports JAX (its first second): exit 75 as documented, one
+    line, no KeyboardInterrupt traceback. The signal is sent as soon as the handler is installed (SigCgt shows it),
+    which is before the imports that take that second."""
+    proc = subprocess.Popen(train_cmd(tmp_path / "run", *TINY_RUN), cwd=ROOT, env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _catches(proc.pid, signal.SIGTERM):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 75, stderr
+    assert stderr.splitlines() == [f"received {sig.name} while starting: nothing to save; exiting with 75"], stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _big_jsonl(path: Path, n: int = 6000) -> Path:
+    import json
+
+    docs = runs_documents(30)
+    path.write_text("".join(json.dumps({"text": docs[i % len(docs)] + f"\n# {i}\n"}) + "\n" for i in range(n)))
+    return path
+
+
+def test_sigterm_or_sigkill_to_prepare_data_leaves_no_worker_behind(tmp_path, shards):
+    """prepare_data --workers=2, signalled while its workers tokenize: SIGTERM unwinds it (workers stopped, finished
+    pieces kept and said so, one line, exit 143); after SIGKILL (no clean-up of any kind) the workers end with it
+    (PR_SET_PDEATHSIG). Before, both left two workers tokenizing on their own."""
+    src = _big_jsonl(tmp_path / "big.jsonl")
+    tok = next(shards.glob("*.model"))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        out = tmp_path / f"out-{sig.name}"
+        cmd = [sys.executable, "-m", "tools.prepare_data", "--source=jsonl", f"--jsonl={src}", f"--tokenizer={tok}",
+               f"--out={out}", "--workers=2", "--docs_per_shard=100"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 120
+        while len(workers := _children(proc.pid)) < 2 or not (tmp_path / f".{out.name}.partial").is_dir() or not \
+                list((tmp_path / f".{out.name}.partial").glob("piece-*.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        stderr = proc.communicate(timeout=60)[1]
+        deadline = time.monotonic() + 10
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers), (sig.name, workers, stderr[-2000:])
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+            assert "Traceback" not in stderr, stderr[-3000:]
+            lines = [line for line in stderr.splitlines() if "host memory" not in line]
+            assert lines[-1] == "interrupted by SIGTERM", stderr[-3000:]
+            assert "finished piece(s) in" in lines[-2] and "the same command resumes from them" in lines[-2]
+        else:
+            assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigterm_while_building_the_default_corpus_leaves_nothing_behind(tmp_path):
+    """The trainer building the embedded corpus (its tokenizer trained, its workers tokenizing), SIGTERM'd: exit 75,
+    no worker left, no temporary directory left in the cache."""
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen(train_cmd(tmp_path / "run", *TINY_RUN, "--config.data.default_vocab_size=512"), cwd=ROOT,
+                            env=clean_env(PHI_JAX_CACHE=str(cache)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while len(workers := _children(proc.pid)) < 2 or not list(cache.glob(".*.tmp-*/.data.partial/piece-*.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 75, stderr[-3000:]
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(w) for w in workers), workers
+    assert not list(cache.glob(".*.tmp-*")), sorted(p.name for p in cache.iterdir())
+    assert "Traceback" not in stderr and "leaked semaphore" not in stderr, stderr[-3000:]

@@ -88,3 +88,35 @@ def test_a_restart_checks_the_architecture_by_equality_and_the_parameter_dtype(t
                                          r"rope_theta: 10000.0 vs 500.0\)"):
         ckpt.check_architecture(1, cfg.replace(num_layers=3, rope_theta=500.0), Compute())
     ckpt.close()
+
+
+def test_other_shards_under_the_same_path_are_refused_like_another_path(tmp_path, shards):
+    """Train on D, replace D's shards by others (same path, same tokenizer), restart: refused, naming data.shards
+    (the digest of the shard files' recorded sizes and checksums); accepted with allow_changes=data.shards. The
+    same shards rewritten byte for byte (a copy) are the same data."""
+    import shutil
+
+    from runs import documents
+
+    from phi_jax.checkpoint import read_meta
+    from phi_jax.data.prepare import prepare_shards
+    from phi_jax.data.tokenizer import load_tokenizer
+    from phi_jax.data.training_data import resolve_data
+
+    data = tmp_path / "D"
+    shutil.copytree(shards, data)
+    train(config(data), tmp_path / "run")
+    copied = tmp_path / "copy"
+    shutil.copytree(data, copied)
+    shutil.rmtree(data)
+    shutil.copytree(copied, data)  # the same bytes again: not a change
+    restart.check_restart(read_meta(tmp_path / "run"), config(data), resolve_data(config(data)).identity(), "here")
+    tok = load_tokenizer(next(shards.glob("*.model")))
+    prepare_shards(documents(60)[20:], tok, data, val_fraction=0.1, docs_per_shard=20, workers=1, overwrite=True)
+    with pytest.raises(ValueError, match=r"Resuming .* with changes that would reuse its saved data position for "
+                                         r"other data: data.shards: '[0-9a-f]{64}' -> '[0-9a-f]{64}'\. .*"
+                                         r"--config.allow_changes=data.shards"):
+        train(config(data, total_steps=3), tmp_path / "run")
+    assert Checkpointer(tmp_path / "run").all_steps() == [2]  # nothing written
+    c = config(data, allow_changes="data.shards")
+    restart.check_restart(read_meta(tmp_path / "run"), c, resolve_data(c).identity(), "here")

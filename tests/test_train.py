@@ -42,7 +42,8 @@ def test_every_config_parses_and_has_the_recipe():
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("--config.lerning_rate=1e-3", 'lerning_rate Did you mean "learning_rate"'),
+    ("--config.lerning_rate=1e-3", "--config.lerning_rate is not a run-config key; did you mean "
+                                   "--config.learning_rate?"),
     ("--config.keep_checkpoints=0", "--config.keep_checkpoints=0 must be >= 1."),
 ], ids=["misspelt-key", "bad-value"])
 def test_a_bad_config_on_the_command_line_is_one_line(tmp_path, flag, message):

@@ -1,10 +1,49 @@
-"""Command-line flags naming a document source, shared by tools.prepare_data and tools.train_tokenizer."""
+"""Command-line flags naming a document source, shared by tools.prepare_data and tools.train_tokenizer, and their
+argument parser: a bad flag is one line, like every other error of the entry points."""
 
 import argparse
 import glob
+import math
 import os
+import sys
 
 from phi_jax.data.corpus import SOURCES, SkipReport, documents
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error reported as one line `error: MESSAGE (see --help)`, exit status 2 (argparse's)."""
+
+    def error(self, message: str):
+        print(f"error: {' '.join(message.split())} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def bounded_int(low: int, high: int):
+    """An argparse type: an integer in [low, high] (a value past `high` is a typo, not a plan)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer in [{low}, {high}]")
+        return value
+
+    return parse
+
+
+positive_int = bounded_int(1, 2**63 - 1)
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1): NaN, inf and out-of-range values are refused by the parser."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number in [0, 1)")
+    return value
 
 
 def add_source_args(p: argparse.ArgumentParser) -> None:
@@ -26,6 +65,16 @@ def expand_jsonl(patterns: list[str]) -> list[str]:
     """Each --jsonl as the sorted files its pattern matches; a path that matches nothing stays as given (opening it
     then names it)."""
     return [f for p in patterns for f in (sorted(glob.glob(os.path.expanduser(p))) or [p])]
+
+
+def check_source_args(a: argparse.Namespace) -> None:
+    """What the source flags need, checked before any document is read."""
+    flag, given = {"files": ("glob", a.glob), "jsonl": ("jsonl", a.jsonl),
+                   "tfds": ("tfds_name", [a.tfds_name])}.get(a.source, ("", ["stdlib"]))
+    if not any(g.strip() for g in given):
+        raise ValueError(f"--source={a.source} needs --{flag}=... (a non-empty value).")
+    if a.source in ("jsonl", "tfds") and not a.text_field:
+        raise ValueError("--text_field is empty: name the record field holding the text (default: text).")
 
 
 def source_documents(a: argparse.Namespace, report: SkipReport | None = None):

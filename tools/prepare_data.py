@@ -11,50 +11,72 @@ source and writes its share of the pieces, then one merge writes the metadata:
     python -m tools.prepare_data --merge --out=OUT
 
 A killed run resumes where it stopped when run again with the same arguments (finished pieces are kept in
-.OUT.partial beside OUT); the shards are the same bytes whichever way they were made.
+.OUT.partial beside OUT); the shards are the same bytes whichever way they were made. --overwrite replaces only an
+empty directory or a previous preparation (the files its metadata.json lists), never other files.
 """
 
 import argparse
+import shlex
 from pathlib import Path
 
 from phi_jax.data.corpus import SkipReport
-from phi_jax.data.prepare import DOCS_PER_SHARD, merge_shards, prepare_shards
+from phi_jax.data.prepare import DOCS_PER_SHARD, check_replaceable, merge_shards, prepare_shards
 from phi_jax.data.tokenizer import load_tokenizer
-from tools._source_args import add_source_args, describe, source_documents
+from tools._source_args import (
+    OneLineParser,
+    add_source_args,
+    bounded_int,
+    check_source_args,
+    describe,
+    fraction,
+    positive_int,
+    source_documents,
+)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_source_args(p)
     p.add_argument("--tokenizer", help="SentencePiece .model or Hugging Face tokenizer.json")
     p.add_argument("--out", required=True, help="output directory for the shards")
-    p.add_argument("--val_fraction", type=float, default=0.01, help="fraction of documents held out for validation")
-    p.add_argument("--docs_per_shard", type=int, default=DOCS_PER_SHARD,
+    p.add_argument("--val_fraction", type=fraction, default=0.01,
+                   help="fraction of documents held out for validation, in [0, 1)")
+    p.add_argument("--docs_per_shard", type=positive_int, default=DOCS_PER_SHARD,
                    help="documents per piece of work (= per train shard file)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
-    p.add_argument("--num_tasks", type=int, default=1, help="machines sharing the work (then run --merge)")
+    p.add_argument("--workers", type=bounded_int(1, 4096), default=None,
+                   help="tokenizer processes (default: all cores)")
+    p.add_argument("--num_tasks", type=bounded_int(1, 1_000_000), default=1,
+                   help="machines sharing the work (then run --merge)")
     p.add_argument("--task_index", type=int, default=0, help="this machine's task, in [0, num_tasks)")
     p.add_argument("--merge", action="store_true", help="assemble the pieces of all tasks into --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous preparation in --out (never a directory holding other files)")
     a = p.parse_args(argv)
+    if not a.out.strip():
+        p.error("--out is empty: give the output directory")
+    out = Path(a.out).absolute()
     if a.merge:
-        meta = merge_shards(a.out, overwrite=a.overwrite)
+        meta = merge_shards(out, overwrite=a.overwrite)
     else:
         if not a.tokenizer:
             p.error("--tokenizer is required (except with --merge)")
+        if not 0 <= a.task_index < a.num_tasks:
+            p.error(f"--task_index={a.task_index} must be in [0, --num_tasks={a.num_tasks})")
+        check_source_args(a)
+        check_replaceable(out, a.overwrite)  # before the tokenizer is loaded and the source read
         report = SkipReport()
-        meta = prepare_shards(source_documents(a, report), load_tokenizer(a.tokenizer), a.out,
+        meta = prepare_shards(source_documents(a, report), load_tokenizer(a.tokenizer), out,
                               val_fraction=a.val_fraction, docs_per_shard=a.docs_per_shard, workers=a.workers,
                               overwrite=a.overwrite, source=describe(a), num_tasks=a.num_tasks,
                               task_index=a.task_index, report=report)
         print(f"source: {report.summary()}")
         if meta is None:
             print(f"task {a.task_index} of {a.num_tasks} done; when all are, run: python -m tools.prepare_data "
-                  f"--merge --out={a.out}")
+                  f"--merge --out={shlex.quote(a.out)}")
             return
     for split, info in meta["splits"].items():
         print(f"{split}: {info['documents']} documents, {info['tokens']} tokens in {len(info['shards'])} shards")
-    print(f"wrote {Path(a.out).absolute()}; train with --config.data.path={a.out}")
+    print(f"wrote {out}; train with {shlex.quote(f'--config.data.path={out}')}")
 
 
 if __name__ == "__main__":

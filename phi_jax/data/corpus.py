@@ -90,9 +90,9 @@ def jsonl_documents(paths: str | Iterable[str], text_field: str = "text", report
                     skip_bad_lines: bool = False) -> Iterator[str]:
     """The `text_field` of every line of JSON Lines files, in file then line order.
 
-    A line that is not UTF-8, not JSON, not an object or whose text is not a string is an error naming file:line;
-    with `skip_bad_lines` it is skipped and counted in `report`. A missing field is always an error (a wrong
-    --text_field, not bad data).
+    A line that is not UTF-8, not JSON, not an object, or has no text field or a text that is not a string is an
+    error naming file:line; with `skip_bad_lines` it is skipped and counted in `report` (a wrong --text_field then
+    skips every line, and the preparation stops with "0 documents ... N bad lines skipped").
     """
     paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     for path in paths:
@@ -104,7 +104,10 @@ def jsonl_documents(paths: str | Iterable[str], text_field: str = "text", report
                     record = json.loads(raw.decode("utf-8"))
                     if not isinstance(record, dict):
                         raise ValueError(f"a JSON {type(record).__name__}, not an object")
-                    if text_field in record and not isinstance(record[text_field], str):
+                    if text_field not in record:
+                        raise ValueError(f"no field {text_field!r} (its fields: {sorted(record)[:10]}; the text "
+                                         "field is named by --text_field)")
+                    if not isinstance(record[text_field], str):
                         raise ValueError(f"field {text_field!r} is {type(record[text_field]).__name__}, not a string")
                 except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                     where = f"{path}:{lineno}: {e}"
@@ -114,9 +117,6 @@ def jsonl_documents(paths: str | Iterable[str], text_field: str = "text", report
                     if report is not None:
                         report.add("bad_lines", where)
                     continue
-                if text_field not in record:
-                    raise KeyError(f"{path}:{lineno} has no field {text_field!r} (fields: {sorted(record)}); "
-                                   "pass --text_field.")
                 yield record[text_field]
 
 
@@ -129,7 +129,8 @@ def tfds_documents(name: str, data_dir: str | None = None, split: str = "train",
     for i in range(len(source)):
         record = source[i]
         if text_field not in record:
-            raise KeyError(f"TFDS {name}[{split}] record {i} has no field {text_field!r} (fields: {sorted(record)}).")
+            raise ValueError(f"TFDS {name}[{split}] record {i} has no field {text_field!r} (fields: {sorted(record)}); "
+                             "pass --text_field.")
         text = record[text_field]
         yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
 

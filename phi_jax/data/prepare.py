@@ -1,8 +1,8 @@
 """Preparing token shards at any scale: pieces of documents tokenized in parallel, resumable, split across machines.
 
 The documents are cut, by index, into pieces of `docs_per_shard`; piece i holds documents
-[i * docs_per_shard, (i + 1) * docs_per_shard) and becomes train shard i (and val shard i when it holds validation
-documents). A piece is a pure function of its documents, so:
+[i * docs_per_shard, (i + 1) * docs_per_shard) and becomes train shard i; the pieces' few validation documents are
+gathered, in order, into files of up to docs_per_shard documents. A piece is a pure function of its documents, so:
 - workers tokenize and write whole pieces in parallel (`workers`);
 - task t of `num_tasks` (a SLURM array, the hosts of a TPU pod) writes the pieces i with i % num_tasks == t, and
   `merge_shards` assembles them, so any number of tasks gives the same bytes;
@@ -14,19 +14,34 @@ Memory stays bounded: a task holds at most 2 x workers pieces, and lengths live 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
+import socket
+import sys
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from phi_jax.data.shards import FORMAT_VERSION, SPLITS, file_record, is_val, replace_dir, token_dtype
+from phi_jax.data.shards import (
+    FORMAT_VERSION,
+    SPLITS,
+    file_record,
+    is_val,
+    prepared_files,
+    read_json,
+    replace_dir,
+    token_dtype,
+)
 from phi_jax.data.tokenizer import Tokenizer
+from phi_jax.preemption import on_immediate_exit
 
 log = logging.getLogger("phi_jax")
 
@@ -34,15 +49,59 @@ DOCS_PER_SHARD = 10_000
 _WRITER_OPTIONS = "group_size:1"  # group size 1 = cheap random access (grain's recommendation); zstd by default
 
 
+def check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    """An existing, non-empty `out_dir` is refused; with `overwrite`, only a previous preparation's output (the
+    files its metadata.json lists, nothing else) may be replaced: never a user's other files."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory; choose another --out.")
+    entries = {p.name for p in out_dir.iterdir()}
+    if not entries:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace a "
+                              "previous preparation there, or choose another --out.")
+    owned: set[str] = set()
+    if "metadata.json" in entries:
+        try:
+            owned = prepared_files(read_json(out_dir / "metadata.json", ""))
+        except (ValueError, KeyError, TypeError):  # not a preparation's metadata.json: nothing is recognised
+            owned = set()
+    if foreign := sorted(entries - owned):
+        what = "is not a prepare_data output" if not owned else "holds files the previous preparation did not write"
+        raise FileExistsError(f"{out_dir} {what} ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
+                              "--overwrite replaces only an empty directory or a previous preparation (the files "
+                              "its metadata.json lists). Move those files or choose another --out.")
+
+
 def work_dir(out_dir: Path) -> Path:
     """Where the pieces of an unfinished preparation of `out_dir` live (beside it, hidden)."""
     return out_dir.parent / f".{out_dir.name}.partial"
 
 
+def _unique_tmp(path: Path) -> Path:
+    """A temporary name beside `path` that no other writer uses (several tasks of one preparation, started at
+    once on a shared filesystem, write the same files)."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    tmp = _unique_tmp(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    tmp = _unique_tmp(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _docs_sha256(docs: list[str]) -> str:
@@ -56,9 +115,46 @@ def _docs_sha256(docs: list[str]) -> str:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer: Tokenizer) -> None:
+def _init_worker(tokenizer: Tokenizer, parent: int) -> None:
     global _worker_tokenizer
+    _die_with_parent(parent)
     _worker_tokenizer = tokenizer
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker ends when the process that started it does, however it ends (SIGKILL, os._exit): Linux's
+    PR_SET_PDEATHSIG. Elsewhere the pool's shutdown is the only stop."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def _workers(pool) -> list:
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
+def _freeze_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """For an exit at once (os._exit follows): the workers are stopped (SIGSTOP), so that they write nothing more
+    while their temporary files are removed, and then end with their parent (PR_SET_PDEATHSIG's SIGKILL). Killing
+    them here would let the parent's main thread see a broken pool and exit first, with another status."""
+    for process in _workers(pool):
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGSTOP if sys.platform == "linux" else signal.SIGKILL)
+
+
+def _stop(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Ends the workers now (an error or an interrupt): pieces in flight are abandoned, not finished."""
+    processes = _workers(pool)
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join(2)
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_piece_in_worker(*args) -> dict:
@@ -116,7 +212,11 @@ def _load_done(work: Path, piece: int) -> dict | None:
     path = work / f"piece-{piece:05d}.json"
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = read_json(path, "")
+    except ValueError as e:  # written atomically, so damaged afterwards: the piece is made again
+        log.warning("%s; tokenizing piece %d again", str(e).rstrip(": ."), piece)
+        return None
     for split in SPLITS:
         if (info := manifest[split]) is not None:
             shard = work / info["shard"]["file"]
@@ -129,6 +229,22 @@ def _load_done(work: Path, piece: int) -> dict | None:
 
 class _EmptySplit(ValueError):
     pass
+
+
+class _SourceChanged(ValueError):
+    pass
+
+
+def _after_failure(work: Path, num_tasks: int, error: BaseException) -> None:
+    """A failed or interrupted task: finished pieces are kept for the next run of the same command (which checks
+    that their documents have not changed), and said so; a work directory with nothing finished is removed (only
+    by a single-task preparation: other tasks may be using it)."""
+    pieces = sorted(work.glob("piece-*.json")) if work.is_dir() else []
+    if num_tasks == 1 and (not pieces or isinstance(error, _EmptySplit)):  # nothing of this run is worth resuming
+        shutil.rmtree(work, ignore_errors=True)
+    elif pieces and not isinstance(error, _SourceChanged):
+        log.warning("kept %d finished piece(s) in %s: the same command resumes from them (skipping what is done); "
+                    "delete that directory to start over", len(pieces), work)
 
 
 def _check_splits(documents: int, val_fraction: float, report: dict) -> None:
@@ -153,37 +269,40 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
     `report` is the document source's count of what it skipped (corpus.SkipReport), recorded in the metadata.
     """
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
+    check_replaceable(out_dir, overwrite)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"{val_fraction=} must be in [0, 1).")
     if docs_per_shard < 1:
         raise ValueError(f"{docs_per_shard=} must be >= 1.")
-    if not 0 <= task_index < num_tasks:
-        raise ValueError(f"{task_index=} must be in [0, {num_tasks=}).")
+    if num_tasks < 1 or not 0 <= task_index < num_tasks:
+        raise ValueError(f"task_index={task_index} must be in [0, num_tasks={num_tasks}) (num_tasks >= 1).")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers={workers} must be >= 1 (leave it unset for one per core).")
     workers = workers or os.cpu_count() or 1
     work = work_dir(out_dir)
-    work.mkdir(parents=True, exist_ok=True)
     params = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer.identity(), "eos_id": tokenizer.eos_id,
               "val_fraction": val_fraction, "docs_per_shard": docs_per_shard, "source": source}
     if (work / "params.json").is_file():
-        if (old := json.loads((work / "params.json").read_text())) != params:
-            raise ValueError(f"{work} holds an unfinished preparation with other settings ({old}); delete it to "
-                             "start over, or run with the same settings to resume it.")
+        if (old := read_json(work / "params.json", f"delete {work} to start over")) != params:
+            raise ValueError(f"{work / 'params.json'} records an unfinished preparation with other settings ({old});"
+                             f" delete {work} to start over, or run with the same settings to resume it.")
         log.info("resuming the preparation in %s", work)
     else:
+        work.mkdir(parents=True, exist_ok=True)
         _write_json(work / "params.json", params)
     if not (work / tokenizer.path.name).is_file():
-        shutil.copyfile(tokenizer.path, work / f"{tokenizer.path.name}.tmp")
-        os.replace(work / f"{tokenizer.path.name}.tmp", work / tokenizer.path.name)
+        _copy_file(tokenizer.path, work / tokenizer.path.name)
 
     documents, report = iter(documents), report if report is not None else {}
     total, reused, written = 0, 0, 0
     pool = None
     if workers > 1:  # spawn, not fork: the caller may run JAX's threads, which a forked child would inherit mid-lock
         pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker,
-                                                      (tokenizer,))
+                                                      (tokenizer, os.getpid()))
     pending: set[concurrent.futures.Future] = set()
+    stack = contextlib.ExitStack()
+    if pool is not None:  # a signal that ends the process at once (training's, before its first step) ends them
+        stack.enter_context(on_immediate_exit(lambda: _freeze_workers(pool)))
     try:
         for piece, first, docs in _pieces(documents, docs_per_shard):
             total = first + len(docs)
@@ -191,8 +310,9 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
                 continue
             if (done := _load_done(work, piece)) is not None:
                 if done["input_sha256"] != _docs_sha256(docs) or done["documents"] != len(docs):
-                    raise ValueError(f"The documents of piece {piece} differ from those the interrupted preparation "
-                                     f"in {work} tokenized: the source changed. Delete {work} to start over.")
+                    raise _SourceChanged(f"The documents of piece {piece} differ from those the interrupted "
+                                         f"preparation in {work} tokenized: the source changed. Delete {work} to "
+                                         "start over.")
                 reused += 1
                 continue
             if pool is None:
@@ -207,13 +327,16 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
         _check_splits(total, val_fraction, report)
         for f in concurrent.futures.as_completed(pending):
             f.result()
-    except _EmptySplit:
-        if num_tasks == 1:  # nothing of this run is worth resuming
-            shutil.rmtree(work, ignore_errors=True)
+    except BaseException as e:  # an error in the source or a piece, a signal (KeyboardInterrupt), ...
+        if pool is not None:
+            _stop(pool)
+            pool = None
+        _after_failure(work, num_tasks, e)
         raise
     finally:
+        stack.close()
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown()
     _write_json(work / f"task-{task_index:05d}-of-{num_tasks:05d}.json",
                 {"documents": total, "pieces": -(-total // docs_per_shard), "report": report})
     log.info("task %d/%d: %d pieces written, %d reused from an interrupted run; %d documents in the source",
@@ -223,6 +346,15 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
     return merge_shards(out_dir, overwrite=overwrite)
 
 
+def _task_record(path: Path) -> dict:
+    """A finished task's record (documents seen, pieces, skip report), checked for its shape."""
+    record = read_json(path, "delete it and run that task again")
+    if not (isinstance(record, dict) and isinstance(record.get("documents"), int)
+            and isinstance(record.get("pieces"), int) and isinstance(record.get("report"), dict)):
+        raise ValueError(f"{path} is not a task record of prepare_data: delete it and run that task again.")
+    return record
+
+
 def merge_shards(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict:
     """Assembles the pieces every task wrote into `out_dir` (train/val shards, lengths, metadata.json)."""
     out_dir = Path(out_dir).absolute()
@@ -230,14 +362,13 @@ def merge_shards(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict
     if not (work / "params.json").is_file():
         raise FileNotFoundError(f"{work} holds no prepared pieces: run python -m tools.prepare_data for every task "
                                 "first.")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
-    params = json.loads((work / "params.json").read_text())
+    check_replaceable(out_dir, overwrite)
+    params = read_json(work / "params.json", f"delete {work} and prepare again")
     tasks = sorted(work.glob("task-*-of-*.json"))
     if not tasks:
         raise FileNotFoundError(f"No task of the preparation in {work} has finished: run them all, then merge.")
     num_tasks = int(tasks[0].stem.split("-of-")[1])
-    records = {p.name: json.loads(p.read_text()) for p in tasks}
+    records = {p.name: _task_record(p) for p in tasks}
     expected = {f"task-{t:05d}-of-{num_tasks:05d}.json" for t in range(num_tasks)}
     if missing := sorted(expected - set(records)):
         raise FileNotFoundError(f"{work}: tasks {missing} have not finished (or ran with another --num_tasks): run "
@@ -259,11 +390,14 @@ def merge_shards(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict
     splits = {}
     for split in SPLITS:
         parts = [m[split] for m in manifests if m[split] is not None]
-        shards = []
-        for j, part in enumerate(parts):
-            name = f"{split}-{j:05d}-of-{len(parts):05d}.array_record"
-            _link(work / part["shard"]["file"], merged / name)
-            shards.append({**part["shard"], "file": name})
+        if split == "val":  # a few documents per piece: gathered into files of up to docs_per_shard documents
+            shards = _gather(work, parts, merged, split, params["docs_per_shard"])
+        else:
+            shards = []
+            for j, part in enumerate(parts):
+                name = f"{split}-{j:05d}-of-{len(parts):05d}.array_record"
+                _link(work / part["shard"]["file"], merged / name)
+                shards.append({**part["shard"], "file": name})
         lengths_name = f"{split}-lengths.npy"
         n = sum(p["documents"] for p in parts)
         lengths = np.lib.format.open_memmap(merged / lengths_name, mode="w+", dtype=np.int64, shape=(n,))
@@ -291,6 +425,32 @@ def merge_shards(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict
     log.info("wrote %s: %d train / %d val documents, %d / %d tokens", out_dir, splits["train"]["documents"],
              splits["val"]["documents"], splits["train"]["tokens"], splits["val"]["tokens"])
     return meta
+
+
+def _gather(work: Path, parts: list[dict], merged: Path, split: str, per_file: int) -> list[dict]:
+    """The pieces' shards of `split` rewritten, in order, into files of up to `per_file` documents (whole pieces;
+    at least one per file). The validation split holds ~val_fraction of each piece: one file per piece would be
+    thousands of files, each at least 128 KiB (ArrayRecord's index block), for a handful of documents each."""
+    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+    groups: list[list[dict]] = []
+    for part in parts:
+        if not groups or sum(p["documents"] for p in groups[-1]) + part["documents"] > per_file:
+            groups.append([])
+        groups[-1].append(part)
+    shards = []
+    for j, group in enumerate(groups):
+        name = f"{split}-{j:05d}-of-{len(groups):05d}.array_record"
+        writer = ArrayRecordWriter(str(merged / name), _WRITER_OPTIONS)
+        for part in group:
+            reader = ArrayRecordReader(str(work / part["shard"]["file"]))
+            for start in range(0, part["documents"], 1024):  # bounded memory
+                for record in reader.read(start, min(start + 1024, part["documents"])):
+                    writer.write(record)
+            reader.close()
+        writer.close()
+        shards.append(file_record(merged, name, records=sum(p["documents"] for p in group)))
+    return shards
 
 
 def _link(src: Path, dst: Path) -> None:

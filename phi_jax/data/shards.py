@@ -66,6 +66,23 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def read_json(path, fix: str) -> dict:
+    """A JSON file's content; a file that is not JSON is an error naming it (and `fix`, what to do about it)."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}){': ' + fix if fix else ''}.") from None
+
+
+def prepared_files(meta: dict) -> set[str]:
+    """The names of the files a preparation wrote, from its metadata.json: metadata.json, the tokenizer copy, and
+    every split's shards and lengths file."""
+    names = {"metadata.json", meta["tokenizer_file"]}
+    for info in meta["splits"].values():
+        names.update(record["file"] for record in [*info["shards"], info["lengths"]])
+    return names
+
+
 def _inside(data_dir, name: str, what: str):
     """data_dir / name, which must stay inside data_dir (metadata.json may not point elsewhere)."""
     if is_url(data_dir):
@@ -105,22 +122,61 @@ def read_metadata(data_dir: str | os.PathLike) -> dict:
     path = data_dir / "metadata.json"
     if not path.is_file():
         raise FileNotFoundError(f"{data_dir} holds no token shards (no metadata.json): {_PREPARE_HINT}.")
-    meta = json.loads(path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {meta.get('format_version')}, this code reads "
+    meta = read_json(path, "re-run python -m tools.prepare_data")
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(f"{path} has format_version {version}, this code reads "
                          f"{FORMAT_VERSION}: re-run python -m tools.prepare_data.")
-    _inside(data_dir, meta["tokenizer_file"], "tokenizer file")
-    for split, info in meta["splits"].items():
-        for record in [*info["shards"], info["lengths"]]:
-            _check_file(data_dir, record, f"{split} file")
+    try:
+        _inside(data_dir, meta["tokenizer_file"], "tokenizer file")
+        for split, info in meta["splits"].items():
+            for record in [*info["shards"], info["lengths"]]:
+                _check_file(data_dir, record, f"{split} file")
+        if missing := [k for k in ("tokenizer", "dtype", "max_token_id") if k not in meta]:
+            raise KeyError(missing[0])  # read later by the loader and the checks: an error here, not there
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a complete shard description (missing or malformed {e}): "
+                         "re-run python -m tools.prepare_data.") from None
     return meta
 
 
-def verify_checksums(data_dir: str | os.PathLike, meta: dict) -> None:
-    """Checks every shard's sha256 and record count, and the lengths files', against metadata.json."""
+def _stamp(path) -> list:
+    """What changes when a file is rewritten: size and modification time (and inode, locally); on gs:// the
+    object's update time, which every new generation sets."""
+    if is_url(path):
+        st = path.stat()
+        return [st.length, st.mtime]
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _verdict_path(cache_dir: Path, data_dir) -> Path:
+    import hashlib
+
+    return Path(cache_dir).expanduser() / "verified" / f"{hashlib.sha256(str(data_dir).encode()).hexdigest()[:24]}.json"
+
+
+def verify_checksums(data_dir: str | os.PathLike, meta: dict, cache_dir: str | os.PathLike | None = None) -> None:
+    """Checks every shard's sha256 and record count, and the lengths files', against metadata.json.
+
+    With `cache_dir`, the verdict is remembered on this host, keyed by the directory and every file's size and
+    modification time (inode locally; a gs:// object's update time, new with every generation): a dataset is read
+    in full once, not at every start of every process. A file rewritten in any way is hashed again."""
     from array_record.python.array_record_module import ArrayRecordReader
 
     data_dir, start = user_path(data_dir), time.perf_counter()
+    files = [record for info in meta["splits"].values() for record in [*info["shards"], info["lengths"]]]
+    stamps = {record["file"]: [record["sha256"], *_stamp(_check_file(data_dir, record, "shard file"))]
+              for record in files}
+    verdict = _verdict_path(cache_dir, data_dir) if cache_dir else None
+    if verdict is not None and verdict.is_file():
+        try:
+            if json.loads(verdict.read_text()) == {"path": str(data_dir), "files": stamps}:
+                log.info("the checksums of %s were verified before (sizes and modification times unchanged)",
+                         data_dir)
+                return
+        except (OSError, ValueError):
+            pass  # an unreadable verdict is no verdict: hash again
     for split, info in meta["splits"].items():
         for record in [*info["shards"], info["lengths"]]:
             path = _check_file(data_dir, record, f"{split} file")
@@ -135,6 +191,15 @@ def verify_checksums(data_dir: str | os.PathLike, meta: dict) -> None:
                 raise ValueError(f"{data_dir / record['file']} holds {n} records but metadata.json records "
                                  f"{record['records']}; re-run python -m tools.prepare_data.")
     log.info("verified the checksums of %s in %.1f s", data_dir, time.perf_counter() - start)
+    if verdict is not None:
+        try:
+            verdict.parent.mkdir(parents=True, exist_ok=True)
+            tmp = verdict.with_name(f".{verdict.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"path": str(data_dir), "files": stamps}))
+            os.replace(tmp, verdict)
+        except OSError as e:  # the verification itself passed; only its memo is lost
+            log.warning("cannot record the verified checksums in %s (%s): the shards will be hashed again at the "
+                        "next start", verdict.parent, e)
 
 
 def check_compatible(meta: dict, tokenizer: Tokenizer) -> None:
@@ -145,6 +210,18 @@ def check_compatible(meta: dict, tokenizer: Tokenizer) -> None:
                          f"vocab {made['vocab_size']}) but the given tokenizer is {given['path']} (sha256 "
                          f"{given['sha256'][:12]}, vocab {given['vocab_size']}): re-run python -m tools.prepare_data "
                          "with this tokenizer, or leave the tokenizer unset to use the shards' own.")
+
+
+def _unreadable(files: list[str]) -> str | None:
+    """The first of `files` that array_record cannot open, or None."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    for path in files:
+        try:
+            ArrayRecordReader(path).close()
+        except RuntimeError:
+            return path
+    return None
 
 
 class SplitReader:
@@ -158,13 +235,29 @@ class SplitReader:
         if split not in meta["splits"]:
             raise ValueError(f"Unknown split {split!r}; {data_dir} has {sorted(meta['splits'])}.")
         info = meta["splits"][split]
+        if not info["shards"]:
+            fix = ("prepare the shards with --val_fraction > 0, or set --config.eval_every=0" if split == "val" else
+                   "prepare them from more documents")
+            raise ValueError(f"The {split} split of {data_dir} holds no documents: {fix}.")
         self.split, self.dtype = split, np.dtype(meta["dtype"])
-        with (data_dir / info["lengths"]["file"]).open("rb") as f:
-            self.lengths = np.load(io.BytesIO(f.read()))
+        lengths_path = data_dir / info["lengths"]["file"]
+        with lengths_path.open("rb") as f:
+            try:
+                self.lengths = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise ValueError(f"{lengths_path} is not a lengths file ({' '.join(str(e).split())[:120]}): copy it "
+                                 "again or re-run python -m tools.prepare_data.") from None
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # document d is stream[offsets[d]:offsets[d+1]]
         self.num_tokens = int(self.offsets[-1])
         # The shards hold consecutive documents, so record d of their concatenation is document d.
-        self._source = grain.sources.ArrayRecordDataSource([str(data_dir / s["file"]) for s in info["shards"]])
+        self._files = [str(data_dir / s["file"]) for s in info["shards"]]
+        self._ends = np.cumsum([s["records"] for s in info["shards"]])  # record d lies in file searchsorted(ends, d)
+        try:
+            self._source = grain.sources.ArrayRecordDataSource(self._files)
+        except RuntimeError as e:  # Riegeli names no file: find the one that does not open
+            raise ValueError(f"{_unreadable(self._files) or self._files} cannot be read as ArrayRecord "
+                             f"({' '.join(str(e).split())[:200]}): copy it again or re-run python -m "
+                             "tools.prepare_data.") from None
         if len(self._source) != len(self.lengths):
             raise ValueError(f"{data_dir}: {split} shards hold {len(self._source)} records but the lengths file "
                              f"lists {len(self.lengths)} documents; re-run python -m tools.prepare_data.")
@@ -174,7 +267,14 @@ class SplitReader:
         return len(self.lengths)
 
     def _document(self, d: int) -> np.ndarray:
-        return np.frombuffer(self._source[int(d)], dtype=self.dtype)
+        try:
+            return np.frombuffer(self._source[int(d)], dtype=self.dtype)
+        except Exception as e:  # Riegeli's "hash mismatch" of a damaged chunk names no file
+            path = self._files[min(int(np.searchsorted(self._ends, d, side="right")), len(self._files) - 1)]
+            raise ValueError(f"Reading document {d} of the {self.split} split from {path} failed, the file is "
+                             f"damaged ({' '.join(str(e).split())[:200]}): copy it again or re-run python -m "
+                             "tools.prepare_data; --config.data.verify_checksums=True finds such files at start-up."
+                             ) from None
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """stream[start:stop] as int32, reading only the documents it spans."""

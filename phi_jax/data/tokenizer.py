@@ -62,7 +62,11 @@ class SentencePieceTokenizer(_Base):
         import sentencepiece as spm
 
         super().__init__(path)
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:  # a truncated, empty or foreign file: "ParseFromArray failed"
+            raise ValueError(f"{self.path} is not a valid SentencePiece model ({' '.join(str(e).split())[:200]}): "
+                             "train one with python -m tools.train_tokenizer, or copy it again.") from None
         self.vocab_size = int(self._sp.vocab_size())
         eos = self._sp.piece_to_id(EOS_PIECE)
         if eos == self._sp.unk_id() or eos < 0:  # piece_to_id returns unk for unknown pieces
@@ -94,7 +98,11 @@ class HFTokenizer(_Base):
         from tokenizers import Tokenizer as _HF
 
         super().__init__(path)
-        self._tok = _HF.from_file(str(self.path))
+        try:
+            self._tok = _HF.from_file(str(self.path))
+        except Exception as e:  # tokenizers raises its own Exception for a file that is not a tokenizer.json
+            raise ValueError(f"{self.path} is not a valid Hugging Face tokenizer.json "
+                             f"({' '.join(str(e).split())[:200]}): copy it again.") from None
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         eos = self._tok.token_to_id(EOS_PIECE)
         if eos is None:
@@ -172,6 +180,20 @@ def _chunks(texts: Iterable[str], max_chars: int) -> Iterable[str]:
             yield "".join(chunk)
 
 
+# The pieces every model trained here holds whatever the text: unk, eos, the newline symbol and the 256 byte-fallback
+# pieces. SentencePiece's BPE needs more than that to train at all.
+MIN_VOCAB_SIZE = 260
+
+
+def check_vocab_size(vocab_size) -> None:
+    """A vocabulary train_sentencepiece can train: an int >= MIN_VOCAB_SIZE (before any text is read)."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not \
+            MIN_VOCAB_SIZE <= vocab_size < 2**31:
+        raise ValueError(f"vocab_size={vocab_size!r} must be an integer in [{MIN_VOCAB_SIZE}, 2**31) (the 256 byte "
+                         "pieces, unk, eos, the newline and one per distinct character); 8192 is a good start for "
+                         "code.")
+
+
 def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, vocab_size: int, *,
                         input_sentence_size: int = 200_000, max_sentence_length: int = 16384, seed: int = 0,
                         num_threads: int | None = None) -> Path:
@@ -182,6 +204,7 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, v
     """
     import sentencepiece as spm
 
+    check_vocab_size(vocab_size)
     out = Path(f"{model_prefix}.model")
     out.parent.mkdir(parents=True, exist_ok=True)
     sentences = list(_chunks(texts, max_sentence_length))
@@ -190,14 +213,25 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, v
     random.Random(seed).shuffle(sentences)
     sentences = sentences[:input_sentence_size]
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".spm-") as tmp:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_prefix=os.path.join(tmp, "m"), vocab_size=vocab_size,
-            model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
-            max_sentence_length=max_sentence_length, character_coverage=0.9999, unk_id=0, bos_id=-1, eos_id=1,
-            pad_id=-1, eos_piece=EOS_PIECE, hard_vocab_limit=False, shuffle_input_sentence=True,
-            num_threads=num_threads or os.cpu_count() or 1, train_extremely_large_corpus=False,
-            minloglevel=2)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences), model_prefix=os.path.join(tmp, "m"), vocab_size=vocab_size,
+                model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+                allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
+                max_sentence_length=max_sentence_length, character_coverage=0.9999, unk_id=0, bos_id=-1, eos_id=1,
+                pad_id=-1, eos_piece=EOS_PIECE, hard_vocab_limit=False, shuffle_input_sentence=True,
+                num_threads=num_threads or os.cpu_count() or 1, train_extremely_large_corpus=False,
+                minloglevel=2)
+        except RuntimeError as e:  # e.g. a vocabulary smaller than the characters the text holds
+            if "required_chars" in str(e):
+                chars = len(set().union(*map(set, sentences)))
+                raise ValueError(f"vocab_size={vocab_size} is too small for this text: a model needs the "
+                                 f"{MIN_VOCAB_SIZE - 1} fixed pieces (256 bytes, unk, eos, newline) plus one per "
+                                 f"distinct character ({chars} here): choose vocab_size >= "
+                                 f"{MIN_VOCAB_SIZE - 1 + chars}.") from None
+            raise ValueError(f"SentencePiece could not train a vocabulary of {vocab_size} on this text: "
+                             f"{' '.join(str(e).split())[:300]}. Choose another vocab_size.") from None
         proto = _canonical(Path(tmp, "m.model").read_bytes())
         Path(tmp, "c.model").write_bytes(proto)
         os.replace(os.path.join(tmp, "c.model"), out)

@@ -5,9 +5,10 @@ per-source metrics and the identity a checkpoint records."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
-from phi_jax.data.default import ensure_default_dataset
+from phi_jax.data.default import default_cache_dir, ensure_default_dataset
 from phi_jax.data.loader import make_dataset, make_eval_batches, make_mixture_dataset
 from phi_jax.data.mixture import Interleave, integer_proportions, parse_paths, parse_weights, source_names
 from phi_jax.data.shards import check_compatible, read_metadata, verify_checksums
@@ -45,7 +46,7 @@ class TrainingData:
         """What a checkpoint records about its data."""
         splits = self.meta["splits"]
         tokenizer_path = self.tokenizer_source or str(Path(self.tokenizer.path).absolute())
-        ident = {"path": str(self.path), "tokenizer": self.tokenizer.identity(),
+        ident = {"path": str(self.path), "tokenizer": self.tokenizer.identity(), "shards": self.shards_digest(),
                  "tokenizer_path": tokenizer_path, "source": self.meta.get("source", ""),
                  "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"],
                  "train_documents": splits["train"]["documents"], "val_documents": splits["val"]["documents"]}
@@ -54,6 +55,17 @@ class TrainingData:
                                  "train_tokens": m["splits"]["train"]["tokens"]}
                                 for p, w, m in zip(self.paths, self.weights, self.metas, strict=True)]
         return ident
+
+    def shards_digest(self) -> str:
+        """One sha256 over every source's recorded files (name, size, sha256): shards replaced under the same path
+        change it, so a restart on them is refused like a changed path."""
+        h = hashlib.sha256()
+        for meta in self.metas:
+            for split in sorted(meta["splits"]):
+                info = meta["splits"][split]
+                for record in [*info["shards"], info["lengths"]]:
+                    h.update(f"{split}/{record['file']}:{record['bytes']}:{record['sha256']}\n".encode())
+        return h.hexdigest()
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
         """Every token id of the tokenizer and of the shards must have a row in the model's embedding."""
@@ -118,9 +130,9 @@ def resolve_data(c) -> TrainingData:
                              f"{metas[0]['tokenizer']['path']} (sha256 {metas[0]['tokenizer']['sha256'][:12]}), {p} "
                              f"with {m['tokenizer']['path']} (sha256 {m['tokenizer']['sha256'][:12]}). Prepare every "
                              "source with the same tokenizer (python -m tools.prepare_data --tokenizer).")
-    if c.data.verify_checksums:  # sizes are checked at every open; this reads every byte once
+    if c.data.verify_checksums:  # sizes are checked at every open; this reads every byte once per host
         for p, m in zip(paths, metas, strict=True):
-            verify_checksums(p, m)
+            verify_checksums(p, m, cache_dir=c.data.cache_dir or default_cache_dir())
     source = user_path(c.data.tokenizer) if c.data.tokenizer else paths[0] / metas[0]["tokenizer_file"]
     tokenizer = load_tokenizer(source)
     check_compatible(metas[0], tokenizer)
@@ -129,6 +141,12 @@ def resolve_data(c) -> TrainingData:
         if train_tokens <= c.seq_len:
             raise ValueError(f"The train split of {p} has {train_tokens} tokens, too few for one window of "
                              f"seq_len={c.seq_len}: use a smaller --config.seq_len or more data.")
+    if c.eval_every > 0 and c.eval_batches > 0:
+        for p, m in zip(paths, metas, strict=True):
+            if m["splits"].get("val", {}).get("documents", 0) == 0:
+                raise ValueError(f"{p} has no validation split (prepared with --val_fraction=0) but validation is on "
+                                 f"(--config.eval_every={c.eval_every}): set --config.eval_every=0, or prepare the "
+                                 "shards again with --val_fraction > 0.")
     return TrainingData(paths=tuple(paths), tokenizer=tokenizer, metas=tuple(metas),
                     weights=tuple(weights) if weights else (1.0,), tokenizer_source=str(source))
 
