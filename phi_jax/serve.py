@@ -24,8 +24,6 @@ unknown model name, 429 when the queue is full, 503 while shutting down. A clien
 SIGTERM (or Ctrl-C) stops taking requests, lets those in flight finish (at most --drain_timeout seconds), exits 0.
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import contextlib
@@ -211,6 +209,9 @@ class Server:
     def _check_capacity(self, count: int) -> None:
         if self.draining:
             raise APIError(503, "The server is shutting down and takes no new requests.", "service_unavailable")
+        if count > self.max_queue:
+            raise APIError(400, f"This request needs {count} completions (prompts x n), more than the queue holds "
+                                f"({self.max_queue}, --max_queue); send fewer at a time.", param="n")
         waiting = self.engine.queue_length
         if waiting + count > self.max_queue:
             raise APIError(429, f"The queue is full: {waiting} requests waiting, at most {self.max_queue} "
@@ -304,8 +305,8 @@ class Server:
                             text = echo_text[r.id] + text
                         if delta.finish_reason is not None:
                             finished += 1
-                        if not text and not delta.token_ids and delta.finish_reason is None:
-                            continue
+                        if not text and delta.finish_reason is None and (lp is None or not delta.token_ids):
+                            continue  # nothing to say yet (e.g. a token that ends inside a UTF-8 character)
                         chunk = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                                  "choices": [{"index": index[r.id], "text": text,
                                               "logprobs": choice_logprobs(r, delta),
@@ -363,6 +364,8 @@ class Server:
                             d["role"] = "assistant"
                         if delta.finish_reason is not None:
                             finished += 1
+                        elif not delta.text and "role" not in d and lp is None:
+                            continue
                         chunk = {"id": rid, "object": "chat.completion.chunk", "created": created,
                                  "model": self.model_name,
                                  "choices": [{"index": index[r.id], "delta": d,
@@ -407,8 +410,7 @@ class Server:
 
     def app(self):
         """The FastAPI application."""
-        from fastapi import FastAPI
-        from fastapi import Request as HTTPRequest
+        from fastapi import FastAPI, Request as HTTPRequest  # noqa: I001 (FastAPI reads the annotations below)
         from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -495,6 +497,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning for serving beyond this machine (a host that is not a loopback address) without an API key."""
+    if is_loopback(host) or api_key:
+        return None
+    return (f"Serving on {host} without an API key: anyone who can reach this address can use the model; pass "
+            f"--api_key or set {API_KEY_ENV}.")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
@@ -518,9 +528,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="compile the common programs before taking requests")
     args = parser.parse_args(argv)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if not is_loopback(args.host) and not api_key:
-        log.warning("Serving on %s without an API key: anyone who can reach this address can use the model; "
-                    "pass --api_key or set %s.", args.host, API_KEY_ENV)
+    if (warning := exposure_warning(args.host, api_key)) is not None:
+        log.warning(warning)
     if args.slots < 1 or args.max_queue < 0 or args.tensor_parallel < 1:
         parser.error(f"--slots={args.slots} and --tensor_parallel={args.tensor_parallel} must be >= 1, "
                      f"--max_queue={args.max_queue} >= 0.")
