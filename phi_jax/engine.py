@@ -140,8 +140,7 @@ class Request:
         self._planned = 0  # tokens produced or in flight
         self._slot: int | None = None
         self._prefill: tuple | None = None  # (cache, next position) while a long prompt is prefilled in chunks
-        self._ids_seen, self._read, self._emitted = 0, 0, 0  # incremental detokenisation
-        self._stopped_by_string = False
+        self._ids_seen, self._read, self._streamed = 0, 0, ""  # incremental detokenisation, text given out
 
     @property
     def finished(self) -> bool:
@@ -535,30 +534,33 @@ class Engine:
             hits = [i for i in (request.text.find(s, window) for s in request.params.stop) if i >= 0]
             if hits:
                 request.text = request.text[:min(hits)]
-                request._stopped_by_string = True
                 return "stop"
         return None
 
     def _final_text(self, request: Request) -> None:
-        """At the end (not at a stop string): the text of every generated id but a final stop token, which also
-        flushes a trailing incomplete UTF-8 sequence the incremental decoding held back."""
+        """At the end, the text is the decoding of every generated id but a final stop token (as generate.generate
+        and transformers give it), cut before the first stop string. It extends the incremental text, except where
+        a tokenizer decodes a run of byte pieces differently whole than in parts (tokenizers' ByteFallback on
+        invalid UTF-8): then what was already streamed stands and the final text differs from it."""
         ids = request.token_ids
         p = request.params
         if ids and (ids[-1] in p.stop_token_ids or (ids[-1] == self.eos_id and not p.ignore_eos)):
             ids = ids[:-1]
-        full = self.tokenizer.decode(ids)
-        if full.startswith(request.text[:request._emitted]):
-            request.text = full
+        text = self.tokenizer.decode(ids)
+        hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+        request.text = text[:min(hits)] if hits else text
 
     def _emit(self, request: Request, new_ids: list[int], finish: str | None, now: float,
               with_prompt: bool = False) -> None:
         if finish is not None:
-            if self.tokenizer is not None and not (finish == "stop" and request._stopped_by_string):
+            if self.tokenizer is not None:
                 self._final_text(request)
             request.finish_reason, request.finish_time = finish, now
         hold = 0 if finish is not None or not request.params.stop else max(len(s) for s in request.params.stop) - 1
-        upto = max(request._emitted, len(request.text) - hold)
-        text, request._emitted = request.text[request._emitted:upto], upto
+        visible = request.text[:len(request.text) - hold]
+        text = ""
+        if visible.startswith(request._streamed):
+            text, request._streamed = visible[len(request._streamed):], visible
         if request.first_token_time is None:
             request.first_token_time = now
         if request.on_update is not None:

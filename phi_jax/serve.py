@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -254,7 +255,15 @@ class Server:
             offsets.append(offset)
             offset += len(t)
         return {"tokens": tokens, "token_logprobs": list(chosen), "text_offset": offsets,
-                "top_logprobs": [None if top is None else {self._piece(i): lp for i, lp in top} for top in tops]}
+                "top_logprobs": [None if top is None else self._top_dict(top) for top in tops]}
+
+    def _top_dict(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """OpenAI's {token text: logprob}; tokens whose texts are equal (e.g. byte pieces shown as U+FFFD) keep the
+        highest."""
+        out: dict[str, float] = {}
+        for token, lp in top:
+            out.setdefault(self._piece(token), lp)
+        return out
 
     # ---- endpoints -------------------------------------------------------------------------------------------
     async def completions(self, raw: bytes, is_disconnected):
@@ -560,9 +569,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     server = Server(engine, tok, args.served_model_name or args.model, api_key=api_key, max_queue=args.max_queue)
 
     class _Uvicorn(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: refuse new requests from now on
+        def handle_exit(self, sig, frame):
+            """SIGTERM / SIGINT: refuse new requests and drain. Unlike uvicorn's own handler, the signal is not
+            raised again after the shutdown: a drained server exits with status 0."""
             server.draining = True
-            super().handle_exit(sig, frame)
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop now
+            self.should_exit = True
 
     config = uvicorn.Config(server.app(), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.drain_timeout)
