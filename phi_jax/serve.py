@@ -314,8 +314,8 @@ class Server:
                             text = echo_text[r.id] + text
                         if delta.finish_reason is not None:
                             finished += 1
-                        if not text and delta.finish_reason is None and (lp is None or not delta.token_ids):
-                            continue  # nothing to say yet (e.g. a token that ends inside a UTF-8 character)
+                        if not text and not delta.token_ids and delta.finish_reason is None:
+                            continue  # (a token whose text is held back still gets its chunk: clients see progress)
                         chunk = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                                  "choices": [{"index": index[r.id], "text": text,
                                               "logprobs": choice_logprobs(r, delta),
@@ -373,8 +373,6 @@ class Server:
                             d["role"] = "assistant"
                         if delta.finish_reason is not None:
                             finished += 1
-                        elif not delta.text and "role" not in d and lp is None:
-                            continue
                         chunk = {"id": rid, "object": "chat.completion.chunk", "created": created,
                                  "model": self.model_name,
                                  "choices": [{"index": index[r.id], "delta": d,
