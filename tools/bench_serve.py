@@ -8,9 +8,12 @@ Per preset: random weights (init_model, seed 0) exported with save_pretrained an
 on a slice of the standard library. The requests are token-id prompts of mixed lengths (uniform in [prompt_len/2,
 3 prompt_len/2]) asking for mixed numbers of new tokens (the same spread around new_tokens), EOS ignored; every
 scenario runs the same list. Scenarios:
-- `concurrent`: `clients` threads, each sending its share of the requests one after another (a closed loop; client
-  i starts after i * ramp / clients seconds), streamed: time to first token (TTFT) and the gaps between a request's
-  chunks (inter-token latency, ITL), p50 and p99, and throughput = generated tokens / wall time.
+- `concurrent`: `clients` threads, each sending its share of the requests one after another (a closed loop),
+  streamed: time to first token (TTFT) and the gaps between a request's chunks (inter-token latency, ITL), p50 and
+  p99, and throughput = generated tokens / wall time. Client i starts after i * ramp / clients seconds; the default
+  ramp is the median duration of a request in the warm-up round (all clients at once), so that arrivals are spread
+  as in a steady state rather than one burst.
+- `burst`: the same with every client starting at once (the first requests wait for each other's prefill).
 - `sequential`: the same requests one at a time (one client) to the same server.
 - `transformers`: the same requests in static batches of `clients` (left-padded, each batch generating as many tokens
   as its longest request asks for); throughput counts the tokens the requests asked for.
@@ -93,6 +96,7 @@ def run_clients(url: str, requests_: list, clients: int, ramp: float) -> dict:
     return {"requests": len(results), "generated_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
             "itl_p50_ms": 1e3 * float(np.percentile(itl, 50)), "itl_p99_ms": 1e3 * float(np.percentile(itl, 99)),
+            "median_duration_s": float(np.median([r["times"][-1] - r["start"] for r in results])),
             "load_avg_before": load, "load_avg_after": os.getloadavg()[0]}
 
 
@@ -172,9 +176,10 @@ def main(argv=None) -> dict:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=128)
-    p.add_argument("--ramp", type=float, default=0.0, help="seconds over which the clients start")
+    p.add_argument("--ramp", type=float, default=None,
+                   help="seconds over which the clients start (default: a request's median duration when loaded)")
     p.add_argument("--max_len", type=int, default=512, help="the server's --max_len (prompt + new tokens)")
-    p.add_argument("--scenarios", default="prefill,concurrent,sequential,transformers")
+    p.add_argument("--scenarios", default="prefill,concurrent,burst,sequential,transformers")
     p.add_argument("--out", default="bench_serve.json")
     args = p.parse_args(argv)
     if not 1 <= args.clients <= 64 or not 1 <= args.requests <= 1024:
@@ -191,13 +196,17 @@ def main(argv=None) -> dict:
             row: dict = {"preset": preset}
             proc, url = start_server(model_dir, args.clients, args.max_len, Path(tmp) / f"server-{preset}.log")
             try:
-                run_clients(url, reqs[:args.clients], args.clients, 0.0)  # warm: every path once under load
+                warm = run_clients(url, reqs[:args.clients], args.clients, 0.0)  # every path once, under load
+                ramp = warm["median_duration_s"] if args.ramp is None else args.ramp
+                row["ramp_s"] = ramp
                 if "prefill" in scenarios:
                     prompt = (reqs[0][0] * 2)[:args.prompt_len]
                     single = [stream_one(url, prompt, 1) for _ in range(6)][1:]
                     row["prefill_s"] = float(np.median([r["times"][0] - r["start"] for r in single]))
                 if "concurrent" in scenarios:
-                    row["concurrent"] = run_clients(url, reqs, args.clients, args.ramp)
+                    row["concurrent"] = run_clients(url, reqs, args.clients, ramp)
+                if "burst" in scenarios:
+                    row["burst"] = run_clients(url, reqs, args.clients, 0.0)
                 if "sequential" in scenarios:
                     row["sequential"] = run_clients(url, reqs, 1, 0.0)
             finally:
@@ -213,7 +222,7 @@ def main(argv=None) -> dict:
             if c and "prefill_s" in row:
                 row["ttft_p99_vs_prefill"] = c["ttft_p99_s"] / row["prefill_s"]
             report["results"].append(row)
-            for name in ("concurrent", "sequential", "transformers"):
+            for name in ("concurrent", "burst", "sequential", "transformers"):
                 if name in row:
                     r = row[name]
                     rows.append({"preset": preset, "scenario": name, "requests": r["requests"],
