@@ -62,7 +62,7 @@ def _pow2(n: int) -> int:
 class SamplingParams:
     """How one request is sampled and when it stops. temperature 0 is greedy (argmax); otherwise the logits are
     divided by `temperature`, cut to the `top_k` most likely (0: all) and to the smallest set whose probability
-    reaches `top_p`, and sampled with a key made from `seed` (a random one when None).
+    reaches `top_p`, and sampled with a key made from `seed` modulo 2**32 (a random one when None).
 
     A request stops after `max_tokens`, at a token of `stop_token_ids` or the tokenizer's EOS (unless `ignore_eos`;
     the token is kept in the ids and left out of the text), or where its text holds one of `stop` (the text is cut
@@ -135,8 +135,8 @@ class Request:
         self.cancelled = False
         self._done = threading.Event()
         # The engine's bookkeeping.
-        self._key = np.asarray(jax.random.key_data(jax.random.key(
-            params.seed if params.seed is not None else secrets.randbits(31))), np.uint32)
+        seed = params.seed % 2**32 if params.seed is not None else secrets.randbits(32)
+        self._key = np.asarray([0, seed], np.uint32)  # jax.random.key(seed)'s data (threefry2x32)
         self._planned = 0  # tokens produced or in flight
         self._slot: int | None = None
         self._prefill: tuple | None = None  # (cache, next position) while a long prompt is prefilled in chunks

@@ -279,7 +279,8 @@ class Server:
         lp = body.logprobs
         prompt_lp = lp if body.echo and lp is not None else (0 if body.echo and body.max_tokens == 0 else None)
         expanded = [(i, j, ids) for i, ids in enumerate(prompts) for j in range(body.n)]
-        params = [self._params(body, body.max_tokens, lp, prompt_lp, choice=j) for _, j, _ in expanded]
+        max_tokens = lambda ids: max(1, self.engine.max_len - len(ids)) if body.max_tokens is None else body.max_tokens
+        params = [self._params(body, max_tokens(ids), lp, prompt_lp, choice=j) for _, j, ids in expanded]
         stream = _Stream(asyncio.get_running_loop(), self.metrics)
         requests = self._submit([ids for _, _, ids in expanded], params, stream)
         index = {r.id: k for k, r in enumerate(requests)}
