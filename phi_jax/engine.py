@@ -349,7 +349,6 @@ class Engine:
             blocks[size] = out[4].layers
         idle = np.zeros(self.slots, np.int32)
         host = (idle, idle, np.zeros((self.slots, 2), np.uint32), idle, self._temperature, self._top_k, self._top_p)
-        first = self.capacity
         for capacity in self.capacities():
             if capacity != self.capacity:
                 self._cache, self.capacity = self._resize(self._cache, capacity), capacity
@@ -360,7 +359,9 @@ class Engine:
                 if size <= capacity:
                     self._cache, self._tokens = self._insert(self._cache, self._tokens, layers, jnp.int32(0),
                                                              jnp.int32(0), jnp.int32(0))
-        self._cache, self.capacity = self._resize(self._cache, first), first
+        caps = self.capacities()
+        for capacity in reversed(caps[:caps.index(self.capacity)]):  # the halvings, one at a time
+            self._cache, self.capacity = self._resize(self._cache, capacity), capacity
         jax.block_until_ready(self._cache)
 
     def compilations(self) -> dict[str, int]:
@@ -460,7 +461,19 @@ class Engine:
     # ---- the loop --------------------------------------------------------------------------------------------
     def step(self) -> None:
         """One scheduling step: dispatch a decode step for every running row, read the previous step's tokens,
-        free the slots of finished and cancelled requests, then prefill and insert waiting requests."""
+        free the slots of finished and cancelled requests, then prefill and insert waiting requests.
+
+        When requests wait and a slot is free or about to be, the step in flight is read first and they are
+        prefilled before the next decode step is dispatched: they start one decode step sooner (time to first
+        token) and join that step."""
+        admitted = False
+        if self._pending is not None and self._waiting and any(
+                r is None or r.finished or r.cancelled or r._planned >= r.params.max_tokens for r in self._rows):
+            self._read_step(*self._pending)
+            self._pending = None
+            self._free_slots()
+            self._admit()
+            admitted = True
         running = [s for s, r in enumerate(self._rows)
                    if r is not None and not r.finished and not r.cancelled and r._planned < r.params.max_tokens]
         pending = None
@@ -488,7 +501,8 @@ class Engine:
             self._read_step(*self._pending)
         self._pending = pending
         self._free_slots()
-        self._admit()
+        if not admitted:
+            self._admit()
 
     def _read_step(self, out, record) -> None:
         host = [np.asarray(x) for x in out]
@@ -683,14 +697,20 @@ class Engine:
         self._temperature[slot], self._top_k[slot], self._top_p[slot] = p.temperature, p.top_k, p.top_p
 
     def _ensure_capacity(self, needed: int) -> None:
-        """Grows the decode cache to hold `needed` slots per row, or shrinks it when the live rows need a quarter."""
+        """Grows the decode cache to hold `needed` slots per row, or halves it when the live rows need a quarter of
+        it. It moves one capacity at a time (a long prompt may take several steps at once), so that the resize
+        programs are the neighbouring pairs that warmup() compiles."""
         live = [int(self._index[s]) + 1 for s, r in enumerate(self._rows) if r is not None]
         needed = max([needed, *live])
-        target = next(c for c in self.capacities() if c >= needed)
-        if target > self.capacity or target * 4 <= self.capacity:
-            target = target if target > self.capacity else next(c for c in self.capacities() if c >= 2 * target)
-            self._cache = self._resize(self._cache, target)
-            self.capacity = target
+        caps = self.capacities()
+        at = caps.index(self.capacity)
+        while caps[at] < needed:
+            at += 1
+            self._cache = self._resize(self._cache, caps[at])
+        if at > 0 and caps[at - 1] >= 2 * needed:
+            at -= 1
+            self._cache = self._resize(self._cache, caps[at])
+        self.capacity = caps[at]
 
     # ---- the loop thread (a server) --------------------------------------------------------------------------
     def start(self) -> None:
