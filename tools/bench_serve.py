@@ -70,9 +70,16 @@ def stream_one(url: str, prompt: list[int], max_tokens: int) -> dict:
     return {"start": start, "times": times, "tokens": tokens}
 
 
+def compiled(url: str) -> int:
+    import requests
+
+    return sum(requests.get(url + "/health", timeout=30).json()["compiled_programs"].values())
+
+
 def run_clients(url: str, requests_: list, clients: int, ramp: float) -> dict:
     """`clients` threads share the requests round-robin, each sending its own one after another."""
     results: list[dict] = []
+    programs = compiled(url)
     lock = threading.Lock()
 
     def client(i: int):
@@ -97,18 +104,36 @@ def run_clients(url: str, requests_: list, clients: int, ramp: float) -> dict:
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
             "itl_p50_ms": 1e3 * float(np.percentile(itl, 50)), "itl_p99_ms": 1e3 * float(np.percentile(itl, 99)),
             "median_duration_s": float(np.median([r["times"][-1] - r["start"] for r in results])),
+            "programs_compiled_during_run": compiled(url) - programs,
             "load_avg_before": load, "load_avg_after": os.getloadavg()[0]}
+
+
+def torch_threads(model, batch: int, width: int) -> tuple[int, dict]:
+    """The faster of 1 thread and one per CPU for torch on this machine now: on a shared, oversubscribed host
+    torch's OpenMP threads can be 30x slower than one thread (seen here), which would flatter phi_jax."""
+    import torch
+
+    ids = torch.ones((batch, width), dtype=torch.long)
+    times = {}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+        times[threads] = time.perf_counter() - start
+    best = min(times, key=times.get)
+    torch.set_num_threads(best)
+    return best, {str(k): v for k, v in times.items()}
 
 
 def bench_transformers(hf_dir: Path, requests_: list, batch: int) -> dict:
     import torch
     import transformers
 
-    torch.set_num_threads(os.cpu_count() or 1)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     load = os.getloadavg()[0]
     with torch.no_grad():
-        model.generate(torch.tensor([requests_[0][0][:8]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        threads, probe = torch_threads(model, batch, max(len(p) for p, _ in requests_))
         start = time.perf_counter()
         for i in range(0, len(requests_), batch):
             group = requests_[i:i + batch]
@@ -124,7 +149,8 @@ def bench_transformers(hf_dir: Path, requests_: list, batch: int) -> dict:
         wall = time.perf_counter() - start
     tokens = sum(m for _, m in requests_)
     return {"requests": len(requests_), "generated_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "load_avg_before": load, "load_avg_after": os.getloadavg()[0]}
+            "torch_threads": threads, "thread_probe_s": probe, "load_avg_before": load,
+            "load_avg_after": os.getloadavg()[0]}
 
 
 def start_server(model_dir: Path, slots: int, max_len: int, log_path: Path) -> tuple[subprocess.Popen, str]:
