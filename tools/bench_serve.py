@@ -14,7 +14,8 @@ scenario runs the same list. Scenarios:
   ramp is the median duration of a request in the warm-up round (all clients at once), so that arrivals are spread
   as in a steady state rather than one burst.
 - `burst`: the same with every client starting at once (the first requests wait for each other's prefill).
-- `sequential`: the same requests one at a time (one client) to the same server.
+- `sequential`: the same requests one at a time (one client) to a server with one slot: one-request-at-a-time
+  phi_jax (a server with more slots would run every idle slot in each decode step as well).
 - `transformers`: the same requests in static batches of `clients` (left-padded, each batch generating as many tokens
   as its longest request asks for); throughput counts the tokens the requests asked for.
 - `prefill`: TTFT of a single prompt_len-token request on the idle server (median of 5): the unloaded prefill.
@@ -233,11 +234,17 @@ def main(argv=None) -> dict:
                     row["concurrent"] = run_clients(url, reqs, args.clients, ramp)
                 if "burst" in scenarios:
                     row["burst"] = run_clients(url, reqs, args.clients, 0.0)
-                if "sequential" in scenarios:
-                    row["sequential"] = run_clients(url, reqs, 1, 0.0)
             finally:
                 proc.terminate()
                 proc.wait(120)
+            if "sequential" in scenarios:
+                proc, url = start_server(model_dir, 1, args.max_len, Path(tmp) / f"server-{preset}-1.log")
+                try:
+                    run_clients(url, reqs[:2], 1, 0.0)
+                    row["sequential"] = run_clients(url, reqs, 1, 0.0)
+                finally:
+                    proc.terminate()
+                    proc.wait(120)
             if "transformers" in scenarios:
                 row["transformers"] = bench_transformers(model_dir, reqs, args.clients)
             c = row.get("concurrent", {})
