@@ -244,6 +244,16 @@ def test_api_key_is_required_and_checked(server):
     assert requests.get(server.url + "/health", timeout=10).status_code == 200  # health and metrics stay open
 
 
+def test_tokenizer_endpoints(server, reference):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info (lm-eval's remote tokenizer reads them)."""
+    text = "def main():\n    return 0"
+    tokens = requests.post(server.url + "/tokenize", json={"prompt": text}, timeout=10).json()["tokens"]
+    assert tokens == reference.tok.encode(text)
+    assert requests.post(server.url + "/detokenize", json={"tokens": tokens}, timeout=10).json()["prompt"] == text
+    info = requests.get(server.url + "/tokenizer_info", timeout=10).json()
+    assert info["eos_token"] == reference.tok.decode([reference.tok.eos_id]) == "<|endoftext|>"
+
+
 def test_exposure_warning():
     from phi_jax.serve import exposure_warning
 
