@@ -48,11 +48,22 @@ class LayerCache(NamedTuple):
 
 class Cache(NamedTuple):
     """The decoding state: each layer's keys and values, the segment id of every slot (0: empty or padding; a query
-    attends only to slots of its own segment) and the next slot to write."""
+    attends only to slots of its own segment) and the next slot to write: one for every row (a scalar, as the
+    Sampler's left-padded batch fills its rows together), or one per row ([batch], as a serving engine's rows hold
+    requests of different lengths: phi_jax/engine.py)."""
 
     layers: tuple[LayerCache, ...]
     segment_ids: jax.Array  # [batch, max_len] int32
-    index: jax.Array  # int32 scalar
+    index: jax.Array  # int32 scalar, or [batch]
+
+
+def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """`new` [R, T, ...] written into `cache` [R, S, ...] at slots [index, index + T) of every row: `index` is a
+    scalar (one in-place slice update) or one per row [R] (a scatter, also in place when the cache is donated)."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, index) + (0,) * (cache.ndim - 2))
+    row = lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i,) + (0,) * (c.ndim - 1))
+    return jax.vmap(row)(cache, new, index)
 
 
 def _dense(cfg: PhiConfig, compute: Compute, rngs: nnx.Rngs, in_shape, out_shape, in_names, out_names, *,
@@ -80,8 +91,8 @@ class Attention(nnx.Module):
                  *, index: jax.Array | None = None, mask: jax.Array | None = None
                  ) -> tuple[jax.Array, LayerCache | None]:
         """x: [B, T, D]. Without a cache: causal attention within `segment_ids` [B, T] (the kernels take the ids,
-        not a mask). With one: k and v go into slots [index, index + T) and the queries attend where `mask`
-        [B, T, S] allows. Returns ([B, T, D], the updated cache)."""
+        not a mask). With one: k and v go into slots [index, index + T) (index: a scalar or one per row [B]) and
+        the queries attend where `mask` [B, T, S] allows. Returns ([B, T, D], the updated cache)."""
         qkv = self.qkv(x)  # [B, T, 3, N, H]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = apply_partial_rotary(q, *rope), apply_partial_rotary(k, *rope)
@@ -89,8 +100,9 @@ class Attention(nnx.Module):
         if cache is None:
             return self.dense(attention(q, k, v, segment_ids=segment_ids, impl=self.impl, platform=self.platform)), None
         b, t, n, h = k.shape
-        write = lambda c, new: jax.lax.dynamic_update_slice(  # in place: the Sampler donates the cache
-            c, new.transpose(0, 2, 1, 3).reshape(b * n, t, h).astype(c.dtype), (0, index, 0))
+        rows = index if index.ndim == 0 else jnp.repeat(index, n)  # the cache's rows are (batch, head) pairs
+        write = lambda c, new: write_slots(  # in place: the Sampler and the engine donate the cache
+            c, new.transpose(0, 2, 1, 3).reshape(b * n, t, h).astype(c.dtype), rows)
         cache = LayerCache(write(cache.k, k), write(cache.v, v))
         out = cached_attention(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask)
         return self.dense(out), cache
@@ -199,7 +211,7 @@ class Phi(nnx.Module):
         cfg = self.cfg
         batch, seq = tokens.shape
         if positions is None:
-            positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+            positions = jnp.broadcast_to(jnp.expand_dims(start, -1) + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         rope = rotary_tables(positions, cfg.rotary_dim, cfg.rope_theta)
         # Gather the (vocab/FSDP-sharded) table whole in the compute dtype before the lookup: a gather from a
         # sharded table makes the SPMD partitioner replicate it implicitly, and less efficiently.
@@ -219,8 +231,9 @@ class Phi(nnx.Module):
         """Writes the tokens' slots into the cache and runs the layers one after another, each on its own cache."""
         batch, seq = h.shape[:2]
         segment_ids = jnp.ones((batch, seq), jnp.int32) if segment_ids is None else segment_ids
-        slots = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
-        mask = causal_segment_mask(segment_ids, seq, kv_segment_ids=slots, q_start=cache.index)  # built once
+        slots = write_slots(cache.segment_ids, segment_ids, cache.index)
+        q_start = cache.index if cache.index.ndim == 0 else cache.index[:, None, None]  # per row: [B, 1, 1]
+        mask = causal_segment_mask(segment_ids, seq, kv_segment_ids=slots, q_start=q_start)  # built once
         layers = []
         for block, layer_cache in zip(self._blocks(), cache.layers, strict=True):
             h, layer_cache = block(h, rope, segment_ids, layer_cache, index=cache.index, mask=mask)

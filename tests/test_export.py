@@ -91,6 +91,33 @@ def test_transformers_loads_same_logits_and_greedy_text(workdir, exported, sp_mo
         assert hf_tok.decode(new) == ours_text
 
 
+def test_export_is_what_serving_engines_load(exported):
+    """The README's path to serving at scale (vLLM, also TGI and SGLang): those engines pick the model class from
+    config.json's `architectures`, read the Phi fields from it (older versions the top-level rope_theta and
+    partial_rotary_factor), and load the safetensors by transformers' parameter names. The export declares
+    PhiForCausalLM and holds exactly transformers' keys and shapes, with its tokenizer beside them."""
+    import json
+
+    import torch
+    import transformers
+    from safetensors import safe_open
+
+    cfg = json.loads((exported / "config.json").read_text())
+    assert cfg["architectures"] == ["PhiForCausalLM"] and cfg["model_type"] == "phi"
+    assert cfg["tie_word_embeddings"] is False and cfg["qk_layernorm"] is False and cfg["hidden_act"] == "gelu_new"
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"]
+    assert cfg["partial_rotary_factor"] == cfg["rope_parameters"]["partial_rotary_factor"]
+    with torch.device("meta"):
+        reference = transformers.PhiForCausalLM(transformers.AutoConfig.from_pretrained(exported))
+    expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    found = {}
+    for f in exported.glob("*.safetensors"):
+        with safe_open(f, "np") as tensors:
+            found.update({k: tuple(tensors.get_slice(k).get_shape()) for k in tensors.keys()})  # noqa: SIM118
+    assert found == expected
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in exported.iterdir()}
+
+
 @pytest.mark.xfail(strict=True, reason="tokenizers' ByteFallback decoder replaces a whole run of byte pieces with "
                    "U+FFFD when the run is not valid UTF-8; SentencePiece keeps its valid bytes (e.g. <0x47><0x90>"
                    "<0x47>: 'G\ufffdG' vs three U+FFFD). Only text a model generates can hold such runs.")
