@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--max_new_tokens={args.max_new_tokens} leaves no room for a prompt in the model's context of "
                      f"{context} tokens")
     model, tok = load(source, compute=Compute(dtype=args.dtype, param_dtype=args.dtype), step=args.step,
-                      tokenizer=args.tokenizer)
+                      tokenizer=args.tokenizer, scan_layers=False)  # the decoding layout (phi_jax/model.py)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = run(benchmarks, model, tok, args, identity=model_identity(source, model, args))

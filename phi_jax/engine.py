@@ -194,7 +194,6 @@ class Engine:
             raise ValueError(f"chunk={chunk} must be a power of two >= {MIN_BUCKET}.")
         if max_logprobs < 0:
             raise ValueError(f"max_logprobs={max_logprobs} must be >= 0.")
-        model.unstack_layers()  # decode reads each layer's weights as arrays of their own (model.py says why)
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
         self.slots, self.max_len, self.chunk = slots, max_len, min(chunk, max_len)
         self.max_logprobs, self.mesh = max_logprobs, mesh

@@ -550,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     source = resolve_model_arg(parser, args.model)
     model, tok = load(source, compute=Compute(dtype=args.dtype, param_dtype=args.dtype), step=args.step,
-                      tokenizer=args.tokenizer)
+                      tokenizer=args.tokenizer, scan_layers=False)  # the decoding layout (phi_jax/model.py)
     mesh = None
     if args.tensor_parallel > 1:
         import jax
