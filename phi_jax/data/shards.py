@@ -9,7 +9,8 @@ Layout of a data directory (written by phi_jax/data/prepare.py):
     <tokenizer file>                       a copy of the tokenizer that made the shards
 
 The shards hold consecutive runs of documents: the records of the shards read in order are the documents in order.
-Every file metadata.json names must lie inside the directory.
+Every file metadata.json names must lie inside the directory. SFT shards (metadata "loss_mask": true, from
+phi_jax/data/sft.py) hold one example per record: its token ids, then one loss-mask byte (0/1) per token.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ class SplitReader:
             raise ValueError(f"Unknown split {split!r}; {data_dir} has {sorted(meta['splits'])}.")
         info = meta["splits"][split]
         self.split, self.dtype = split, np.dtype(meta["dtype"])
+        self.has_loss_mask = bool(meta.get("loss_mask", False))  # SFT shards: a mask byte per token
         with (data_dir / info["lengths"]["file"]).open("rb") as f:
             self.lengths = np.load(io.BytesIO(f.read()))
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])  # document d is stream[offsets[d]:offsets[d+1]]
@@ -174,7 +176,18 @@ class SplitReader:
         return len(self.lengths)
 
     def _document(self, d: int) -> np.ndarray:
+        if self.has_loss_mask:
+            return np.frombuffer(self._source[int(d)], dtype=self.dtype, count=int(self.lengths[d]))
         return np.frombuffer(self._source[int(d)], dtype=self.dtype)
+
+    def example(self, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """SFT shards: document d's (token ids, loss mask: 1 where the token is a target)."""
+        if not self.has_loss_mask:
+            raise ValueError(f"The {self.split} split holds no loss mask (not SFT shards: tools.prepare_data "
+                             "--source=sft makes them).")
+        raw, n = self._source[int(d)], int(self.lengths[d])
+        return (np.frombuffer(raw, dtype=self.dtype, count=n),
+                np.frombuffer(raw, dtype=np.uint8, offset=n * self.dtype.itemsize))
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """stream[start:stop] as int32, reading only the documents it spans."""
