@@ -132,3 +132,36 @@ def build_trainer(cfg: PhiConfig, compute: Compute, tx: optax.GradientTransforma
     train_fn, eval_fn = jit_steps(mesh, shardings, rules)
     return Trainer(cfg=cfg, compute=compute, tx=tx, mesh=mesh, rules=rules, opt_rules=opt_rules,
                    abstract_state=target, shardings=shardings, train_step=train_fn, eval_step=eval_fn, lora=lora)
+
+
+def lora_meta(lora: LoraConfig, c, frozen) -> dict:
+    """What a LoRA run's checkpoints record beside the adapters: the LoRA settings, the base model they adapt
+    (`init_from_hf`; "" = the run seed's fresh initialisation) and the fingerprint of its parameters' bits."""
+    from phi_jax.lora import fingerprint
+
+    return {**lora.to_dict(), "base": c.init_from_hf, "base_fingerprint": fingerprint(frozen)}
+
+
+def lora_resume_base(trainer: Trainer, restored: TrainState, c, saved_meta: dict, where: str) -> TrainState:
+    """`restored` (a LoRA checkpoint: adapters and optimizer state) with its frozen base loaded again from the
+    base model the checkpoint names, after checking that the LoRA settings and the base's bits are unchanged."""
+    from phi_jax.lora import fingerprint
+
+    saved = saved_meta.get("lora")
+    if saved is None:
+        raise ValueError(f"The checkpoint at {where} is of full training, not LoRA; resume it without "
+                         "--config.lora.rank, or start a new --workdir.")
+    ours = trainer.lora.to_dict()
+    if changed := [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in ours.items() if k != "dropout" and saved.get(k) != v]:
+        raise ValueError(f"The checkpoint at {where} holds LoRA adapters of other settings ({'; '.join(changed)}); "
+                         "use the settings that wrote it, or a new --workdir.")
+    if saved["base"] != c.init_from_hf:
+        raise ValueError(f"The checkpoint at {where} adapts the base model {saved['base'] or '(fresh, seed)'!r} but "
+                         f"--config.init_from_hf={c.init_from_hf!r}; set it to the base the adapters were trained on.")
+    base = trainer.init_state(c.seed, init_from=c.init_from_hf or None).frozen
+    if (found := fingerprint(base)) != saved["base_fingerprint"]:
+        raise ValueError(f"The base model {saved['base'] or '(fresh, seed)'} is not the one the adapters at {where} "
+                         f"were trained on (fingerprint {found}, checkpoint {saved['base_fingerprint']}): its weights "
+                         "changed. Point --config.init_from_hf at the original weights, or start a new --workdir "
+                         "(--config.lora.init_from_peft can carry exported adapters over).")
+    return restored.replace(frozen=base)
