@@ -191,3 +191,81 @@ def fingerprint(params) -> str:
     sums = np.asarray(jax.device_get(_checksums(params)), np.uint32)
     shapes = ";".join(f"{tuple(x.shape)}{x.dtype}" for x in jax.tree.leaves(params))
     return hashlib.sha256(sums.tobytes() + shapes.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------- a LoRA run's checkpoints
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_lora(meta: dict) -> LoraConfig | None:
+    """The LoRA settings a checkpoint's metadata records (None: full training)."""
+    saved = meta.get("lora")
+    return None if saved is None else LoraConfig.from_dict({k: saved[k] for k in
+                                                           ("rank", "alpha", "dropout", "targets", "base_dtype")})
+
+
+def load_base(meta: dict, where: str) -> dict:
+    """The frozen base of a LoRA run as it trained on it: its stacked-layout parameters (base_dtype), loaded from
+    the base model its checkpoint names (or re-initialised from the run seed when it named none), after checking
+    their fingerprint."""
+    from flax import nnx
+
+    from phi_jax.config import Compute, PhiConfig
+    from phi_jax.loading import from_pretrained
+    from phi_jax.model import Phi
+    from phi_jax.train_state import split_params
+
+    cfg, lora, saved = PhiConfig.from_dict(meta["model"]), run_lora(meta), meta["lora"]
+    run = meta["run"]
+    dtype = lora.base_dtype or as_dtype(run["param_dtype"])
+    if saved["base"]:
+        model = from_pretrained(saved["base"], Compute(param_dtype=dtype))
+        base = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    else:  # the trainer's fresh initialisation, jitted as there (eager draws differ in the last bit)
+        base = jax.jit(lambda: split_params(Phi(cfg, Compute(param_dtype=run["param_dtype"]),
+                                                rngs=nnx.Rngs(params=run["seed"]), lora=lora))[2])()
+    if (found := fingerprint(base)) != saved["base_fingerprint"]:
+        raise ValueError(f"The base model {saved['base'] or '(fresh, seed)'} is not the one the adapters in {where} "
+                         f"were trained on (fingerprint {found}, checkpoint {saved['base_fingerprint']}): its weights "
+                         "changed. Restore the original weights at that path.")
+    return _flat(base)
+
+
+def load_lora_workdir(workdir, step: int | None = None, compute=None):
+    """(model with its adapters, meta, step) of a LoRA run's newest (or chosen) checkpoint: the adapters from the
+    checkpoint, the base from where the checkpoint names it (`load_base`). Parameters in compute.param_dtype
+    (default float32), adapters included."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from phi_jax.checkpoint import _checkpoint_steps, _choose
+    from phi_jax.config import Compute, PhiConfig
+    from phi_jax.model import abstract_model, from_params
+
+    compute = compute or Compute()
+    ckpt, steps = _checkpoint_steps(workdir)
+    try:
+        step = _choose(ckpt, steps, step)
+        meta = ckpt.read_meta(step)
+        cfg, lora = PhiConfig.from_dict(meta["model"]), run_lora(meta)
+        if lora is None:
+            raise ValueError(f"{workdir} is a full-training run, not LoRA: load it with phi_jax.from_pretrained.")
+        abstract = abstract_model(cfg, Compute(param_dtype=meta["run"]["param_dtype"]), lora=lora)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = nnx.to_pure_dict(nnx.split(abstract, nnx.LoRAParam, ...)[1])
+        target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)}
+        restore = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True)
+        adapters = ckpt.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]["params"]
+    finally:
+        ckpt.close()
+    params = {**load_base(meta, str(workdir)), **_flat(adapters)}
+    model = from_params(cfg, compute, params, lora=dataclasses.replace(lora, base_dtype=None))
+    return model, meta, step

@@ -1,0 +1,94 @@
+"""LoRA (phi_jax/lora.py): exact at initialisation, only adapters trained, merging, sharding, resuming."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from test_train_step import synthetic_batch
+
+from phi_jax.config import Compute, PhiConfig
+from phi_jax.lora import LoraConfig, is_adapter_path, merge_lora
+from phi_jax.model import from_params, init_model, stacked_params
+from phi_jax.optim import make_optimizer
+from phi_jax.sharding import make_mesh
+from phi_jax.train_step import train_step
+from phi_jax.trainer import build_trainer
+
+CFG = PhiConfig.preset("tiny")
+IDS = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 96))
+
+
+def base_of(model):
+    """The model without its adapters: the same base parameters in a plain model of the same layout."""
+    params = {p: v for p, v in stacked_params(model).items() if not is_adapter_path(p)}
+    return from_params(model.cfg, model.compute, params, scan_layers=model.scan_layers)
+
+
+def randomize_adapters(model, seed: int = 1, scale: float = 0.05):
+    """Non-zero B matrices (a fresh adapter's are zero), so that an update really flows."""
+    rng = np.random.default_rng(seed)
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        var.set_value(jax.numpy.asarray(rng.normal(0, scale, var.shape), var.dtype))
+    return model
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked", "unrolled"])
+def test_a_fresh_adapter_gives_exactly_the_base_logits(scan_layers):
+    model = init_model(CFG, seed=3, lora=LoraConfig(rank=4), scan_layers=scan_layers)
+    lora_logits = np.asarray(model(IDS)[0])
+    np.testing.assert_array_equal(lora_logits, np.asarray(base_of(model)(IDS)[0]))
+    randomize_adapters(model)
+    assert np.abs(np.asarray(model(IDS)[0]) - lora_logits).max() > 1e-2  # the adapters are in the forward pass
+
+
+@pytest.mark.parametrize("targets", ["qkv,dense,fc1,fc2", "qkv,fc2"])
+def test_merged_and_unmerged_forwards_agree(targets):
+    model = randomize_adapters(init_model(CFG, seed=3, lora=LoraConfig(rank=4, alpha=8.0, targets=targets)))
+    merged = merge_lora(model)
+    assert not any(is_adapter_path(p) for p in stacked_params(merged))
+    np.testing.assert_allclose(np.asarray(merged(IDS)[0]), np.asarray(model(IDS)[0]), atol=1e-5, rtol=0)
+    # the scaling is alpha / rank: merging with another alpha would not agree
+    unscaled = merge_lora(randomize_adapters(init_model(CFG, seed=3, lora=LoraConfig(rank=4, alpha=4.0,
+                                                                                      targets=targets))))
+    assert np.abs(np.asarray(unscaled(IDS)[0]) - np.asarray(model(IDS)[0])).max() > 1e-3
+
+
+def test_only_adapters_train_and_the_base_stays_bitwise():
+    lora = LoraConfig(rank=4, dropout=0.1, base_dtype="bfloat16")
+    trainer = build_trainer(CFG, Compute(), make_optimizer(1e-2), make_mesh(devices=jax.devices()[:1]), lora=lora)
+    state = trainer.init_state(seed=0)
+    # the optimizer state covers the adapters only: its moments are shaped like them
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    assert sorted(x.shape for x in moments) == sorted(2 * [x.shape for x in jax.tree.leaves(state.params)])
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+    assert {x.dtype for x in jax.tree.leaves(state.frozen)} == {np.dtype(jax.numpy.bfloat16)}
+    base = jax.tree.map(np.asarray, state.frozen)
+    adapters = jax.tree.map(np.asarray, state.params)
+    step = jax.jit(train_step)
+    losses = []
+    for i in range(4):
+        state, m = step(state, synthetic_batch(8, 2, seed=i))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0]
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(state.frozen), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    moved = [np.abs(a - np.asarray(b)).max() for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(state.params),
+                                                             strict=True)]
+    assert min(moved) > 1e-4, moved  # every adapter matrix (A and B of each target) moved
+
+
+def test_adapters_and_base_shard_over_fsdp_and_tensor():
+    mesh = make_mesh(1, 4, 2, devices=jax.devices()[:8])
+    trainer = build_trainer(PhiConfig.preset("tiny"), Compute(), make_optimizer(1e-3), mesh,
+                            lora=LoraConfig(rank=4))
+    specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(trainer.shardings.params)}
+    assert specs["['layers']['attn']['qkv']['lora']['lora_a']"] == P(None, "fsdp", None)
+    assert specs["['layers']['mlp']['fc1']['lora']['lora_b']"] == P(None, None, "tensor")
+    assert specs["['layers']['attn']['dense']['lora']['lora_a']"] == P(None, None, None)
+    frozen = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(trainer.shardings.frozen)}
+    assert frozen["['layers']['mlp']['fc1']['kernel']"] == P(None, "fsdp", "tensor")
+    state = trainer.init_state(seed=0)
+    batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in synthetic_batch(8, 1).items()}
+    state, m = trainer.train_step(state, batch)
+    assert np.isfinite(float(m["loss"]))
