@@ -92,3 +92,28 @@ def test_adapters_and_base_shard_over_fsdp_and_tensor():
     batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in synthetic_batch(8, 1).items()}
     state, m = trainer.train_step(state, batch)
     assert np.isfinite(float(m["loss"]))
+
+
+def test_the_phi15_lora_config_trains_12_6m_adapters_on_a_frozen_bf16_base():
+    """configs/phi15_lora.py at full size, abstractly: its checks pass, the optimizer holds the adapters only."""
+    from configs.phi15_lora import get_config
+    from phi_jax import validate
+    from phi_jax.lora import from_run_config
+    from phi_jax.run_config import compute_options
+
+    c = get_config()
+    validate.check_values(c)
+    lora = from_run_config(c)
+    assert (lora.rank, lora.alpha, lora.targets, lora.base_dtype) == (16, 32.0, ("qkv", "dense", "fc1", "fc2"),
+                                                                      np.dtype(jax.numpy.bfloat16))
+    cfg = PhiConfig.preset(c.model)
+    trainer = build_trainer(cfg, compute_options(c), make_optimizer(c.learning_rate),
+                            make_mesh(devices=jax.devices()[:1]), lora=lora)
+    state = trainer.abstract_state
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    assert count(state.params) == cfg.num_layers * 16 * ((d + 3 * d) + 2 * d + 2 * (d + f)) == 12_582_912
+    assert count(state.frozen) == cfg.num_params() == 1_418_270_720
+    assert {x.dtype for x in jax.tree.leaves(state.frozen)} == {np.dtype(jax.numpy.bfloat16)}
+    assert count(state.opt_state) < 2 * count(state.params) + 10
+    assert trainer.checkpoint_target.frozen is None
