@@ -230,7 +230,9 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
 
         if latest is not None:
             state = ckpt.restore(latest, trainer.checkpoint_target)
-            if lora is not None:  # the checkpoint holds the adapters; the frozen base comes from where it names
+            if lora is None:
+                state = state.with_frozen(None)
+            else:  # the checkpoint holds the adapters; the frozen base comes from where it names
                 state = lora_resume_base(trainer, state, c, saved_meta, str(ckpt.directory / str(latest)))
             if restart.loss_scale_reset(saved_meta, c):
                 log.warning("dtype changed from %s to %s: the loss scale starts afresh", saved_meta["run"]["dtype"],

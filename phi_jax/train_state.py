@@ -36,6 +36,32 @@ class TrainState:
     frozen: Any = None
 
 
+@struct.dataclass
+class CheckpointedState:
+    """What a checkpoint holds of a TrainState: every field but `frozen` (a LoRA run's base, which the checkpoint
+    names instead), so its tree is the one full-training checkpoints have always had."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    loss_scale: LossScale
+    skipped: jax.Array
+    total_skipped: jax.Array
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    @classmethod
+    def of(cls, state: TrainState) -> CheckpointedState:
+        return cls(step=state.step, params=state.params, opt_state=state.opt_state, loss_scale=state.loss_scale,
+                   skipped=state.skipped, total_skipped=state.total_skipped, graphdef=state.graphdef, tx=state.tx)
+
+    def with_frozen(self, frozen) -> TrainState:
+        """The TrainState of this checkpoint and a frozen base (None in full training)."""
+        return TrainState(step=self.step, params=self.params, opt_state=self.opt_state, loss_scale=self.loss_scale,
+                          skipped=self.skipped, total_skipped=self.total_skipped, graphdef=self.graphdef, tx=self.tx,
+                          frozen=frozen)
+
+
 def split_params(model: Phi) -> tuple[nnx.GraphDef, dict, dict | None]:
     """(graphdef, trainable parameters, frozen parameters) as plain dicts: every nnx.Param is trainable in full
     training (frozen None); with LoRA only the nnx.LoRAParams are, and the base parameters are frozen."""

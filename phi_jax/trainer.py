@@ -22,7 +22,7 @@ from phi_jax.config import Compute, PhiConfig
 from phi_jax.dispatch import mesh_platform
 from phi_jax.lora import LoraConfig
 from phi_jax.sharding import batch_sharding, strategy_rules
-from phi_jax.train_state import TrainState, init_state, state_shardings
+from phi_jax.train_state import CheckpointedState, TrainState, init_state, state_shardings
 from phi_jax.train_step import BATCH_DTYPES, jit_steps
 
 log = logging.getLogger("phi_jax")
@@ -107,14 +107,15 @@ class Trainer:
         return self.compute.param_dtype
 
     @property
-    def checkpoint_target(self) -> TrainState:
-        """What a checkpoint holds, abstract: the state less a LoRA run's frozen base (named in the metadata)."""
-        return self.abstract_state.replace(frozen=None)
+    def checkpoint_target(self) -> CheckpointedState:
+        """What a checkpoint holds, abstract: the state less a LoRA run's frozen base (named in the metadata).
+        `CheckpointedState.with_frozen` makes a restored one a TrainState again."""
+        return CheckpointedState.of(self.abstract_state)
 
     @staticmethod
-    def checkpointed(state: TrainState) -> TrainState:
+    def checkpointed(state: TrainState) -> CheckpointedState:
         """The part of `state` a checkpoint holds (see `checkpoint_target`)."""
-        return state.replace(frozen=None)
+        return CheckpointedState.of(state)
 
 
 def build_trainer(cfg: PhiConfig, compute: Compute, tx: optax.GradientTransformation, mesh: Mesh,
@@ -142,7 +143,7 @@ def lora_meta(lora: LoraConfig, c, frozen) -> dict:
     return {**lora.to_dict(), "base": c.init_from_hf, "base_fingerprint": fingerprint(frozen)}
 
 
-def lora_resume_base(trainer: Trainer, restored: TrainState, c, saved_meta: dict, where: str) -> TrainState:
+def lora_resume_base(trainer: Trainer, restored: CheckpointedState, c, saved_meta: dict, where: str) -> TrainState:
     """`restored` (a LoRA checkpoint: adapters and optimizer state) with its frozen base loaded again from the
     base model the checkpoint names, after checking that the LoRA settings and the base's bits are unchanged."""
     from phi_jax.lora import fingerprint
@@ -164,4 +165,4 @@ def lora_resume_base(trainer: Trainer, restored: TrainState, c, saved_meta: dict
                          f"were trained on (fingerprint {found}, checkpoint {saved['base_fingerprint']}): its weights "
                          "changed. Point --config.init_from_hf at the original weights, or start a new --workdir "
                          "(--config.lora.init_from_peft can carry exported adapters over).")
-    return restored.replace(frozen=base)
+    return restored.with_frozen(base)
