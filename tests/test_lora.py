@@ -117,3 +117,17 @@ def test_the_phi15_lora_config_trains_12_6m_adapters_on_a_frozen_bf16_base():
     assert {x.dtype for x in jax.tree.leaves(state.frozen)} == {np.dtype(jax.numpy.bfloat16)}
     assert count(state.opt_state) < 2 * count(state.params) + 10
     assert not hasattr(trainer.checkpoint_target, "frozen")
+
+
+def test_the_fused_pallas_dense_adds_the_update_before_the_activation():
+    """dense_impl=pallas runs the base matmul in the fused kernel and the adapter's update before gelu_new, as XLA."""
+    from phi_jax.layers import Dense
+
+    lora = LoraConfig(rank=4, alpha=8.0)
+    outs = []
+    for impl in ("xla", "pallas"):
+        dense = Dense((64,), (128,), in_names=("embed",), out_names=("mlp",), activation="gelu_new", impl=impl,
+                      lora=lora, lora_target="fc1", rngs=nnx.Rngs(params=0))
+        randomize_adapters(dense)
+        outs.append(np.asarray(dense(np.random.default_rng(0).normal(size=(2, 16, 64)).astype(np.float32))))
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5)
