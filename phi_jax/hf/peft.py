@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from phi_jax.config import PhiConfig
 from phi_jax.lora import TARGET_PATHS, LoraConfig
+from phi_jax.paths import is_url
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model.model.layers.{i}."
@@ -61,6 +62,8 @@ def save_peft(params: dict, cfg: PhiConfig, lora: LoraConfig, out_dir: str | os.
               overwrite: bool = False) -> Path:
     """Writes a PEFT adapter directory (local) from stacked-layout adapter parameters; `base` is recorded as
     base_model_name_or_path. Written to a temporary directory beside `out_dir`, then renamed."""
+    if is_url(out_dir):
+        raise ValueError(f"--peft writes a local directory, not {out_dir}: export locally, then copy it.")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; choose a new --out or pass --overwrite.")
@@ -182,6 +185,8 @@ def export_peft(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, step:
     from phi_jax.lora import is_adapter_path, load_lora_workdir
     from phi_jax.model import stacked_params
 
+    if is_url(out_dir):
+        raise ValueError(f"--peft writes a local directory, not {out_dir}: export locally, then copy it.")
     meta = read_meta(workdir, step)
     if "lora" not in meta:
         raise ValueError(f"{workdir} is a full-training run: it has no adapters for --peft; export it without --peft.")
