@@ -33,7 +33,8 @@ def randomize_adapters(model, seed: int = 1, scale: float = 0.05):
     return model
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked", "unrolled"])
+@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["stacked", "unrolled"])
 def test_a_fresh_adapter_gives_exactly_the_base_logits(scan_layers):
     model = init_model(CFG, seed=3, lora=LoraConfig(rank=4), scan_layers=scan_layers)
     lora_logits = np.asarray(model(IDS)[0])
@@ -42,7 +43,7 @@ def test_a_fresh_adapter_gives_exactly_the_base_logits(scan_layers):
     assert np.abs(np.asarray(model(IDS)[0]) - lora_logits).max() > 1e-2  # the adapters are in the forward pass
 
 
-@pytest.mark.parametrize("targets", ["qkv,dense,fc1,fc2", "qkv,fc2"])
+@pytest.mark.parametrize("targets", ["qkv,dense,fc1,fc2", pytest.param("qkv,fc2", marks=pytest.mark.slow)])
 def test_merged_and_unmerged_forwards_agree(targets):
     model = randomize_adapters(init_model(CFG, seed=3, lora=LoraConfig(rank=4, alpha=8.0, targets=targets)))
     merged = merge_lora(model)
@@ -88,10 +89,23 @@ def test_adapters_and_base_shard_over_fsdp_and_tensor():
     assert specs["['layers']['attn']['dense']['lora']['lora_a']"] == P(None, None, None)
     frozen = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(trainer.shardings.frozen)}
     assert frozen["['layers']['mlp']['fc1']['kernel']"] == P(None, "fsdp", "tensor")
-    state = trainer.init_state(seed=0)
-    batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in synthetic_batch(8, 1).items()}
-    state, m = trainer.train_step(state, batch)
-    assert np.isfinite(float(m["loss"]))
+    state = trainer.init_state(seed=0)  # created in those shardings
+    assert state.params["layers"]["attn"]["qkv"]["lora"]["lora_a"].sharding.spec == P(None, "fsdp", None)
+    assert state.frozen["layers"]["mlp"]["fc1"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+
+
+@pytest.mark.slow
+def test_a_sharded_lora_step_matches_the_single_device_step():
+    """The same LoRA step on a (data 1, fsdp 4, tensor 2) mesh and on one device: equal loss and adapters."""
+    results = []
+    for mesh in (make_mesh(1, 4, 2, devices=jax.devices()[:8]), make_mesh(devices=jax.devices()[:1])):
+        trainer = build_trainer(CFG, Compute(), make_optimizer(1e-2), mesh, lora=LoraConfig(rank=4))
+        batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in synthetic_batch(8, 1).items()}
+        state, m = trainer.train_step(trainer.init_state(seed=0), batch)
+        results.append((float(m["loss"]), jax.tree.map(np.asarray, state.params)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_the_phi15_lora_config_trains_12_6m_adapters_on_a_frozen_bf16_base():

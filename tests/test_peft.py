@@ -101,7 +101,7 @@ def test_a_peft_adapter_imports_exactly_and_mismatches_are_refused(lora_model, t
 
 
 # ---------------------------------------------------------------------------------- a LoRA SFT run, end to end
-STEPS = 6
+STEPS, EVERY = 40, 10  # steps take ~20 ms here: a kill lands well inside the run
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def sft_data(tmp_path_factory):
 def lora_flags(shards, hf_base) -> list[str]:
     return ["--config.model=tiny", f"--config.data.path={shards}", "--config.data.packing=True",
             "--config.seq_len=64", "--config.batch_size=4", "--config.log_every=1", "--config.learning_rate=1e-2",
-            "--config.eval_every=0", f"--config.total_steps={STEPS}", "--config.checkpoint_every=2",
+            "--config.eval_every=0", f"--config.total_steps={STEPS}", f"--config.checkpoint_every={EVERY}",
             f"--config.init_from_hf={hf_base}", "--config.lora.rank=4", "--config.lora.alpha=8.0",
             "--config.lora.dropout=0.1"]
 
@@ -140,10 +140,10 @@ def test_lora_sft_run_killed_with_sigkill_resumes_bitwise(reference_run, sft_dat
     proc = subprocess.Popen(train_cmd(tmp_path, *lora_flags(sft_data, hf_base)), cwd=ROOT, env=clean_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
-    durable = tmp_path / "checkpoints" / "2" / "commit_success.txt"  # step 2's checkpoint is complete
+    durable = tmp_path / "checkpoints" / str(EVERY) / "commit_success.txt"  # a complete checkpoint
     logged = lambda: max(losses(tmp_path), default=0) if (tmp_path / "metrics.jsonl").exists() else 0
     try:
-        while not (durable.exists() and logged() >= 3):  # mid-run: past a checkpoint, before the end
+        while not (durable.exists() and logged() > EVERY):  # mid-run: past a checkpoint, before the end
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
