@@ -57,6 +57,10 @@ def main(argv=None) -> None:
         if a.source == "sft":
             from phi_jax.data.sft import SftEncoder, Template
 
+            if a.seq_len is not None and not a.strict:
+                p.error("--seq_len refuses longer examples with --strict only (training truncates them and counts "
+                        "them); add --strict or drop --seq_len")
+
             encode = SftEncoder(Template.load(a.template), None if a.seq_len is None else a.seq_len + 1, a.strict)
         elif a.template or a.seq_len:
             p.error("--template and --seq_len apply to --source=sft only")
