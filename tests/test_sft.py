@@ -174,7 +174,9 @@ def test_prepare_data_cli_strict_refuses_long_examples_naming_the_line(tmp_path,
     args = ["--source=sft", f"--jsonl={src}", f"--tokenizer={tokenizer.path}", "--workers=1", "--val_fraction=0"]
     with pytest.raises(BadRecord, match=r"d.jsonl:3: the example is \d+ tokens, longer than 65"):
         prepare_data.main([*args, f"--out={tmp_path / 'strict'}", "--seq_len=64", "--strict"])
-    prepare_data.main([*args, f"--out={tmp_path / 'ok'}", "--seq_len=64"])
+    with pytest.raises(SystemExit):  # --seq_len does nothing without --strict: a usage error
+        prepare_data.main([*args, f"--out={tmp_path / 'ok'}", "--seq_len=64"])
+    prepare_data.main([*args, f"--out={tmp_path / 'ok'}"])
     meta = json.loads((tmp_path / "ok" / "metadata.json").read_text())
     assert meta["loss_mask"] and meta["encoding"]["template"]["name"] == "plain"
     assert meta["splits"]["train"]["documents"] == 3
