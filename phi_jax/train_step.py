@@ -16,7 +16,7 @@ from phi_jax.train_state import TrainState
 Batch = dict[str, jax.Array]  # the keys of BATCH_DTYPES
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
                 "loss_mask": jnp.float32}
-LORA_DROPOUT_SEED = 0  # LoRA dropout's keys: this, folded with the step and the micro-batch (a resume redraws them)
+LORA_DROPOUT_SEED = 0  # LoRA dropout's keys: this, folded with the step and the micro-batch (a resume draws the same)
 
 
 def loss_sum(params, graphdef: nnx.GraphDef, batch: Batch, frozen=None) -> tuple[jax.Array, jax.Array]:

@@ -177,6 +177,8 @@ class SftEncoder:
                     mask += [trained] * len(piece)
         ids.append(tokenizer.eos_id)
         mask.append(doc["parts"][-1][0] in TRAINED)
+        if len(ids) < 2:
+            raise BadRecord(f"{doc['where']}: the example tokenizes to nothing but the end-of-text id; give it text.")
         if self.strict and self.max_tokens is not None and len(ids) > self.max_tokens:
             raise BadRecord(f"{doc['where']}: the example is {len(ids)} tokens, longer than {self.max_tokens} "
                             f"(seq_len + 1): shorten it, or drop --strict to let training truncate it (counted).")
