@@ -140,7 +140,17 @@ def lora_meta(lora: LoraConfig, c, frozen) -> dict:
     (`init_from_hf`; "" = the run seed's fresh initialisation) and the fingerprint of its parameters' bits."""
     from phi_jax.lora import fingerprint
 
-    return {**lora.to_dict(), "base": c.init_from_hf, "base_fingerprint": fingerprint(frozen)}
+    return {**lora.to_dict(), "base": base_name(c.init_from_hf), "base_fingerprint": fingerprint(frozen)}
+
+
+def base_name(source: str) -> str:
+    """How a checkpoint names its base model: a local path made absolute (exports and resumes may run from another
+    directory); a Hub id, a gs:// path or "" (a fresh, seeded base) as given."""
+    from phi_jax.paths import is_url
+
+    if source and not is_url(source) and os.path.exists(source):
+        return os.path.abspath(source)
+    return source
 
 
 def lora_resume_base(trainer: Trainer, restored: CheckpointedState, c, saved_meta: dict, where: str) -> TrainState:
@@ -156,7 +166,7 @@ def lora_resume_base(trainer: Trainer, restored: CheckpointedState, c, saved_met
     if changed := [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in ours.items() if k != "dropout" and saved.get(k) != v]:
         raise ValueError(f"The checkpoint at {where} holds LoRA adapters of other settings ({'; '.join(changed)}); "
                          "use the settings that wrote it, or a new --workdir.")
-    if saved["base"] != c.init_from_hf:
+    if saved["base"] != base_name(c.init_from_hf):
         raise ValueError(f"The checkpoint at {where} adapts the base model {saved['base'] or '(fresh, seed)'!r} but "
                          f"--config.init_from_hf={c.init_from_hf!r}; set it to the base the adapters were trained on.")
     base = trainer.init_state(c.seed, init_from=c.init_from_hf or None).frozen
