@@ -121,6 +121,9 @@ def sft_documents_of(recs):
 
 
 def test_template_file_and_its_errors(tmp_path):
+    from phi_jax.data.sft import TEMPLATES_DIR
+
+    assert Template.load(TEMPLATES_DIR / "plain.toml") == Template()  # the shipped file is the default
     (tmp_path / "chat.toml").write_text('user = "<u>{content}</u>"\nassistant = "<a>{content}</a>"\n')
     t = Template.load(tmp_path / "chat.toml")
     assert (t.user, t.assistant, t.system, t.name) == ("<u>{content}</u>", "<a>{content}</a>", "{content}\n\n", "chat")
