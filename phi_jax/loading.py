@@ -19,7 +19,7 @@ from etils import epath
 
 from phi_jax.config import Compute, PhiConfig
 from phi_jax.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_in
-from phi_jax.model import Phi, from_params, stacked_params
+from phi_jax.model import Phi, from_params, stacked_params, to_layout
 from phi_jax.paths import is_url, user_path
 
 log = logging.getLogger("phi_jax")
@@ -97,6 +97,10 @@ def from_pretrained(path_or_id: Source | str | os.PathLike, compute: Compute = C
     a Hub id, run as `compute` says (parameters cast to compute.param_dtype), in the layer layout `scan_layers`
     (phi_jax/model.py): True (stacked) for training and scoring, False (one Block per layer) for decoding."""
     source = resolve(path_or_id)
+    if source.is_workdir and _is_lora_run(source, step):  # a LoRA run: its adapters merged into its base model
+        from phi_jax.lora import load_lora_workdir, merge_lora
+
+        return to_layout(merge_lora(load_lora_workdir(source.path, step, compute)[0]), scan_layers=scan_layers)
     if source.is_workdir:
         from phi_jax.checkpoint import load_model
 
@@ -112,6 +116,12 @@ def from_pretrained(path_or_id: Source | str | os.PathLike, compute: Compute = C
     from phi_jax.hf.io import load_hf_directory
 
     return load_hf_directory(source.path, compute, scan_layers=scan_layers)
+
+
+def _is_lora_run(source: Source, step: int | None) -> bool:
+    from phi_jax.checkpoint import read_meta
+
+    return "lora" in read_meta(source.path, step)
 
 
 def tokenizer_file(source: Source | str | os.PathLike, step: int | None = None, *,

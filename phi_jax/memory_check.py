@@ -13,6 +13,7 @@ figure: to keep headroom on a shared host, or to test the check.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -112,13 +113,26 @@ DEVICELESS_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localh
 AVAILABLE_HBM_GIB = {"TPU v5 lite": 15.75, "TPU v6 lite": 31.25, "TPU v5": 95.74}
 
 
+def _small_slice_bounds(topology: str) -> dict:
+    """A slice smaller than one host's default 2x2x1 chips ("v5e:1x1": one chip) is described as a host of its own
+    size (libtpu refuses it otherwise: "not divisible by ... chips_per_host_bounds")."""
+    try:
+        dims = [int(d) for d in topology.split(":")[1].split("x")]
+    except (IndexError, ValueError):
+        return {}  # libtpu names what is wrong with it
+    if math.prod(dims) >= 4:
+        return {}
+    return {"chips_per_host_bounds": tuple(dims + [1] * (3 - len(dims)))}
+
+
 def tpu_devices(topology: str) -> list:
     """The devices of a TPU slice ("v5e:2x4", ...), for ahead-of-time compilation (DEVICELESS_TPU_ENV must be set
     before JAX's backends start on a host without a TPU)."""
     from jax.experimental import topologies
 
     try:
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                               **_small_slice_bounds(topology)).devices
         # v4 and v5p run one device per chip (megacore) but describe both cores; JAX meshes take the first.
         return [d for d in devices if getattr(d, "core_on_chip", 0) == 0]
     except Exception as e:

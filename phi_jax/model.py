@@ -31,6 +31,7 @@ from phi_jax.attention import attention, cached_attention, causal_segment_mask
 from phi_jax.config import REMAT_POLICIES, Compute, PhiConfig
 from phi_jax.dispatch import default_platform
 from phi_jax.layers import Dense, LayerNorm, param
+from phi_jax.lora import Adapters, LoraConfig, dropout_scope, layer_dropout_keys
 from phi_jax.rotary import apply_partial_rotary, rotary_tables
 from phi_jax.sharding import constrain
 
@@ -67,21 +68,26 @@ def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array
 
 
 def _dense(cfg: PhiConfig, compute: Compute, rngs: nnx.Rngs, in_shape, out_shape, in_names, out_names, *,
-           activation=None, impl=None) -> Dense:
+           activation=None, impl=None, lora: Adapters | None = None, target: str = "") -> Dense:
+    """A Dense of the model; `lora` adds an adapter when `target` is one of its targets (phi_jax/lora.py)."""
+    adapter = lora.config if lora is not None and target in lora.config.targets else None
     return Dense(in_shape, out_shape, in_names=in_names, out_names=out_names, activation=activation,
                  impl=impl or compute.dense_impl, platform=compute.platform, dtype=compute.dtype,
-                 param_dtype=compute.param_dtype, init_std=cfg.initializer_range, rngs=rngs)
+                 param_dtype=compute.param_dtype, init_std=cfg.initializer_range, lora=adapter, lora_target=target,
+                 lora_param_dtype=lora.param_dtype if lora is not None else None, rngs=rngs)
 
 
 class Attention(nnx.Module):
     """Multi-head causal self-attention with partial rotary on q and k; owns the layout of its KV cache."""
 
-    def __init__(self, cfg: PhiConfig, compute: Compute, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: PhiConfig, compute: Compute, *, rngs: nnx.Rngs, lora: Adapters | None = None):
         d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         self.impl, self.platform, self.num_heads, self.head_dim = compute.attention_impl, compute.platform, n, h
         # q, k and v in one [embed, 3, heads, head_dim] kernel: one matmul, heads visible to tensor parallelism.
-        self.qkv = _dense(cfg, compute, rngs, (d,), (3, n, h), ("embed",), ("qkv", "heads", "head_dim"))
-        self.dense = _dense(cfg, compute, rngs, (n, h), (d,), ("heads", "head_dim"), ("embed",))
+        self.qkv = _dense(cfg, compute, rngs, (d,), (3, n, h), ("embed",), ("qkv", "heads", "head_dim"),
+                          lora=lora, target="qkv")
+        self.dense = _dense(cfg, compute, rngs, (n, h), (d,), ("heads", "head_dim"), ("embed",), lora=lora,
+                            target="dense")
 
     def init_cache(self, batch: int, max_len: int, dtype) -> LayerCache:
         shape = (batch * self.num_heads, max_len, self.head_dim)
@@ -109,10 +115,11 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: PhiConfig, compute: Compute, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: PhiConfig, compute: Compute, *, rngs: nnx.Rngs, lora: Adapters | None = None):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.fc1 = _dense(cfg, compute, rngs, (d,), (f,), ("embed",), ("mlp",), activation="gelu_new")
-        self.fc2 = _dense(cfg, compute, rngs, (f,), (d,), ("mlp",), ("embed",))
+        self.fc1 = _dense(cfg, compute, rngs, (d,), (f,), ("embed",), ("mlp",), activation="gelu_new", lora=lora,
+                          target="fc1")
+        self.fc2 = _dense(cfg, compute, rngs, (f,), (d,), ("mlp",), ("embed",), lora=lora, target="fc2")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(constrain(self.fc1(x), ("batch", "length", "act_mlp")))
@@ -121,11 +128,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Parallel residual block: h + Attention(LN(h)) + MLP(LN(h)), one LayerNorm shared by both branches."""
 
-    def __init__(self, cfg: PhiConfig, compute: Compute, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: PhiConfig, compute: Compute, *, rngs: nnx.Rngs, lora: Adapters | None = None):
         self.input_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=compute.dtype,
                                          param_dtype=compute.param_dtype, rngs=rngs)
-        self.attn = Attention(cfg, compute, rngs=rngs)
-        self.mlp = MLP(cfg, compute, rngs=rngs)
+        self.attn = Attention(cfg, compute, rngs=rngs, lora=lora)
+        self.mlp = MLP(cfg, compute, rngs=rngs, lora=lora)
 
     def __call__(self, h, rope, segment_ids, cache=None, **cache_args):
         x = self.input_layernorm(h)
@@ -140,22 +147,28 @@ class Phi(nnx.Module):
     `cfg` is the architecture, `compute` how it runs (dtypes, kernels, remat); the model keeps both, `compute`
     resolved for its platform (JAX's default backend unless `compute` is already resolved: phi_jax.config.Compute).
     `scan_layers` is the layer layout (module docstring): True stacks the layers for a scan (training,
-    checkpoints), False keeps one Block per layer (decoding)."""
+    checkpoints), False keeps one Block per layer (decoding). `lora` (phi_jax.lora.LoraConfig) adds LoRA adapters
+    (nnx.LoRAParam, in compute.param_dtype) to its target Dense layers; the base parameters are then held in
+    `lora.base_dtype` when it is set (frozen bf16 weights under fp32 adapters)."""
 
-    def __init__(self, cfg: PhiConfig, compute: Compute = Compute(), *, rngs: nnx.Rngs, scan_layers: bool = True):
+    def __init__(self, cfg: PhiConfig, compute: Compute = Compute(), *, rngs: nnx.Rngs, scan_layers: bool = True,
+                 lora: LoraConfig | None = None):
         compute = compute if compute.platform else compute.resolve(default_platform())
-        self.cfg, self.compute, self.scan_layers = cfg, compute, scan_layers
+        self.cfg, self.compute, self.scan_layers, self.lora = cfg, compute, scan_layers, lora
+        adapters = Adapters(lora, compute.param_dtype) if lora is not None else None
+        if lora is not None and lora.base_dtype is not None:
+            compute = compute.replace(param_dtype=lora.base_dtype)  # the base parameters' dtype
         self.embed_tokens = param(rngs, nnx.initializers.normal(cfg.initializer_range),
                                   (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), compute.param_dtype)
         if scan_layers:
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def make_blocks(rngs: nnx.Rngs) -> Block:
-                return Block(cfg, compute, rngs=rngs)
+                return Block(cfg, compute, rngs=rngs, lora=adapters)
 
             self.layers: Block | nnx.List[Block] = make_blocks(rngs)
         else:
-            self.layers = nnx.List([Block(cfg, compute, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.layers = nnx.List([Block(cfg, compute, rngs=rngs, lora=adapters) for _ in range(cfg.num_layers)])
         self.final_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=compute.dtype,
                                          param_dtype=compute.param_dtype, rngs=rngs)
         self.lm_head = _dense(cfg, compute, rngs, (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",),
@@ -196,14 +209,15 @@ class Phi(nnx.Module):
         """The final-layernormed hidden states [batch, seq, hidden] of whole sequences (what lm_head reads), in the
         compute dtype; tokens, positions, segment_ids as in `__call__` without a cache."""
         h, rope = self._embed(tokens, positions, 0)
+        keys = layer_dropout_keys(self.cfg.num_layers)  # LoRA dropout in training: one key per layer, else Nones
         if self.scan_layers:  # one scan over the stacked layers: compile time does not grow with depth
             graphdef, state = nnx.split(self.layers)
             layer = self._layer_fn(graphdef, rope, segment_ids)
-            h = jax.lax.scan(lambda h, state: (layer(h, state), None), h, state)[0]
+            h = jax.lax.scan(lambda h, xs: (layer(h, *xs), None), h, (state, keys))[0]
         else:
-            for block in self.layers:
+            for block, key in zip(self.layers, [None] * self.cfg.num_layers if keys is None else keys, strict=True):
                 graphdef, state = nnx.split(block)
-                h = self._layer_fn(graphdef, rope, segment_ids)(h, state)
+                h = self._layer_fn(graphdef, rope, segment_ids)(h, state, key)
         return self.final_layernorm(h)
 
     def _embed(self, tokens, positions, start) -> tuple[jax.Array, Rope]:
@@ -220,8 +234,9 @@ class Phi(nnx.Module):
 
     def _layer_fn(self, graphdef: nnx.GraphDef, rope, segment_ids):
         """(h, layer state) -> h for one layer of whole sequences, rematerialised as compute.remat says."""
-        def layer(h, state):
-            return nnx.merge(graphdef, state)(h, rope, segment_ids)[0]
+        def layer(h, state, dropout_key=None):
+            with dropout_scope(dropout_key):
+                return nnx.merge(graphdef, state)(h, rope, segment_ids)[0]
 
         if self.compute.remat == "none":
             return layer
@@ -241,15 +256,17 @@ class Phi(nnx.Module):
         return h, Cache(tuple(layers), slots, cache.index + seq)
 
 
-def init_model(cfg: PhiConfig, seed: int = 0, compute: Compute = Compute(), *, scan_layers: bool = True) -> Phi:
+def init_model(cfg: PhiConfig, seed: int = 0, compute: Compute = Compute(), *, scan_layers: bool = True,
+               lora: LoraConfig | None = None) -> Phi:
     """A freshly initialised model. The two layouts draw their weights differently: one seed gives different
     weights in each (`to_layout` moves a model's own weights)."""
-    return Phi(cfg, compute, rngs=nnx.Rngs(params=seed), scan_layers=scan_layers)
+    return Phi(cfg, compute, rngs=nnx.Rngs(params=seed), scan_layers=scan_layers, lora=lora)
 
 
-def abstract_model(cfg: PhiConfig, compute: Compute = Compute(), *, scan_layers: bool = True) -> Phi:
+def abstract_model(cfg: PhiConfig, compute: Compute = Compute(), *, scan_layers: bool = True,
+                   lora: LoraConfig | None = None) -> Phi:
     """The model's structure and shapes without allocating any parameter (for full-size checks and restores)."""
-    return nnx.eval_shape(lambda: Phi(cfg, compute, rngs=nnx.Rngs(params=0), scan_layers=scan_layers))
+    return nnx.eval_shape(lambda: Phi(cfg, compute, rngs=nnx.Rngs(params=0), scan_layers=scan_layers, lora=lora))
 
 
 def count_params(model: Phi) -> int:
@@ -288,12 +305,14 @@ def stacked_params(model: Phi) -> dict[str, jax.Array]:
     return out
 
 
-def from_params(cfg: PhiConfig, compute: Compute, params: dict, *, scan_layers: bool = True) -> Phi:
+def from_params(cfg: PhiConfig, compute: Compute, params: dict, *, scan_layers: bool = True,
+                lora: LoraConfig | None = None) -> Phi:
     """A model holding `params` (stacked-layout paths -> arrays, as `stacked_params`, checkpoints and Hugging Face
     conversion give them), cast to compute.param_dtype. Each entry is popped from `params` once placed, so a caller
     that hands over its only reference to the dict holds one copy of the weights at a time (plus one stacked
-    parameter while it is split into layers). Every parameter's path and shape is checked."""
-    model = abstract_model(cfg, compute, scan_layers=scan_layers)
+    parameter while it is split into layers). Every parameter's path and shape is checked. With `lora`, `params`
+    holds the adapters too ("layers.attn.qkv.lora.lora_a", ...), each cast to its own variable's dtype."""
+    model = abstract_model(cfg, compute, scan_layers=scan_layers, lora=lora)
     targets: dict[str, list[tuple[int | None, nnx.Variable]]] = {}
     for p, var in param_paths(model).items():
         name, layer = split_layer(p)
@@ -308,7 +327,7 @@ def from_params(cfg: PhiConfig, compute: Compute, params: dict, *, scan_layers: 
         if tuple(value.shape) != tuple(stacked_shape):
             raise ValueError(f"Parameter {name} has shape {tuple(value.shape)}, expected {tuple(stacked_shape)}.")
         for layer, var in places:
-            var.set_value(jnp.asarray(value if layer is None else value[layer], compute.param_dtype))
+            var.set_value(jnp.asarray(value if layer is None else value[layer], var.dtype))
         del value
     return model
 
@@ -318,4 +337,4 @@ def to_layout(model: Phi, *, scan_layers: bool) -> Phi:
     unchanged. A model already in that layout is returned as it is."""
     if model.scan_layers == scan_layers:
         return model
-    return from_params(model.cfg, model.compute, stacked_params(model), scan_layers=scan_layers)
+    return from_params(model.cfg, model.compute, stacked_params(model), scan_layers=scan_layers, lora=model.lora)

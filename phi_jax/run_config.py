@@ -54,6 +54,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.init_from_hf = ""  # a Hugging Face phi directory to start from (fine-tuning)
 
+    # LoRA (phi_jax/lora.py; README: Fine-tuning): rank > 0 trains low-rank adapters on the target Dense layers and
+    # freezes every other parameter (the base model: init_from_hf). Only the adapters have optimizer state.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = off (every parameter trained)
+    c.lora.alpha = 32.0  # the update is scaled by alpha / rank
+    c.lora.dropout = 0.0  # on the adapters' input, in training only
+    c.lora.targets = "qkv,dense,fc1,fc2"  # comma-separated, of phi_jax.lora.TARGETS
+    c.lora.base_dtype = ""  # the frozen base's dtype (config.DTYPES); "" = param_dtype
+    c.lora.init_from_peft = ""  # a PEFT adapter directory to start the adapters from (tools.export_hf --peft)
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 takes the devices the other axes leave
     c.mesh.fsdp = 1

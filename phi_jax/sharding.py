@@ -30,6 +30,10 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     "act_heads": "tensor",
     "act_mlp": "tensor",
     "act_vocab": "tensor",
+    # LoRA adapters (phi_jax/lora.py): A [fan_in, rank], B [rank, fan_out]. A flattened dim that is one named dim
+    # (embed, mlp) keeps that name; the rank and a flattened heads x head_dim dim stay whole (they are small).
+    "lora_rank": None,
+    "lora_fan": None,
 }
 
 _CONTEXT: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar("phi_jax_sharding", default=None)

@@ -34,6 +34,7 @@ from phi_jax.config import Compute, PhiConfig
 from phi_jax.data.default import CacheDirError
 from phi_jax.data.training_data import TrainingData, resolve_data
 from phi_jax.flops import flops_per_token, peak_flops_per_device
+from phi_jax.lora import from_run_config as lora_from_run_config
 from phi_jax.metrics import MetricsWriter, StepTimer
 from phi_jax.optim import make_optimizer
 from phi_jax.paths import is_url, user_path
@@ -41,7 +42,7 @@ from phi_jax.preemption import PREEMPTED_EXIT_CODE, Preemption
 from phi_jax.run_config import compute_options
 from phi_jax.sharding import make_mesh
 from phi_jax.train_state import TrainState, fresh_loss_scale
-from phi_jax.trainer import build_trainer
+from phi_jax.trainer import Trainer, build_trainer, lora_meta, lora_resume_base
 from phi_jax.workdir_lock import WorkdirLock
 
 log = logging.getLogger("phi_jax")
@@ -136,7 +137,7 @@ class Run:
             raise NonFiniteError(f"Parameters are not finite at step {step}; not checkpointing over the last good "
                                  "state. Lower the learning rate or enable --config.grad_clip_norm.")
         position = (step - self.start + self.start_batch) * self.c.batch_size
-        self.ckpt.save(step, state, {**self.meta, "data_position": position})
+        self.ckpt.save(step, Trainer.checkpointed(state), {**self.meta, "data_position": position})
         self.saved_step = step
 
     def exit_preempted(self, state: TrainState, step: int) -> NoReturn:
@@ -217,12 +218,13 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
     data.check_model_vocab(cfg.vocab_size)
     tx = make_optimizer(c.learning_rate, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay,
                         warmup_steps=c.warmup_steps, grad_clip_norm=c.grad_clip_norm)
+    lora = lora_from_run_config(c)
     log.info("model %s: %.1fM parameters; mesh %s; sharding %s; %d micro-batch(es) per step",
              c.model, cfg.num_params() / 1e6, dict(mesh.shape), c.sharding, accum)
 
     ckpt = Checkpointer(workdir, max_to_keep=c.keep_checkpoints)
     try:
-        trainer = build_trainer(cfg, compute, tx, mesh, c.sharding)
+        trainer = build_trainer(cfg, compute, tx, mesh, c.sharding, lora=lora)
         target = trainer.abstract_state
         latest, saved_meta, start_batch = resume_point(ckpt, c, cfg, compute, data)
         dataset = data.train_dataset(c, jax.process_index(), jax.process_count(), start_batch)
@@ -237,7 +239,11 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
         memory_check.check_compiled_fits(compiled_step)  # still before allocating the state
 
         if latest is not None:
-            state = ckpt.restore(latest, target)
+            state = ckpt.restore(latest, trainer.checkpoint_target)
+            if lora is None:
+                state = state.with_frozen(None)
+            else:  # the checkpoint holds the adapters; the frozen base comes from where it names
+                state = lora_resume_base(trainer, state, c, saved_meta, str(ckpt.directory / str(latest)))
             if restart.loss_scale_reset(saved_meta, c):
                 log.warning("dtype changed from %s to %s: the loss scale starts afresh", saved_meta["run"]["dtype"],
                             c.dtype)
@@ -245,7 +251,11 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
                                                                 trainer.shardings.loss_scale))
             log.info("resumed from %s at step %d", ckpt.directory, latest)
         else:
-            state = trainer.init_state(c.seed, init_from=c.init_from_hf or None)
+            state = trainer.init_state(c.seed, init_from=c.init_from_hf or None,
+                                       adapters_from=c.lora.init_from_peft or None)
+        meta = {"model": cfg.to_dict(), "run": c.to_dict(), "data": data.identity()}
+        if lora is not None:
+            meta["lora"] = lora_meta(lora, c, state.frozen)
 
         start = int(state.step)
         if start >= c.total_steps:
@@ -259,8 +269,7 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
                    state=state, batches=iter(dataset), step_fn=compiled_step, eval_fn=trainer.eval_step,
                    eval_batches=eval_batches, accum=accum,
                    shardings=(trainer.batch_sharding, trainer.eval_batch_sharding), start=start,
-                   start_batch=start_batch, saved_step=latest,
-                   meta={"model": cfg.to_dict(), "run": c.to_dict(), "data": data.identity()}, flops=(fpt, peak))
+                   start_batch=start_batch, saved_step=latest, meta=meta, flops=(fpt, peak))
     except BaseException:
         ckpt.close()
         raise

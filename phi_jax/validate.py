@@ -14,6 +14,7 @@ import ml_collections
 
 from phi_jax.config import ATTENTION_CHOICES, DENSE_CHOICES, DTYPES, PRESETS, REMAT_POLICIES
 from phi_jax.data.tokenizer import MIN_VOCAB_SIZE
+from phi_jax.lora import TARGETS as LORA_TARGETS
 from phi_jax.sharding import STRATEGIES
 
 
@@ -73,6 +74,13 @@ RULES: dict[str, tuple[type | tuple[type, ...], tuple[Callable[[Any], bool], str
     "data.mixture_weights": (str, ANY),  # its weights are parsed and checked with the sources (data/training_data.py)
     "data.verify_checksums": (bool, ANY),
     "init_from_hf": (str, ANY),
+    "lora.rank": (int, NON_NEGATIVE),
+    "lora.alpha": (float, ((lambda v: math.isfinite(v) and v > 0), "> 0")),
+    "lora.dropout": (float, (_in_unit, "in [0, 1)")),
+    "lora.targets": (str, ((lambda v: bool(v.strip()) and {t.strip() for t in v.split(",") if t.strip()}
+                            <= set(LORA_TARGETS)), f"a comma-separated subset of {list(LORA_TARGETS)}")),
+    "lora.base_dtype": (str, _one_of("", *DTYPES)),
+    "lora.init_from_peft": (str, ANY),
     "mesh.data": (int, (_mesh_axis, "-1 (the devices left) or >= 1")),
     "mesh.fsdp": (int, (_mesh_axis, "-1 (the devices left) or >= 1")),
     "mesh.tensor": (int, (_mesh_axis, "-1 (the devices left) or >= 1")),
@@ -116,6 +124,9 @@ def check_values(c: ml_collections.ConfigDict) -> None:
     if c.seq_len > max_len:
         raise ValueError(f"--config.seq_len={c.seq_len} exceeds model {c.model!r}'s max_position_embeddings="
                          f"{max_len}; lower --config.seq_len.")
+    if c.lora.init_from_peft and c.lora.rank == 0:
+        raise ValueError(f"--config.lora.init_from_peft={c.lora.init_from_peft!r} starts LoRA adapters: set "
+                         "--config.lora.rank to the adapter's rank (its adapter_config.json's r).")
     if [c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) > 1:
         raise ValueError("At most one of --config.mesh.data/fsdp/tensor may be -1 (the devices the others leave).")
 

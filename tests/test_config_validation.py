@@ -17,6 +17,8 @@ BAD = {
     "data.cache_dir": 0, "data.mixture_weights": 0.8, "data.verify_checksums": "no",
     "init_from_hf": False, "mesh.data": 0, "mesh.fsdp": -2, "mesh.tensor": 0,
     "mesh.dcn_data": 0, "sharding": "zero3",
+    "lora.rank": -1, "lora.alpha": 0.0, "lora.dropout": 1.0, "lora.targets": "qkv,attn", "lora.base_dtype": "int8",
+    "lora.init_from_peft": 0,
 }
 
 

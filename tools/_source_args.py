@@ -46,11 +46,14 @@ def fraction(text: str) -> float:
     return value
 
 
-def add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", choices=SOURCES, default="stdlib", help="where the documents come from")
+def add_source_args(p: argparse.ArgumentParser, sft: bool = False) -> None:
+    """The source flags; `sft` adds --source=sft (JSONL of prompt/completion or messages: phi_jax/data/sft.py)."""
+    p.add_argument("--source", choices=[*SOURCES, "sft"] if sft else SOURCES, default="stdlib",
+                   help="where the documents come from" + ("; sft: supervised fine-tuning records from --jsonl, "
+                                                            "shards with a loss mask" if sft else ""))
     p.add_argument("--glob", action="append", default=[], help="file pattern for --source=files (repeatable; ** ok)")
     p.add_argument("--jsonl", action="append", default=[],
-                   help="JSON Lines file or glob pattern ('out/part-*.jsonl') for --source=jsonl (repeatable)")
+                   help="JSON Lines file or glob pattern ('out/part-*.jsonl') for --source=jsonl or sft (repeatable)")
     p.add_argument("--tfds_name", default="", help="TFDS dataset name for --source=tfds (array_record format)")
     p.add_argument("--tfds_data_dir", default=None, help="TFDS data_dir")
     p.add_argument("--tfds_split", default="train", help="TFDS split")
@@ -78,11 +81,18 @@ def check_source_args(a: argparse.Namespace) -> None:
 
 
 def source_documents(a: argparse.Namespace, report: SkipReport | None = None):
+    if a.source == "sft":
+        from phi_jax.data.sft import sft_documents
+
+        if not a.jsonl:
+            raise ValueError("--source=sft needs --jsonl.")
+        return sft_documents(expand_jsonl(a.jsonl), report, a.skip_bad_lines)
     return documents(a.source, globs=a.glob, jsonl=expand_jsonl(a.jsonl), tfds_name=a.tfds_name,
                      tfds_data_dir=a.tfds_data_dir, tfds_split=a.tfds_split, text_field=a.text_field, report=report,
                      strict=a.strict, skip_bad_lines=a.skip_bad_lines)
 
 
 def describe(a: argparse.Namespace) -> str:
-    detail = {"files": a.glob, "jsonl": a.jsonl, "tfds": f"{a.tfds_name}[{a.tfds_split}]", "stdlib": ""}[a.source]
+    detail = {"files": a.glob, "jsonl": a.jsonl, "sft": a.jsonl, "tfds": f"{a.tfds_name}[{a.tfds_split}]",
+              "stdlib": ""}[a.source]
     return f"{a.source} {detail}".strip()

@@ -36,7 +36,8 @@ def _model(name: str, quickstart_workdir: str | None):
         model, tok = load(quickstart_workdir, compute=Compute(), scan_layers=False)
         return model, tok, f"quickstart (trained: {quickstart_workdir})"
     _, tokenizer_file = ensure_default_dataset()  # the quickstart's 8192-piece SentencePiece model
-    return init_model(PhiConfig.preset(name), seed=0, scan_layers=False), load_tokenizer(tokenizer_file), f"{name} (random weights)"
+    model = init_model(PhiConfig.preset(name), seed=0, scan_layers=False)
+    return model, load_tokenizer(tokenizer_file), f"{name} (random weights)"
 
 
 def bench_generation(name: str, args) -> dict:

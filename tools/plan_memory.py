@@ -3,6 +3,7 @@
     python -m tools.plan_memory --topology=v5e:4x4 --micro_batch=2 --remat=full      # the TPU compiler, no TPU
     python -m tools.plan_memory --topology=v5e:2x4 --remat=save_dots --max_micro_batch  # largest that fits
     python -m tools.plan_memory --mesh=1,8,1 --micro_batch=8                            # XLA:CPU, fake devices
+    python -m tools.plan_memory --topology=v5e:1x1 --lora_rank=16 --max_micro_batch     # LoRA on one v5e chip
 
 Nothing is allocated: the state and batch are abstract (jax.ShapeDtypeStruct with shardings), the step is lowered
 and compiled for the mesh, and the figures are the compiled executable's own memory analysis.
@@ -43,6 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
                    help="compute dtype (float16 adds dynamic loss scaling)")
     p.add_argument("--remat", default="full", choices=list(REMAT_POLICIES))
+    p.add_argument("--lora_rank", type=int, default=0,
+                   help="LoRA fine-tuning: adapters of this rank train, the base is frozen (0: every parameter trains)")
+    p.add_argument("--lora_targets", default="qkv,dense,fc1,fc2", help="with --lora_rank: the adapted Dense layers")
+    p.add_argument("--lora_base_dtype", default="bfloat16", choices=list(DTYPES),
+                   help="with --lora_rank: the frozen base parameters' dtype")
     p.add_argument("--device_memory_gib", type=float, default=80.0,
                    help="the accelerator's memory, for the verdict without --topology")
     add_out_flag(p, __file__)
@@ -154,10 +160,19 @@ def main(argv=None) -> dict:
     available = AVAILABLE_HBM_GIB.get(devices[0].device_kind) if args.topology else None
     if args.topology and available is None:
         print(f"note: no available-HBM figure for {devices[0].device_kind}; the verdict is the compiler's alone")
-    trainer = build_trainer(cfg, compute, make_optimizer(2e-4), mesh, args.sharding)
+    lora = None
+    if args.lora_rank:
+        from phi_jax.lora import LoraConfig
+
+        lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, targets=args.lora_targets,
+                          base_dtype=args.lora_base_dtype)
+        report["lora"] = lora.to_dict()
+    trainer = build_trainer(cfg, compute, make_optimizer(2e-4), mesh, args.sharding, lora=lora)
     compile_at = lambda mb: compile_report(trainer, mb, args.accum, args.seq_len, available)
-    title = (f"{args.preset} ({cfg.num_params() / 1e9:.2f}B) on {where}, mesh {dict(mesh.shape)} {args.sharding}, "
-             f"{args.dtype}, remat {args.remat}, seq {args.seq_len}")
+    what = (f"LoRA rank {args.lora_rank} on {args.lora_targets} ({args.lora_base_dtype} base)" if lora else
+            "full training")
+    title = (f"{args.preset} ({cfg.num_params() / 1e9:.2f}B) {what} on {where}, mesh {dict(mesh.shape)} "
+             f"{args.sharding}, {args.dtype}, remat {args.remat}, seq {args.seq_len}")
     if args.max_micro_batch:
         best, probes = largest_micro_batch(compile_at, start=args.micro_batch)
         for mb, r in sorted(probes.items()):

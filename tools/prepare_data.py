@@ -3,6 +3,13 @@
     python -m tools.prepare_data --source=files --glob='~/code/**/*.py' --tokenizer=tok.model --out=data/mycode
     python -m tools.prepare_data --source=jsonl --jsonl=corpus.jsonl --tokenizer=tokenizer.json --out=data/c
     python -m tools.prepare_data --source=tfds --tfds_name=my_ds --tfds_data_dir=~/tfds --tokenizer=t.model --out=d
+    python -m tools.prepare_data --source=sft --jsonl=chats.jsonl --tokenizer=phi-1_5/tokenizer.json --out=data/sft
+
+--source=sft reads supervised fine-tuning records ({"prompt", "completion"} or {"messages": [...]}) through a
+template (--template=FILE.toml; default: the plain one, phi_jax/data/sft.py) into shards that carry a loss mask
+(only completion/assistant tokens are targets); train on them with --config.data.packing=True. With --seq_len and
+--strict, an example longer than seq_len + 1 tokens is an error naming file:line (training truncates such examples
+and counts them otherwise).
 
 Across machines (a SLURM array, the hosts of a TPU pod; OUT on a filesystem they share), every task reads the same
 source and writes its share of the pieces, then one merge writes the metadata:
@@ -36,7 +43,10 @@ from tools._source_args import (
 
 def main(argv=None) -> None:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_source_args(p)
+    add_source_args(p, sft=True)
+    p.add_argument("--template", default=None, help="--source=sft: a TOML template file (default: plain)")
+    p.add_argument("--seq_len", type=positive_int, default=None,
+                   help="--source=sft with --strict: refuse examples longer than seq_len + 1 tokens")
     p.add_argument("--tokenizer", help="SentencePiece .model or Hugging Face tokenizer.json")
     p.add_argument("--out", required=True, help="output directory for the shards")
     p.add_argument("--val_fraction", type=fraction, default=0.01,
@@ -65,7 +75,18 @@ def main(argv=None) -> None:
         check_source_args(a)
         check_replaceable(out, a.overwrite)  # before the tokenizer is loaded and the source read
         report = SkipReport()
-        meta = prepare_shards(source_documents(a, report), load_tokenizer(a.tokenizer), out,
+        encode = None
+        if a.source == "sft":
+            from phi_jax.data.sft import SftEncoder, Template
+
+            if a.seq_len is not None and not a.strict:
+                p.error("--seq_len refuses longer examples with --strict only (training truncates them and counts "
+                        "them); add --strict or drop --seq_len")
+
+            encode = SftEncoder(Template.load(a.template), None if a.seq_len is None else a.seq_len + 1, a.strict)
+        elif a.template or a.seq_len:
+            p.error("--template and --seq_len apply to --source=sft only")
+        meta = prepare_shards(source_documents(a, report), load_tokenizer(a.tokenizer), out, encode=encode,
                               val_fraction=a.val_fraction, docs_per_shard=a.docs_per_shard, workers=a.workers,
                               overwrite=a.overwrite, source=describe(a), num_tasks=a.num_tasks,
                               task_index=a.task_index, report=report)

@@ -8,6 +8,7 @@ global batch k is always examples [k*B, (k+1)*B) of one global order, however th
 
 from __future__ import annotations
 
+import logging
 import os
 
 import grain
@@ -16,12 +17,18 @@ import numpy as np
 from phi_jax.data.mixture import Interleave, integer_proportions
 from phi_jax.data.shards import SplitReader, read_metadata
 
+log = logging.getLogger("phi_jax")
+
 KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
-def _example(row: np.ndarray, seg: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
-    """An example from a row of seq_len+1 tokens; a target counts only within the same (non-padding) segment."""
+def _example(row: np.ndarray, seg: np.ndarray, pos: np.ndarray,
+             target: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """An example from a row of seq_len+1 tokens; a target counts only within the same (non-padding) segment, and
+    with `target` (SFT: 1 where a token is a target) only where the predicted token is one."""
     mask = (seg[:-1] == seg[1:]) & (seg[:-1] > 0)
+    if target is not None:
+        mask &= target[1:] > 0
     return {"inputs": row[:-1], "targets": row[1:], "segment_ids": seg[:-1], "positions": pos[:-1],
             "loss_mask": mask.astype(np.float32)}
 
@@ -157,11 +164,53 @@ class PackedRows:
         return _example(row, seg, pos)
 
 
+class SftRows:
+    """SFT examples packed whole: row r holds examples next-fit in order, back to back, with segment ids 1..,
+    positions from 0 and their loss masks; an example never spans two rows. One longer than a row (seq_len + 1
+    tokens) is truncated to it (its end is cut) and counted: `truncated`, logged once."""
+
+    def __init__(self, reader: SplitReader, seq_len: int):
+        self.reader, self.seq_len = reader, seq_len
+        width = seq_len + 1
+        self.len = np.minimum(reader.lengths, width)
+        self.truncated = int((reader.lengths > width).sum())
+        if self.truncated:
+            log.warning("%d of %d %s examples are longer than seq_len + 1 = %d tokens: each is truncated to its "
+                        "first %d (tools.prepare_data --seq_len=%d --strict refuses them instead)", self.truncated,
+                        len(reader), reader.split, width, width, seq_len)
+        self.row_ptr = _next_fit_starts(self.len, width) if len(self.len) else np.zeros(1, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.row_ptr) - 1
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        if not 0 <= r < len(self):
+            raise IndexError(r)
+        width = self.seq_len + 1
+        row, seg, pos = np.zeros(width, np.int32), np.zeros(width, np.int32), np.zeros(width, np.int32)
+        target = np.zeros(width, np.uint8)
+        offset = 0
+        for k in range(int(self.row_ptr[r]), int(self.row_ptr[r + 1])):
+            tokens, mask = self.reader.example(k)
+            c = int(self.len[k])
+            row[offset:offset + c], target[offset:offset + c] = tokens[:c], mask[:c]
+            seg[offset:offset + c] = k - self.row_ptr[r] + 1
+            pos[offset:offset + c] = np.arange(c)
+            offset += c
+        return _example(row, seg, pos, target)
+
+
 def _examples(data_dir: str | os.PathLike, split: str, seq_len: int, packing: bool, batch_size: int):
     if seq_len < 1:
         raise ValueError(f"{seq_len=} must be positive.")
     reader = SplitReader(data_dir, split, read_metadata(data_dir))
-    examples = PackedRows(reader, seq_len) if packing else Windows(reader, seq_len)
+    if reader.has_loss_mask:
+        if not packing:
+            raise ValueError(f"{data_dir} holds SFT examples (with a loss mask), which are packed whole into rows: "
+                             "set --config.data.packing=True.")
+        examples = SftRows(reader, seq_len)
+    else:
+        examples = PackedRows(reader, seq_len) if packing else Windows(reader, seq_len)
     if len(examples) < max(batch_size, 1):
         raise ValueError(f"The {split} split of {data_dir} has {reader.num_tokens} tokens: {len(examples)} "
                          f"{'packed rows' if packing else 'windows'} of {seq_len=}, fewer than one batch of "
@@ -230,8 +279,10 @@ def make_mixture_dataset(data_dirs: list[str | os.PathLike], weights: list[float
 
 def make_eval_batches(data_dir: str | os.PathLike, *, seq_len: int, batch_size: int, max_batches: int,
                       split: str = "val") -> list[dict[str, np.ndarray]]:
-    """The first `max_batches` batches of consecutive windows of the validation split (fewer if it is short)."""
-    examples = _examples(data_dir, split, seq_len, False, batch_size)
+    """The first `max_batches` batches of consecutive windows of the validation split (fewer if it is short); SFT
+    shards give their packed rows (SftRows) in order."""
+    packing = SplitReader(data_dir, split).has_loss_mask  # SFT examples are always packed whole
+    examples = _examples(data_dir, split, seq_len, packing, batch_size)
     n = min(max_batches, len(examples) // batch_size)
     return [{k: np.stack([examples[b * batch_size + i][k] for i in range(batch_size)]) for k in KEYS}
             for b in range(n)]

@@ -25,7 +25,7 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -162,8 +162,11 @@ def _write_piece_in_worker(*args) -> dict:
 
 
 def write_piece(tokenizer: Tokenizer, work: Path, piece: int, first_doc: int, docs: list[str],
-                val_fraction: float) -> dict:
-    """Tokenizes one piece into work/{train,val}-<piece>.array_record + lengths; returns (and writes) its manifest."""
+                val_fraction: float, encode: Callable | None = None) -> dict:
+    """Tokenizes one piece into work/{train,val}-<piece>.array_record + lengths; returns (and writes) its manifest.
+
+    `encode(tokenizer, doc) -> (token ids, loss mask)` replaces the plain text + eos (SFT: phi_jax/data/sft.py);
+    each record then holds the ids followed by one mask byte per token."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     vocab, eos = tokenizer.vocab_size, tokenizer.eos_id
@@ -179,12 +182,16 @@ def write_piece(tokenizer: Tokenizer, work: Path, piece: int, first_doc: int, do
         lengths, max_id = np.zeros(len(chosen), np.int64), -1
         writer = ArrayRecordWriter(str(work / f"{name}.array_record"), _WRITER_OPTIONS)
         for j, text in enumerate(chosen):
-            tokens = np.asarray([*tokenizer.encode(text), eos], dtype=np.int64)
+            mask = None
+            if encode is None:
+                tokens = np.asarray([*tokenizer.encode(text), eos], dtype=np.int64)
+            else:
+                tokens, mask = encode(tokenizer, text)
             if tokens.min() < 0 or tokens.max() >= vocab:
                 bad = int(tokens.max()) if tokens.max() >= vocab else int(tokens.min())
                 raise ValueError(f"A document of piece {piece} has token id {bad} outside the tokenizer's "
                                  f"vocab_size {vocab}: the tokenizer reports a wrong vocab_size.")
-            writer.write(tokens.astype(dtype).tobytes())
+            writer.write(tokens.astype(dtype).tobytes() + (b"" if mask is None else mask.astype(np.uint8).tobytes()))
             lengths[j], max_id = len(tokens), max(max_id, int(tokens.max()))
         writer.close()
         np.save(work / f"{name}-lengths.npy", lengths)
@@ -262,8 +269,11 @@ def _check_splits(documents: int, val_fraction: float, report: dict) -> None:
 def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | os.PathLike, *,
                    val_fraction: float = 0.01, docs_per_shard: int = DOCS_PER_SHARD, workers: int | None = None,
                    overwrite: bool = False, source: str = "", num_tasks: int = 1, task_index: int = 0,
-                   report: dict | None = None) -> dict | None:
+                   report: dict | None = None, encode: Callable | None = None) -> dict | None:
     """Tokenizes `documents` (eos after each) into train/val ArrayRecord shards in `out_dir`; returns the metadata.
+
+    `encode` (picklable, with an `identity()`; phi_jax.data.sft.SftEncoder) tokenizes each document into token ids
+    and a loss mask instead: the shards then carry the mask (metadata "loss_mask": true).
 
     With num_tasks > 1 this task writes its share of the pieces and returns None; `merge_shards` then finishes.
     `report` is the document source's count of what it skipped (corpus.SkipReport), recorded in the metadata.
@@ -282,6 +292,8 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
     work = work_dir(out_dir)
     params = {"format_version": FORMAT_VERSION, "tokenizer": tokenizer.identity(), "eos_id": tokenizer.eos_id,
               "val_fraction": val_fraction, "docs_per_shard": docs_per_shard, "source": source}
+    if encode is not None:
+        params["encoding"] = encode.identity()
     if (work / "params.json").is_file():
         if (old := read_json(work / "params.json", f"delete {work} to start over")) != params:
             raise ValueError(f"{work / 'params.json'} records an unfinished preparation with other settings ({old});"
@@ -316,13 +328,13 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
                 reused += 1
                 continue
             if pool is None:
-                write_piece(tokenizer, work, piece, first, docs, val_fraction)
+                write_piece(tokenizer, work, piece, first, docs, val_fraction, encode)
             else:
                 if len(pending) >= 2 * workers:  # bounded memory: at most 2 x workers pieces in flight
                     finished, pending = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
                     for f in finished:
                         f.result()
-                pending.add(pool.submit(_write_piece_in_worker, work, piece, first, docs, val_fraction))
+                pending.add(pool.submit(_write_piece_in_worker, work, piece, first, docs, val_fraction, encode))
             written += 1
         _check_splits(total, val_fraction, report)
         for f in concurrent.futures.as_completed(pending):
@@ -418,6 +430,8 @@ def merge_shards(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict
             "val_fraction": params["val_fraction"], "docs_per_shard": params["docs_per_shard"],
             "skipped": first["report"], "max_token_id": max(s["max_token_id"] for s in splits.values()),
             "splits": splits}
+    if "encoding" in params:  # SFT: each record is ids then one loss-mask byte per token (phi_jax/data/shards.py)
+        meta.update(loss_mask=True, encoding=params["encoding"])
     (merged / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     replace_dir(merged, out_dir)

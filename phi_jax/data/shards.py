@@ -9,7 +9,8 @@ Layout of a data directory (written by phi_jax/data/prepare.py):
     <tokenizer file>                       a copy of the tokenizer that made the shards
 
 The shards hold consecutive runs of documents: the records of the shards read in order are the documents in order.
-Every file metadata.json names must lie inside the directory.
+Every file metadata.json names must lie inside the directory. SFT shards (metadata "loss_mask": true, from
+phi_jax/data/sft.py) hold one example per record: its token ids, then one loss-mask byte (0/1) per token.
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ class SplitReader:
                    "prepare them from more documents")
             raise ValueError(f"The {split} split of {data_dir} holds no documents: {fix}.")
         self.split, self.dtype = split, np.dtype(meta["dtype"])
+        self.has_loss_mask = bool(meta.get("loss_mask", False))  # SFT shards: a mask byte per token
         lengths_path = data_dir / info["lengths"]["file"]
         with lengths_path.open("rb") as f:
             try:
@@ -268,13 +270,25 @@ class SplitReader:
 
     def _document(self, d: int) -> np.ndarray:
         try:
-            return np.frombuffer(self._source[int(d)], dtype=self.dtype)
+            raw = self._source[int(d)]
         except Exception as e:  # Riegeli's "hash mismatch" of a damaged chunk names no file
             path = self._files[min(int(np.searchsorted(self._ends, d, side="right")), len(self._files) - 1)]
             raise ValueError(f"Reading document {d} of the {self.split} split from {path} failed, the file is "
                              f"damaged ({' '.join(str(e).split())[:200]}): copy it again or re-run python -m "
                              "tools.prepare_data; --config.data.verify_checksums=True finds such files at start-up."
                              ) from None
+        if self.has_loss_mask:
+            return np.frombuffer(raw, dtype=self.dtype, count=int(self.lengths[d]))
+        return np.frombuffer(raw, dtype=self.dtype)
+
+    def example(self, d: int) -> tuple[np.ndarray, np.ndarray]:
+        """SFT shards: document d's (token ids, loss mask: 1 where the token is a target)."""
+        if not self.has_loss_mask:
+            raise ValueError(f"The {self.split} split holds no loss mask (not SFT shards: tools.prepare_data "
+                             "--source=sft makes them).")
+        raw, n = self._source[int(d)], int(self.lengths[d])
+        return (np.frombuffer(raw, dtype=self.dtype, count=n),
+                np.frombuffer(raw, dtype=np.uint8, offset=n * self.dtype.itemsize))
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """stream[start:stop] as int32, reading only the documents it spans."""
