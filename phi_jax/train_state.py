@@ -31,9 +31,9 @@ class TrainState:
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
 
-def logical_names(cfg: PhiConfig) -> dict:
-    """The logical axis names of every parameter (a dict shaped like the params)."""
-    abstract = nnx.eval_shape(lambda: Phi(cfg, rngs=nnx.Rngs(params=0)))  # the names do not depend on Compute
+def logical_names(cfg: PhiConfig, compute: Compute) -> dict:
+    """The logical axis names of every parameter (a dict shaped like the params; they do not depend on compute)."""
+    abstract = nnx.eval_shape(lambda: Phi(cfg, compute, rngs=nnx.Rngs(params=0)))
     names = jax.tree.map(lambda v: v.out_sharding, nnx.state(abstract, nnx.Param),
                          is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(names)
@@ -65,7 +65,7 @@ def state_shardings(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh
     parameter's) follow `opt_rules`, so ZeRO can shard moments further than parameters; the rest is replicated."""
     abstract = jax.eval_shape(lambda: init_state(cfg, compute, tx, 0))
     is_names = lambda x: isinstance(x, tuple)
-    names = logical_names(cfg)
+    names = logical_names(cfg, compute)
     param_sh = jax.tree.map(lambda n: NamedSharding(mesh, logical_to_spec(n, rules)), names, is_leaf=is_names)
     names_by_path = {_dict_keys(p): n for p, n in jax.tree_util.tree_flatten_with_path(names, is_leaf=is_names)[0]}
     replicated = NamedSharding(mesh, PartitionSpec())
