@@ -72,9 +72,10 @@ def split_params(model: Phi) -> tuple[nnx.GraphDef, dict, dict | None]:
     return graphdef, nnx.to_pure_dict(adapters), nnx.to_pure_dict(base)
 
 
-def logical_names(cfg: PhiConfig, lora: LoraConfig | None = None) -> tuple[dict, dict | None]:
-    """The logical axis names of every (trainable, frozen) parameter: dicts shaped like `split_params`' two."""
-    abstract = nnx.eval_shape(lambda: Phi(cfg, rngs=nnx.Rngs(params=0), lora=lora))  # names: not Compute's
+def logical_names(cfg: PhiConfig, compute: Compute, lora: LoraConfig | None = None) -> tuple[dict, dict | None]:
+    """The logical axis names of every (trainable, frozen) parameter: dicts shaped like `split_params`' two (they
+    do not depend on `compute`, which is the run's resolved one: nothing is resolved for another platform)."""
+    abstract = nnx.eval_shape(lambda: Phi(cfg, compute, rngs=nnx.Rngs(params=0), lora=lora))
     as_names = lambda state: nnx.to_pure_dict(jax.tree.map(lambda v: v.out_sharding, state,
                                                           is_leaf=lambda x: isinstance(x, nnx.Variable)))
     if lora is None:
@@ -111,7 +112,7 @@ def state_shardings(cfg: PhiConfig, tx: optax.GradientTransformation, mesh: Mesh
     parameters; the rest is replicated."""
     abstract = jax.eval_shape(lambda: init_state(cfg, compute, tx, 0, lora))
     is_names = lambda x: isinstance(x, tuple)
-    names, frozen_names = logical_names(cfg, lora)
+    names, frozen_names = logical_names(cfg, compute, lora)
     to_sharding = lambda tree: jax.tree.map(lambda n: NamedSharding(mesh, logical_to_spec(n, rules)), tree,
                                             is_leaf=is_names)
     param_sh = to_sharding(names)
