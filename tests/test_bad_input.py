@@ -16,7 +16,7 @@ from bad_input import BAD_VALUES, DAMAGES, call, check, damage
 
 from phi_jax import train
 from phi_jax.checkpoint import Checkpointer, read_meta
-from phi_jax.config import PhiConfig
+from phi_jax.config import Compute, PhiConfig
 from phi_jax.data.loader import make_dataset
 from phi_jax.data.prepare import merge_shards, prepare_shards, work_dir
 from phi_jax.data.shards import read_metadata, verify_checksums
@@ -25,7 +25,7 @@ from phi_jax.data.training_data import resolve_data
 from phi_jax.optim import make_optimizer
 from phi_jax.run_config import base_config
 from phi_jax.sharding import make_mesh
-from phi_jax.train_state import create_train_state
+from phi_jax.trainer import build_trainer
 from phi_jax.validate import flatten
 from phi_jax.workdir_lock import WorkdirLock
 from tools import prepare_data, train_tokenizer
@@ -70,6 +70,8 @@ ACCEPTED = {
     "grad_clip_norm": {"zero", "huge"}, "learning_rate": {"zero", "huge"}, "micro_batch_per_device": {"zero"},
     "peak_flops_per_device": {"zero", "huge"}, "seed": {"zero"}, "warmup_steps": {"zero"},
     "weight_decay": {"zero", "huge"},
+    "lora.rank": {"zero"}, "lora.alpha": {"huge"}, "lora.dropout": {"zero"}, "lora.base_dtype": {"empty"},
+    "lora.init_from_peft": {"empty"},  # "" = none; any path needs --config.lora.rank > 0 (the default is 0)
 }
 
 
@@ -213,7 +215,7 @@ def checkpoints(tmp_path_factory) -> Path:
     """A workdir with real orbax checkpoints of the tiny model at steps 10 and 30."""
     workdir = tmp_path_factory.mktemp("ckpt")
     cfg = PhiConfig.preset("tiny")
-    state = create_train_state(cfg, make_optimizer(1e-3), make_mesh(devices=jax.devices()[:1]), seed=0)
+    state = build_trainer(cfg, Compute(), make_optimizer(1e-3), make_mesh(devices=jax.devices()[:1])).init_state(seed=0)
     ckpt = Checkpointer(workdir, async_save=False)
     for step in (10, 30):
         ckpt.save(step, state.replace(step=state.step + step), {"model": cfg.to_dict(), "run": {"model": "tiny"}})
@@ -407,5 +409,5 @@ def test_the_summary_quotes_paths_with_spaces(tmp_path):
                           ckpt=SimpleNamespace(directory=workdir / "checkpoints"))
     lines = train.summary(run, {"loss": 1.0}).splitlines()
     export = shlex.split(lines[2].split(": ", 1)[1])
-    assert export[3:] == [f"--workdir={workdir}", "--out=exported/my run"]
+    assert export[3:] == [f"--model={workdir}", "--out=exported/my run"]
     assert shlex.split(lines[3].split(": ", 1)[1])[3] == f"--model={workdir}"
