@@ -1,6 +1,6 @@
 """Evaluation speed: HumanEval's generation batched vs one prompt at a time, and the sandbox's throughput.
 
-    python -m tools.bench_evals [--models=quickstart,phi-100m] [--quickstart_workdir=runs/quickstart]
+    python -m tools.bench_evals [--preset=quickstart,phi-100m] [--quickstart_workdir=runs/quickstart]
         [--problems=164] [--sequential_problems=8] [--new_tokens=384] [--batch_size=16] [--out=bench_evals.json]
 
 Generation: HumanEval's prompts, greedy, up to `new_tokens` new tokens cut at HumanEval's stop sequences (a row
@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from tools._bench import command, machine, print_table, write_json
+from tools._bench import command, machine, preset_list, print_table, write_json
 
 
 def _model(name: str, quickstart_workdir: str | None):
@@ -106,7 +106,7 @@ def bench_sandbox(workers: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="quickstart,phi-100m")
+    parser.add_argument("--preset", default="quickstart,phi-100m", help="named architectures, comma-separated")
     parser.add_argument("--quickstart_workdir", default=None, help="a trained quickstart workdir (else random)")
     parser.add_argument("--problems", type=int, default=164)
     parser.add_argument("--sequential_problems", type=int, default=8)
@@ -122,7 +122,7 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     result = {"command": command(__file__), "machine": machine(), "generation": [], "sandbox": []}
     if "generation" not in skip:
-        for name in filter(None, args.models.split(",")):
+        for name in preset_list(parser, args.preset):
             result["generation"].append(bench_generation(name, args))
             print_table("HumanEval generation", result["generation"])
     if "sandbox" not in skip:

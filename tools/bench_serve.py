@@ -2,7 +2,7 @@
 beside one request at a time to the same server and transformers' `generate` with static batches of N (CPU torch)
 on the same weights.
 
-    python -m tools.bench_serve [--presets=quickstart,phi-100m] [--clients=16] [--requests=32] [--out=FILE]
+    python -m tools.bench_serve [--preset=quickstart,phi-100m] [--clients=16] [--requests=32] [--out=FILE]
 
 Per preset: random weights (init_model, seed 0) exported with save_pretrained and a SentencePiece tokenizer trained
 on a slice of the standard library. The requests are token-id prompts of mixed lengths (uniform in [prompt_len/2,
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools._bench import command, machine, print_table, write_json
+from tools._bench import command, machine, preset_list, print_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench"
@@ -198,7 +198,7 @@ def prepare(preset: str, tmp: Path) -> tuple[Path, int]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--presets", default="quickstart,phi-100m")
+    p.add_argument("--preset", default="quickstart,phi-100m", help="named architectures, comma-separated")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--prompt_len", type=int, default=128)
@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
               "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), "results": []}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for preset in args.presets.split(","):
+        for preset in preset_list(p, args.preset):
             model_dir, vocab = prepare(preset, Path(tmp))
             reqs = make_requests(args.requests, args.prompt_len, args.new_tokens, vocab)
             row: dict = {"preset": preset}
