@@ -44,7 +44,7 @@ def hf_model(hf_dir):
 
 @pytest.fixture(scope="module")
 def engine(hf_dir):
-    engine = Engine(from_pretrained(hf_dir), ByteTokenizer(), slots=4, chunk=32, max_logprobs=5)
+    engine = Engine(from_pretrained(hf_dir, scan_layers=False), ByteTokenizer(), slots=4, chunk=32, max_logprobs=5)
     engine.warmup(sampled=False)
     return engine
 
@@ -241,7 +241,7 @@ def test_tensor_parallel_mesh_equals_one_device(hf_dir, engine):
     from phi_jax.sharding import make_mesh
 
     mesh = make_mesh(data=2, fsdp=1, tensor=2, devices=jax.devices()[:4])
-    sharded = Engine(from_pretrained(hf_dir), ByteTokenizer(), slots=4, chunk=32, mesh=mesh)
+    sharded = Engine(from_pretrained(hf_dir, scan_layers=False), ByteTokenizer(), slots=4, chunk=32, mesh=mesh)
     prompts = _prompts([3, 20, 50, 9, 33], seed=9)
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     got = [r.token_ids for r in sharded.generate(prompts, params)]
