@@ -163,3 +163,17 @@ def test_cudnn_on_cpu_is_refused_when_the_trainer_is_built():
     with pytest.raises(ValueError, match=r"attention_impl='cudnn' cannot run on 'cpu': cudnn runs on \('gpu',\)"):
         build_trainer(PhiConfig.preset("tiny"), Compute(dtype="bfloat16", attention_impl="cudnn"),
                       make_optimizer(1e-3), make_mesh(devices=jax.devices()[:1]))
+
+
+def test_train_with_cudnn_on_cpu_fails_before_compiling(tmp_path, monkeypatch):
+    """`python -m phi_jax.train --config.attention_impl=cudnn` on a CPU: the error, and no step compiled."""
+    from runs import make_shards, tiny_config
+
+    from phi_jax.train import train
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("the train step was compiled before the error")
+    monkeypatch.setattr(jax.stages.Lowered, "compile", no_compile)
+    c = tiny_config(make_shards(tmp_path / "data"), attention_impl="cudnn", dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"attention_impl='cudnn' cannot run on 'cpu'"):
+        train(c, tmp_path / "run")
