@@ -3,9 +3,10 @@
 `xla` is plain jnp (fp32 logits and softmax); `pallas` is phi_jax's FlashAttention-2 kernel; `splash` is JAX's
 Pallas TPU kernel (phi_jax.kernels.splash_attention); `cudnn` is jax.nn.dot_product_attention's cuDNN path.
 `auto` takes the safe default of the platform the computation runs on, as `phi_jax.dispatch` resolves it (TPU ->
-splash, GPU -> cudnn for bf16/fp16 and xla for fp32, CPU -> xla). The model passes the implementation and platform
-its Compute resolved when it was made; the path that runs is logged once, and a path that cannot run is an error,
-never a silent fallback.
+splash, GPU -> cudnn for bf16/fp16 on Ampere or newer and xla otherwise, CPU -> xla). The model passes the
+implementation, platform and fallback its Compute resolved when it was made; a call cuDNN cannot train (packed rows
+at an odd length) runs the fallback `auto` has (xla), logged with the reason. The path that runs is logged once,
+and a path that cannot run is an error, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from phi_jax.attention_mask import causal_segment_mask
-from phi_jax.dispatch import default_platform, pallas_target, resolve_attention_impl
+from phi_jax.config import AUTO
+from phi_jax.dispatch import attention_for_call, default_platform, pallas_target, resolve_attention_impl
 from phi_jax.sharding import active_mesh_and_rules, logical_to_spec
 
 
@@ -110,13 +112,16 @@ def _per_shard(fn, q, k, v, segment_ids):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
-              impl: str = "auto", platform: str | None = None) -> jax.Array:
+              impl: str = "auto", platform: str | None = None, fallback: str | None = None) -> jax.Array:
     """Causal self-attention of a full sequence. q, k, v: [B, S, N, H]; segment_ids: int [B, S].
 
     `platform` is where the computation runs ("cpu", "gpu", "tpu"; None: JAX's default backend): the model passes
-    its resolved Compute's, and a step compiled ahead of time for a TPU passes "tpu"."""
+    its resolved Compute's, and a step compiled ahead of time for a TPU passes "tpu". `fallback` runs a call the
+    implementation cannot (phi_jax.dispatch.attention_for_call): `auto` has xla; None makes such a call an error."""
     platform = platform or default_platform()
-    impl = resolve_attention_impl(impl, q.dtype, platform)
+    resolved = resolve_attention_impl(impl, q.dtype, platform)
+    fallback = fallback or ("xla" if impl == AUTO else None)
+    impl = attention_for_call(resolved, fallback, q.shape[1], q.shape[-1], segment_ids is not None)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, segment_ids)
     if impl == "xla":

@@ -56,28 +56,35 @@ class Compute:
     dense_impl: str = AUTO  # DENSE_CHOICES
     remat: str = "none"  # REMAT_POLICIES: what the backward pass recomputes per layer
     platform: str | None = None  # PLATFORMS, once resolved
+    # What runs an attention call whose shapes the resolved implementation cannot train (set by `resolve` where
+    # `auto` chose cudnn: xla; phi_jax.dispatch.attention_for_call). None: such a call is an error.
+    attention_fallback: str | None = None
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):
             object.__setattr__(self, name, as_dtype(getattr(self, name), f"Compute.{name}"))
         for name, allowed in (("attention_impl", ATTENTION_CHOICES), ("dense_impl", DENSE_CHOICES),
-                              ("remat", tuple(REMAT_POLICIES)), ("platform", (None, *PLATFORMS))):
+                              ("remat", tuple(REMAT_POLICIES)), ("platform", (None, *PLATFORMS)),
+                              ("attention_fallback", (None, *ATTENTION_IMPLS))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Compute.{name}={getattr(self, name)!r} is not one of {allowed}.")
 
     def replace(self, **changes) -> Compute:
         return dataclasses.replace(self, **changes)
 
-    def resolve(self, platform: str) -> Compute:
-        """This Compute on `platform` ("cpu", "gpu" or "tpu"): `auto` replaced by the implementation that runs there,
-        and every choice checked to run there (a ValueError naming the fix otherwise). Logged once per choice."""
+    def resolve(self, platform: str, capability: tuple[int, int] | None = None) -> Compute:
+        """This Compute on `platform` ("cpu", "gpu" or "tpu"; `capability`: the GPU's compute capability, None for
+        JAX's default GPU's): `auto` replaced by the implementation that runs there, and every choice checked to
+        run there (a ValueError naming the fix otherwise). Logged once per choice."""
         from phi_jax import dispatch
 
         if self.platform not in (None, platform):
             raise ValueError(f"This Compute was resolved for {self.platform!r}, not {platform!r}; resolve the "
                              "unresolved Compute (platform=None) for each platform.")
-        return self.replace(attention_impl=dispatch.resolve_attention_impl(self.attention_impl, self.dtype, platform),
-                            dense_impl=dispatch.resolve_dense_impl(self.dense_impl, platform), platform=platform)
+        attention = dispatch.resolve_attention_impl(self.attention_impl, self.dtype, platform, capability)
+        fallback = self.attention_fallback or ("xla" if self.attention_impl == AUTO and attention == "cudnn" else None)
+        return self.replace(attention_impl=attention, attention_fallback=fallback, platform=platform,
+                            dense_impl=dispatch.resolve_dense_impl(self.dense_impl, platform))
 
     def to_dict(self) -> dict:
         """Plain values (dtype names), as run configs and JSON hold them."""

@@ -83,6 +83,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: PhiConfig, compute: Compute, *, rngs: nnx.Rngs, lora: Adapters | None = None):
         d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         self.impl, self.platform, self.num_heads, self.head_dim = compute.attention_impl, compute.platform, n, h
+        self.fallback = compute.attention_fallback  # what runs a call the resolved impl cannot (Compute)
         # q, k and v in one [embed, 3, heads, head_dim] kernel: one matmul, heads visible to tensor parallelism.
         self.qkv = _dense(cfg, compute, rngs, (d,), (3, n, h), ("embed",), ("qkv", "heads", "head_dim"),
                           lora=lora, target="qkv")
@@ -104,7 +105,8 @@ class Attention(nnx.Module):
         q, k = apply_partial_rotary(q, *rope), apply_partial_rotary(k, *rope)
         q, k, v = (constrain(t, ("batch", "length", "act_heads", "head_dim")) for t in (q, k, v))
         if cache is None:
-            return self.dense(attention(q, k, v, segment_ids=segment_ids, impl=self.impl, platform=self.platform)), None
+            return self.dense(attention(q, k, v, segment_ids=segment_ids, impl=self.impl, platform=self.platform,
+                                        fallback=self.fallback)), None
         b, t, n, h = k.shape
         rows = index if index.ndim == 0 else jnp.repeat(index, n)  # the cache's rows are (batch, head) pairs
         write = lambda c, new: write_slots(  # in place: the Sampler and the engine donate the cache

@@ -92,7 +92,7 @@ class Run:
     start_batch: int  # global batches consumed before `start` (the data position)
     saved_step: int | None  # the step the newest durable checkpoint holds
     meta: dict  # what every checkpoint records: model, run config, data identity
-    flops: tuple[float, float]  # (FLOPs per token, peak FLOP/s per device)
+    flops: tuple[float, float | None]  # (FLOPs per token, peak FLOP/s per device; None: unknown, no MFU)
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return global_batch(local, self.accum, self.shardings[0])
@@ -104,8 +104,9 @@ class Run:
         if step_time is not None:
             tokens_per_sec = c.batch_size * c.seq_len / step_time
             metrics.update(step_time=step_time, tokens_per_sec=tokens_per_sec,
-                           mfu=tokens_per_sec * fpt / (peak * jax.device_count()),
                            eta_sec=step_time * (c.total_steps - step))
+            if peak:  # an accelerator without a spec-sheet peak has no MFU (phi_jax.flops.peak_flops_per_device)
+                metrics["mfu"] = tokens_per_sec * fpt / (peak * jax.device_count())
         metrics["total_skipped"] = float(state.total_skipped)
         metrics.update(self.data.tokens_seen(step * c.batch_size, c.seq_len))  # tokens/<source> of a mixture
         if metrics["skipped"]:
@@ -263,8 +264,8 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
                      start, c.total_steps)
         fpt = flops_per_token(cfg, c.seq_len)
         peak, peak_source = peak_flops_per_device(c.peak_flops_per_device)
-        log.info("%.3g FLOPs/token (causal attention counted); peak %.3g FLOP/s per device (%s)", fpt, peak,
-                 peak_source)
+        log.info("%.3g FLOPs/token (causal attention counted); peak %s per device (%s)", fpt,
+                 f"{peak:.3g} FLOP/s" if peak else "unknown", peak_source)
         return Run(c=c, workdir=workdir, data=data, ckpt=ckpt, writer=MetricsWriter(workdir, c.total_steps, start),
                    state=state, batches=iter(dataset), step_fn=compiled_step, eval_fn=trainer.eval_step,
                    eval_batches=eval_batches, accum=accum,

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from phi_jax.config import Compute, PhiConfig
-from phi_jax.dispatch import mesh_platform
+from phi_jax.dispatch import device_capability, mesh_platform
 from phi_jax.lora import LoraConfig
 from phi_jax.sharding import batch_sharding, strategy_rules
 from phi_jax.train_state import CheckpointedState, TrainState, init_state, state_shardings
@@ -126,7 +126,7 @@ def build_trainer(cfg: PhiConfig, compute: Compute, tx: optax.GradientTransforma
     devices compiles the TPU kernels from any host). Nothing is allocated: the state is abstract until
     `Trainer.init_state` (or a checkpoint restore into `Trainer.checkpoint_target`). `lora` trains LoRA adapters
     on a frozen base (phi_jax/lora.py)."""
-    compute = compute.resolve(mesh_platform(mesh))
+    compute = compute.resolve(mesh_platform(mesh), device_capability(mesh.devices.flat[0]))
     rules, opt_rules = strategy_rules(sharding)
     abstract, shardings = state_shardings(cfg, tx, mesh, rules, opt_rules, compute=compute, lora=lora)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -40,8 +40,9 @@ def _case(mesh, impl: str, segments: bool):
         else None
 
     def loss(q, k, v, s):
-        with activation_sharding(mesh):  # resolves for the mesh's GPU devices
-            return jnp.sum(attention(q, k, v, segment_ids=s, impl=impl).astype(jnp.float32))
+        with activation_sharding(mesh):  # the kernels run per shard of the mesh's GPU devices
+            out = attention(q, k, v, segment_ids=s, impl=impl, platform="gpu")  # lowered for the GPU, not this CPU
+            return jnp.sum(out.astype(jnp.float32))
 
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, seg)
 

@@ -9,7 +9,7 @@ with its CUDA wheels (~5.5 GB), too large for CI. Run it in a virtual environmen
 The GPUs are the target configs of phi_jax/gpu_targets; the deviceless environment must be set before JAX's backends
 start, so every compile runs in a subprocess. Checked: phi_jax's Pallas Triton attention kernels compile with jaxlib's
 own Triton (no spills, wgmma on sm_90a), cuDNN attention compiles (with segment ids as a bias), and the phi-1.5 train
-step of configs/phi15.py fits 8 H100s at remat full while remat none does not (tools/plan_gpu_memory.py).
+step of configs/phi15.py fits 8 H100s at remat full while remat none does not (tools/plan_memory.py --topology=h100:8).
 """
 
 from __future__ import annotations
@@ -73,12 +73,16 @@ def test_triton_kernels_compiled_by_jaxlib_do_not_spill(tmp_path):
 
 
 def test_phi15_step_fits_8_h100_with_remat_full_and_not_without(tmp_path):
-    out = tmp_path / "plan.json"
-    plan = _run(["tools.plan_gpu_memory", "--gpu=h100:8", "--remat=full,none", "--micro_batch=8", "--out", str(out)],
-                out)
-    assert plan["device_kind"] == "NVIDIA H100 80GB HBM3" and plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
-    full, none = (plan["plans"][r]["probes"]["8"] for r in ("full", "none"))
+    plans = {}
+    for remat in ("full", "none"):
+        out = tmp_path / f"{remat}.json"
+        plans[remat] = _run(["tools.plan_memory", "--topology=h100:8", f"--remat={remat}", "--micro_batch=8",
+                             f"--out={out}"], out)
+    full, none = plans["full"], plans["none"]
+    assert full["compiler"].startswith("XLA:GPU") and full["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert full["topology"] == "h100:8" and full["mem_fraction"] == 0.75
+    assert full["available_gib"] == 0.75 * full["device_memory_gib"]
     assert full["fits"] and not none["fits"], (full, none)
-    assert none["arguments_plus_temporaries_gib"] > plan["available_gib"] > full["arguments_plus_temporaries_gib"]
+    assert none["arguments_plus_temporaries_gib"] > full["available_gib"] > full["arguments_plus_temporaries_gib"]
     # FSDP over 8 GPUs: each holds 1/8 of the fp32 parameters and Adam moments (12 bytes x 1.42B parameters).
     assert abs(full["per_device_gib"]["train_state (params + optimizer)"] - 12 * 1.418e9 / 8 / 2**30) < 0.1

@@ -54,7 +54,7 @@ def test_compute_holds_jnp_dtypes_and_names_them():
     assert c.dtype == jnp.bfloat16 and c.param_dtype == jnp.float16 and isinstance(c.dtype, jnp.dtype)
     assert c == Compute(dtype=jnp.bfloat16, param_dtype="float16")  # one value whichever way it was written
     assert c.to_dict() == {"dtype": "bfloat16", "param_dtype": "float16", "attention_impl": "auto",
-                           "dense_impl": "auto", "remat": "none", "platform": None}
+                           "dense_impl": "auto", "remat": "none", "platform": None, "attention_fallback": None}
     assert Compute(**c.to_dict()) == c
 
 

@@ -54,8 +54,9 @@ def attention_unavailable(impl: str, dtype) -> str | None:
 
 
 def attention_rows(batch: int, seq: int, heads: int, head_dim: int, dtype, warmup: int, iters: int,
-                   passes: tuple[str, ...] = ("fwd", "fwd_bwd")) -> list[dict]:
-    """One row per (implementation, with or without segment ids); `passes`: which of fwd, fwd_bwd to time."""
+                   passes: tuple[str, ...] = ("fwd", "fwd_bwd"), on_row=None) -> list[dict]:
+    """One row per (implementation, with or without segment ids); `passes`: which of fwd, fwd_bwd to time.
+    `on_row(rows)` is called with the rows so far after each one (to save them as they come)."""
     from phi_jax.attention import attention
 
     keys = jax.random.split(jax.random.key(0), 4)
@@ -71,6 +72,8 @@ def attention_rows(batch: int, seq: int, heads: int, head_dim: int, dtype, warmu
             why_not = attention_unavailable(impl, dtype)
             if why_not:
                 rows.append({**row, "skipped": why_not})
+                if on_row:
+                    on_row(rows)
                 continue
             attn = lambda q, k, v, impl=impl, seg=seg: attention(q, k, v, segment_ids=seg, impl=impl)
             try:
@@ -82,6 +85,8 @@ def attention_rows(batch: int, seq: int, heads: int, head_dim: int, dtype, warmu
                 row["error"] = _error(e)
             rows.append(row)
             print(row, flush=True)
+            if on_row:
+                on_row(rows)
     return rows
 
 
@@ -103,8 +108,9 @@ def dense_inputs(m: int, k: int, n: int, dtype, seed: int = 0):
 
 
 def dense_rows(ms, dtype, warmup: int, iters: int, layers=PHI15_LAYERS, block_sizes=None,
-               passes: tuple[str, ...] = ("fwd", "fwd_bwd")) -> list[dict]:
-    """One row per (M, layer): fused_dense and XLA, TFLOP/s for each of `passes` (fwd+bwd counts 3x the forward)."""
+               passes: tuple[str, ...] = ("fwd", "fwd_bwd"), on_row=None) -> list[dict]:
+    """One row per (M, layer): fused_dense and XLA, TFLOP/s for each of `passes` (fwd+bwd counts 3x the forward).
+    `on_row(rows)` is called with the rows so far after each one."""
     from phi_jax.kernels.dense import fused_dense
 
     rows = []
@@ -127,4 +133,6 @@ def dense_rows(ms, dtype, warmup: int, iters: int, layers=PHI15_LAYERS, block_si
                     row[f"{label}_error"] = _error(e)
             rows.append(row)
             print(row, flush=True)
+            if on_row:
+                on_row(rows)
     return rows

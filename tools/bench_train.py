@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
             for m, s, b in zip(models, per_model(args.seq_len), per_model(args.batch), strict=True)]
     peak, peak_source = peak_flops_per_device()  # what the training log's MFU is measured against
     for r in rows:
-        r["mfu"], r["peak_flops_per_sec"], r["peak_source"] = r["achieved_flops_per_sec"] / peak, peak, peak_source
+        r["mfu"] = r["achieved_flops_per_sec"] / peak if peak else None  # None: no spec-sheet peak for this device
+        r["peak_flops_per_sec"], r["peak_source"] = peak, peak_source
         r["mfu_vs_measured_matmul"] = r["achieved_flops_per_sec"] / ceiling
         r["mfu_vs_model_shaped_matmul"] = r["achieved_flops_per_sec"] / r["model_shaped_matmul_flops_per_sec"]
     result = {"command": command(__file__, argv), **device(), "machine": machine(),
