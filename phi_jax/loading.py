@@ -152,4 +152,14 @@ def load(path_or_id: str | os.PathLike, *, compute: Compute = Compute(), step: i
     `from_pretrained`."""
     source = resolve(path_or_id)
     tok = load_tokenizer(tokenizer or tokenizer_file(source, step))  # before the (slow) weights
+    check_tokenizer_fits(tok, load_config(source, step).vocab_size, given=tokenizer is not None)
     return from_pretrained(source, compute, step, scan_layers=scan_layers), tok
+
+
+def check_tokenizer_fits(tok: Tokenizer, model_vocab_size: int, *, given: bool = True) -> None:
+    """Every id of the tokenizer must have a row in the model's embedding (a larger tokenizer is another model's).
+    A smaller one is normal (phi-1.5 embeds 51200 ids for its tokenizer's 50295); generate keeps to its ids."""
+    if tok.vocab_size > model_vocab_size:
+        what = f"--tokenizer={tok.path}" if given else f"The model's tokenizer {tok.path}"
+        raise ValueError(f"{what} has {tok.vocab_size} ids but the model embeds only {model_vocab_size}: it is not "
+                         "this model's tokenizer; pass the one the model was trained with.")
