@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import math
+import numbers
 import sys
 from collections.abc import Callable, Sequence
 
@@ -171,16 +172,20 @@ SEED_LIMIT = 2**32  # as training's --config.seed
 
 def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int) -> None:
     """The sampling settings a generation accepts (checked before any work); each error names the setting."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0.")
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy; 0.2-1.0 samples).")
-    if not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} must be a number in (0, 1] (1 = no nucleus cut).")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k < 2**31:
+    if not _is_int(top_k) or not 0 <= top_k < 2**31:
         raise ValueError(f"top_k={top_k!r} must be an integer in [0, 2**31) (0 = no top-k cut).")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32).")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_prompts(lengths: Sequence[int], context: int) -> None:

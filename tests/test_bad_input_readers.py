@@ -173,13 +173,14 @@ def test_sampling_settings_are_checked_before_any_work(files):
     model, _ = load(files["hf"], scan_layers=False)
     sampler = generate.Sampler(model)
     bad = [dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=-1.0),
-           dict(max_new_tokens=0), dict(max_new_tokens=-5), dict(seed=99999999999999999999), dict(seed=-1),
+           dict(max_new_tokens=-5), dict(max_new_tokens=2.5), dict(seed=99999999999999999999), dict(seed=-1),
            dict(top_p=float("nan")), dict(top_k=2**40)]
     for kw in bad:
         key = next(iter(kw))
         with pytest.raises(ValueError, match=rf"^{key}=.* must be"):
             sampler([[3, 4]], **{"max_new_tokens": 2, **kw})
     assert sampler.compilations() == {"prefill": 0, "decode_step": 0}  # refused before compiling
+    assert sampler([[3, 4]], max_new_tokens=0) == [[]]  # nothing asked, nothing done (the command line wants >= 1)
 
 
 def test_a_tokenizer_smaller_than_the_embedding_never_gets_an_id_it_lacks(files):
