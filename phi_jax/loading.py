@@ -91,6 +91,21 @@ def load_config(source: Source | str | os.PathLike, step: int | None = None) -> 
     return load_hf_config(source.path)
 
 
+def check_readable(path_or_id: Source | str | os.PathLike, step: int | None = None) -> PhiConfig:
+    """A source's architecture, after the checks that need no weights: its config (a workdir: the checkpoint's
+    metadata) parses, and a local Hugging Face directory's safetensors headers and index are sound (a bucket's
+    files are checked when they are read: reading them is reading the weights). For a command that reads the
+    weights only after long work (training's init_from_hf, read after compiling): one line naming a damaged file,
+    at start-up."""
+    source = resolve(path_or_id)
+    cfg = load_config(source, step)
+    if not source.is_workdir and not is_url(source.path):
+        from phi_jax.hf.io import SafetensorsDir
+
+        SafetensorsDir(source.path)  # opens each file's header only (memory-mapped)
+    return cfg
+
+
 def from_pretrained(path_or_id: Source | str | os.PathLike, compute: Compute = Compute(),
                     step: int | None = None, *, scan_layers: bool = True) -> Phi:
     """The model of a training workdir (newest checkpoint, or `step`), a Hugging Face directory (local or gs://) or

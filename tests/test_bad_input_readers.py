@@ -296,3 +296,22 @@ def test_init_from_hf_on_a_workdir_in_use_is_refused_before_anything_is_written(
     with pytest.raises(WorkdirLockedError, match=rf"{workdir} is in use by another trainer"):
         train(c, workdir)
     assert sorted(p.name for p in workdir.iterdir()) == before == ["lock.json"]
+
+
+def test_init_from_hf_names_a_damaged_file_before_compiling(files, tmp_path, caplog):
+    """The trainer reads the pretrained weights after compiling its step; their config and file headers are checked
+    at start-up, so a damaged file is one line before any compilation."""
+    import logging
+
+    from runs import tiny_config
+
+    from phi_jax.train import train
+
+    hf_tiny = tmp_path / "hf_tiny"
+    save_pretrained(init_model(PhiConfig.preset("tiny")), hf_tiny)
+    damage(hf_tiny / "model.safetensors", "truncated")
+    caplog.set_level(logging.INFO, logger="phi_jax")
+    with pytest.raises(ValueError, match=rf"^{hf_tiny / 'model.safetensors'} is not a valid safetensors file"):
+        train(tiny_config(files["shards"], init_from_hf=str(hf_tiny), total_steps=1), tmp_path / "run")
+    assert not [m for m in caplog.messages if "compiling" in m]
+    assert not (tmp_path / "run" / "checkpoints").exists()
