@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -16,6 +18,50 @@ USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueErro
 
 class RunFailure(Exception):
     """A failure whose message says what happened and what to do (e.g. a loss that stays non-finite)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error reported as one line `error: MESSAGE (see --help)`, exit status 2 (argparse's)."""
+
+    def error(self, message: str):
+        print(f"error: {' '.join(message.split())} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def bounded_int(low: int, high: int):
+    """An argparse type: an integer in [low, high] (a value past `high` is a typo, not a plan)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} must be an integer in [{low}, {high}]")
+        return value
+
+    return parse
+
+
+def bounded_float(low: float, high: float, *, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] ((low, high] with `low_open`); NaN and inf are refused."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and (low < value if low_open else low <= value) and value <= high):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number in {'(' if low_open else '['}{low:g}, "
+                                             f"{high:g}]")
+        return value
+
+    return parse
+
+
+def non_empty(text: str) -> str:
+    """An argparse type: a path or name that is not empty (an empty value is a mistake, never "the default")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a value or leave the flag out")
+    return text
 
 
 def run(main: Callable[[], object], *, failed_write: Callable[[OSError], str] = str) -> None:

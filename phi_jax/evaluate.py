@@ -7,10 +7,10 @@ total negative log-likelihood (in bits) by the UTF-8 bytes of the decoded stream
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from phi_jax.cli import OneLineParser, bounded_int, non_empty
 from phi_jax.config import DTYPES, Compute
 from phi_jax.loading import Source, load, resolve
 from phi_jax.model import Phi
@@ -45,9 +46,18 @@ def token_logprobs(model: Phi, inputs: np.ndarray, targets: np.ndarray,
 
 def evaluate_tokens(model: Phi, tokens: np.ndarray, *, seq_len: int, batch_size: int) -> dict:
     """Summed negative log-likelihood (nats) and count of every token of `tokens` [n] after the first."""
-    if seq_len > model.cfg.max_position_embeddings:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's context of {model.cfg.max_position_embeddings}.")
+    if not 0 < seq_len <= model.cfg.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} must be in [1, {model.cfg.max_position_embeddings}] (the model's "
+                         "context, max_position_embeddings).")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1.")
     tokens = np.asarray(tokens, np.int32)
+    if len(tokens) < 2:
+        raise ValueError(f"{len(tokens)} token(s) to evaluate: the first token is context only, so perplexity needs "
+                         "at least 2.")
+    if (bad := tokens[(tokens < 0) | (tokens >= model.cfg.vocab_size)]).size:
+        raise ValueError(f"Token ids {sorted(set(bad.tolist()))[:5]} are outside the model's vocabulary of "
+                         f"{model.cfg.vocab_size}: the tokens were made by another tokenizer.")
     n_windows = max(1, math.ceil((len(tokens) - 1) / seq_len))
     n_batches = math.ceil(n_windows / batch_size)
     total = np.zeros((n_batches * batch_size, seq_len + 1), np.int32)
@@ -101,41 +111,50 @@ def default_seq_len(path: str | Path | Source, model: Phi, step: int | None = No
 def main(argv: Sequence[str] | None = None) -> None:
     from phi_jax.generate import resolve_model_arg
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True,
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=non_empty,
                         help="a training workdir, a Hugging Face phi directory (local or gs://) or a Hub id")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text_file", help="a UTF-8 text file")
-    source.add_argument("--data_dir", help="token shards written by python -m tools.prepare_data")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--max_tokens", type=int, default=0, help="evaluate only the first N tokens (0 = all)")
-    parser.add_argument("--seq_len", type=int, default=0,
+    source.add_argument("--text_file", type=non_empty, help="a UTF-8 text file")
+    source.add_argument("--data_dir", type=non_empty, help="token shards written by python -m tools.prepare_data")
+    parser.add_argument("--split", default=None, type=non_empty, help="the split of --data_dir (default: val)")
+    parser.add_argument("--max_tokens", type=bounded_int(0, 2**63 - 1), default=0,
+                        help="evaluate only the first N tokens (0 = all; at least 2: the first is context only)")
+    parser.add_argument("--seq_len", type=bounded_int(0, 2**31 - 1), default=0,
                         help="window length; 0 = the run's training seq_len (a workdir), else the model's context")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=bounded_int(1, 2**31 - 1), default=8)
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--tokenizer", default=None)
-    parser.add_argument("--out", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--step", type=bounded_int(0, 2**63 - 1), default=None)
+    parser.add_argument("--tokenizer", type=non_empty, default=None)
+    parser.add_argument("--out", type=non_empty, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.split is not None and not args.data_dir:
+        parser.error(f"--split={args.split} chooses a split of --data_dir; a --text_file has none.")
+    args.split = args.split or "val"
+    if args.max_tokens == 1:
+        parser.error("--max_tokens=1: the first token is context only; evaluate at least 2 tokens (0 = all).")
     if args.text_file and not Path(args.text_file).is_file():
         parser.error(f"--text_file={args.text_file} does not exist or is not a file.")
     if args.data_dir and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir={args.data_dir} does not exist; write shards with python -m tools.prepare_data.")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        parser.error(f"--out={args.out}: the directory {Path(args.out).resolve().parent} does not exist.")
+    text = read_text_file(args.text_file) if args.text_file else None  # before the (slow) model
 
     model_source = resolve_model_arg(parser, args.model)  # once: a Hub id is looked up once
     model, tok = load(model_source, compute=Compute(dtype=args.dtype, param_dtype=args.dtype), step=args.step,
                       tokenizer=args.tokenizer)
-    text = None
-    if args.text_file:
-        text = Path(args.text_file).read_text(encoding="utf-8")
+    if text is not None:
         tokens = np.asarray(tok.encode(text), np.int32)
+        where = f"--text_file={args.text_file}"
     else:
-        from phi_jax.data.shards import SplitReader
-
-        reader = SplitReader(args.data_dir, args.split)
-        tokens = reader.tokens(0, reader.num_tokens)
+        tokens, where = data_dir_tokens(args.data_dir, args.split, tok, model.cfg.vocab_size), \
+            f"--data_dir={args.data_dir} (split {args.split})"
     if args.max_tokens:
         tokens, text = tokens[:args.max_tokens], None
+    if len(tokens) < 2:
+        raise ValueError(f"{where} holds {len(tokens)} token(s) to evaluate: the first token is context only, so "
+                         "perplexity needs at least 2; give a longer text.")
     seq_len, why = (args.seq_len, "--seq_len") if args.seq_len else default_seq_len(model_source, model, args.step)
     result = evaluate(model, tok, tokens, seq_len=seq_len, batch_size=args.batch_size, text=text)
     source = args.text_file or f"{args.data_dir}:{args.split}"
@@ -144,7 +163,39 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{seq_len} tokens ({why}), {result['seconds']:.1f} s\n"
           f"perplexity {result['perplexity']:.4f}  bits/byte {result['bits_per_byte']:.4f}  loss {result['loss']:.4f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
+
+
+def read_text_file(path: str) -> str:
+    """The UTF-8 text of --text_file; an empty file or one that is not UTF-8 text is a ValueError naming it."""
+    data = Path(path).read_bytes()
+    if not data.strip():
+        raise ValueError(f"--text_file={path} is empty{' (whitespace only)' if data else ''}: there is nothing to "
+                         "evaluate; pass a text file.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text_file={path} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): "
+                         "pass a text file, or convert it (iconv -t UTF-8).") from None
+
+
+def data_dir_tokens(data_dir: str, split: str, tok, model_vocab_size: int) -> np.ndarray:
+    """Every token of `split` of prepared shards, after the check training makes: the shards were made with the
+    model's tokenizer (their metadata records its sha256) and their ids fit the model's embedding."""
+    from phi_jax.data.shards import SplitReader, check_compatible, read_metadata
+
+    meta = read_metadata(data_dir)
+    check_compatible(meta, tok, fix=f"evaluate on shards made with the model's tokenizer (python -m "
+                                    f"tools.prepare_data --tokenizer={tok.path}), or pass --tokenizer=FILE if the "
+                                    "model was trained with the shards' own")
+    if meta["max_token_id"] >= model_vocab_size:
+        raise ValueError(f"--data_dir={data_dir} holds token id {meta['max_token_id']} but the model embeds only "
+                         f"{model_vocab_size} ids: the shards were made for another model.")
+    reader = SplitReader(data_dir, split, meta)
+    return reader.tokens(0, reader.num_tokens)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import math
+import numbers
 import sys
 from collections.abc import Callable, Sequence
 
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from phi_jax.cli import OneLineParser, bounded_float, bounded_int, non_empty
 from phi_jax.config import DTYPES, Compute
 from phi_jax.loading import Source, load, resolve
 from phi_jax.model import Phi
@@ -43,11 +45,14 @@ def bucket(length: int, context: int) -> int:
     return min(max(MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(length, 1))))), max(context, length))
 
 
-def sample(logits: jax.Array, key: jax.Array, greedy: bool, temperature, top_k, top_p) -> jax.Array:
-    """Next token ids [B] from fp32 logits [B, V]: argmax, or sampling after temperature, top-k and top-p."""
+def sample(logits: jax.Array, key: jax.Array, greedy: bool, temperature, top_k, top_p, num_ids=None) -> jax.Array:
+    """Next token ids [B] from fp32 logits [B, V]: argmax, or sampling after temperature, top-k and top-p. Ids
+    >= `num_ids` (the tokenizer's size, when the embedding has more rows than it has ids) are never chosen."""
+    vocab = logits.shape[-1]
+    if num_ids is not None:
+        logits = jnp.where(jnp.arange(vocab) < num_ids, logits, -jnp.inf)
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    vocab = logits.shape[-1]
     logits = logits / temperature
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
@@ -99,19 +104,24 @@ class Sampler:
 
     def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+                 on_token: Callable[[int, int], None] | None = None, num_ids: int | None = None) -> list[list[int]]:
         """Up to `max_new_tokens` ids after each prompt (lists of ids); temperature 0 is greedy.
 
         A row stops after `eos_id` (included in its output) when given. `on_token(row, token)` is called as each
-        token is produced. Generation also stops where the longest prompt reaches the model's context.
+        token is produced. Generation also stops where the longest prompt reaches the model's context. `num_ids`
+        (a tokenizer's size, below the model's vocab_size) keeps the ids the tokenizer lacks from being produced.
         """
         if not prompts:
             return []
         context = self.cfg.max_position_embeddings
+        check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         check_prompts([len(p) for p in prompts], context)
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError(f"Need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got {temperature=}, "
-                             f"{top_p=}, {top_k=}.")
+        vocab = self.cfg.vocab_size
+        if num_ids is not None and not 0 < num_ids <= vocab:
+            raise ValueError(f"num_ids={num_ids} must be in [1, {vocab}] (the model's vocab_size).")
+        if bad := sorted({t for p in prompts for t in p if not 0 <= t < (num_ids or vocab)}):
+            raise ValueError(f"Prompt token ids {bad[:5]} are outside [0, {num_ids or vocab}): the tokenizer does "
+                             "not match the model.")
         longest = max(len(p) for p in prompts)
         max_new = min(max_new_tokens, context - longest)
         if max_new < max_new_tokens:
@@ -129,7 +139,8 @@ class Sampler:
         cache_len = -(-(padded + max_new) // MIN_BUCKET) * MIN_BUCKET  # fewer distinct decode programs
         cache = self.model.init_cache(batch, cache_len)
         greedy = temperature == 0.0
-        sampling = (jnp.float32(temperature if not greedy else 1.0), jnp.int32(top_k), jnp.float32(top_p))
+        sampling = (jnp.float32(temperature if not greedy else 1.0), jnp.int32(top_k), jnp.float32(top_p),
+                    jnp.int32(num_ids or vocab))
         key = jax.random.key(seed)
 
         out: list[list[int]] = [[] for _ in prompts]
@@ -156,6 +167,27 @@ class Sampler:
         return out
 
 
+SEED_LIMIT = 2**32  # as training's --config.seed
+
+
+def check_sampling(*, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int) -> None:
+    """The sampling settings a generation accepts (checked before any work); each error names the setting."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0.")
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy; 0.2-1.0 samples).")
+    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be a number in (0, 1] (1 = no nucleus cut).")
+    if not _is_int(top_k) or not 0 <= top_k < 2**31:
+        raise ValueError(f"top_k={top_k!r} must be an integer in [0, 2**31) (0 = no top-k cut).")
+    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32).")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_prompts(lengths: Sequence[int], context: int) -> None:
     """Prompts must hold at least one token and fit the model's context (checked before any work)."""
     if min(lengths) == 0:
@@ -175,10 +207,13 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
 def generate(sampler: Sampler, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
              on_token: Callable[[int, int], None] | None = None) -> list[str]:
-    """Generates a continuation of each prompt (texts); the returned texts exclude the prompt and the EOS token."""
+    """Generates a continuation of each prompt (texts); the returned texts exclude the prompt and the EOS token.
+    Only ids the tokenizer has are generated (a model's embedding may have more rows: phi-1.5 has 51200 for the
+    tokenizer's 50295 ids)."""
     eos = tokenizer.eos_id if stop_at_eos else None
     out = sampler(encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens, temperature=temperature,
-                  top_k=top_k, top_p=top_p, seed=seed, eos_id=eos, on_token=on_token)
+                  top_k=top_k, top_p=top_p, seed=seed, eos_id=eos, on_token=on_token,
+                  num_ids=min(tokenizer.vocab_size, sampler.cfg.vocab_size))
     return [tokenizer.decode([t for t in o if eos is None or t != eos]) for o in out]
 
 
@@ -202,22 +237,26 @@ class _Streamer:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True,
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=non_empty,
                         help="a training workdir, a Hugging Face phi directory (local or gs://) or a Hub id")
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_new_tokens", type=bounded_int(1, 2**31 - 1), default=128)
+    parser.add_argument("--temperature", type=bounded_float(0, 1e6), default=0.0, help="0 = greedy")
+    parser.add_argument("--top_k", type=bounded_int(0, 2**31 - 1), default=0, help="0 = no top-k cut")
+    parser.add_argument("--top_p", type=bounded_float(0, 1, low_open=True), default=1.0, help="1 = no nucleus cut")
+    parser.add_argument("--seed", type=bounded_int(0, SEED_LIMIT - 1), default=0)
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--step", type=int, default=None, help="workdir checkpoint step (default: newest)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer file (default: the model's own)")
+    parser.add_argument("--step", type=bounded_int(0, 2**63 - 1), default=None,
+                        help="workdir checkpoint step (default: newest)")
+    parser.add_argument("--tokenizer", type=non_empty, default=None, help="tokenizer file (default: the model's own)")
     parser.add_argument("--json", action="store_true", help="print all completions as JSON at the end")
     args = parser.parse_args(argv)
     model, tok = load(resolve_model_arg(parser, args.model), compute=Compute(dtype=args.dtype, param_dtype=args.dtype),
                       step=args.step, tokenizer=args.tokenizer, scan_layers=False)
+    if tok.vocab_size < model.cfg.vocab_size:
+        log.info("the tokenizer %s has %d ids, the model's embedding %d rows: ids %d..%d are never generated",
+                 tok.path.name, tok.vocab_size, model.cfg.vocab_size, tok.vocab_size, model.cfg.vocab_size - 1)
     ids = encode_prompts(tok, args.prompt)
     check_prompts([len(p) for p in ids], model.cfg.max_position_embeddings)  # before anything is printed
     sampler = Sampler(model)

@@ -134,7 +134,8 @@ class PhiJaxLM(LM):
                 prompts = [(self.tok.encode(requests[i].args[0]) or [self.eot_token_id])[-budget:] for i in chunk]
                 self._sampler = self._sampler or gen.Sampler(self.model)
                 outs = self._sampler(prompts, max_new_tokens=max_new, temperature=temperature,
-                                     top_p=float(kwargs.get("top_p", 1.0)), eos_id=self.eot_token_id)
+                                     top_p=float(kwargs.get("top_p", 1.0)), eos_id=self.eot_token_id,
+                                     num_ids=min(self.tok.vocab_size, self.model.cfg.vocab_size))
                 for i, out in zip(chunk, outs, strict=True):
                     text = self.tok.decode([t for t in out if t != self.eot_token_id])
                     for stop in until:

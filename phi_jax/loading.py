@@ -91,6 +91,21 @@ def load_config(source: Source | str | os.PathLike, step: int | None = None) -> 
     return load_hf_config(source.path)
 
 
+def check_readable(path_or_id: Source | str | os.PathLike, step: int | None = None) -> PhiConfig:
+    """A source's architecture, after the checks that need no weights: its config (a workdir: the checkpoint's
+    metadata) parses, and a local Hugging Face directory's safetensors headers and index are sound (a bucket's
+    files are checked when they are read: reading them is reading the weights). For a command that reads the
+    weights only after long work (training's init_from_hf, read after compiling): one line naming a damaged file,
+    at start-up."""
+    source = resolve(path_or_id)
+    cfg = load_config(source, step)
+    if not source.is_workdir and not is_url(source.path):
+        from phi_jax.hf.io import SafetensorsDir
+
+        SafetensorsDir(source.path)  # opens each file's header only (memory-mapped)
+    return cfg
+
+
 def from_pretrained(path_or_id: Source | str | os.PathLike, compute: Compute = Compute(),
                     step: int | None = None, *, scan_layers: bool = True) -> Phi:
     """The model of a training workdir (newest checkpoint, or `step`), a Hugging Face directory (local or gs://) or
@@ -152,4 +167,14 @@ def load(path_or_id: str | os.PathLike, *, compute: Compute = Compute(), step: i
     `from_pretrained`."""
     source = resolve(path_or_id)
     tok = load_tokenizer(tokenizer or tokenizer_file(source, step))  # before the (slow) weights
+    check_tokenizer_fits(tok, load_config(source, step).vocab_size, given=tokenizer is not None)
     return from_pretrained(source, compute, step, scan_layers=scan_layers), tok
+
+
+def check_tokenizer_fits(tok: Tokenizer, model_vocab_size: int, *, given: bool = True) -> None:
+    """Every id of the tokenizer must have a row in the model's embedding (a larger tokenizer is another model's).
+    A smaller one is normal (phi-1.5 embeds 51200 ids for its tokenizer's 50295); generate keeps to its ids."""
+    if tok.vocab_size > model_vocab_size:
+        what = f"--tokenizer={tok.path}" if given else f"The model's tokenizer {tok.path}"
+        raise ValueError(f"{what} has {tok.vocab_size} ids but the model embeds only {model_vocab_size}: it is not "
+                         "this model's tokenizer; pass the one the model was trained with.")

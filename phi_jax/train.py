@@ -214,6 +214,10 @@ def setup(c: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | None)
     workdir.mkdir(parents=True, exist_ok=True)
     if lock is not None:
         lock.acquire()
+    if c.init_from_hf:  # its config and file headers now: its weights are read only after compiling
+        from phi_jax.loading import check_readable
+
+        check_readable(c.init_from_hf)
     data = resolve_data(c)  # builds the embedded corpus on first use; checks shards against the tokenizer
     cfg, compute = PhiConfig.preset(c.model), compute_options(c)  # validate.check_values checked seq_len against it
     data.check_model_vocab(cfg.vocab_size)

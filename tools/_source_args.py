@@ -5,32 +5,9 @@ import argparse
 import glob
 import math
 import os
-import sys
 
+from phi_jax.cli import OneLineParser, bounded_int  # noqa: F401 (the entry points' parser and types)
 from phi_jax.data.corpus import SOURCES, SkipReport, documents
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with a usage error reported as one line `error: MESSAGE (see --help)`, exit status 2 (argparse's)."""
-
-    def error(self, message: str):
-        print(f"error: {' '.join(message.split())} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def bounded_int(low: int, high: int):
-    """An argparse type: an integer in [low, high] (a value past `high` is a typo, not a plan)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text!r} must be an integer in [{low}, {high}]")
-        return value
-
-    return parse
-
 
 positive_int = bounded_int(1, 2**63 - 1)
 

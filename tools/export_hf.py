@@ -17,20 +17,20 @@ or as a PEFT adapter directory (--peft: adapter_config.json and adapter_model.sa
 
 from __future__ import annotations
 
-import argparse
-
+from phi_jax.cli import OneLineParser, bounded_int, non_empty
 from phi_jax.config import DTYPES
 from phi_jax.hf.convert import export_hf
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True,
+    p = OneLineParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, type=non_empty,
                    help="a training workdir, a Hugging Face phi directory (local or gs://) or a Hub id")
-    p.add_argument("--out", required=True, help="the new directory, local or gs://")
-    p.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
+    p.add_argument("--out", required=True, type=non_empty, help="the new directory, local or gs://")
+    p.add_argument("--step", type=bounded_int(0, 2**63 - 1), default=None, help="default: the newest checkpoint")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--tokenizer", default=None, help="default: the model's own (a workdir: recorded in the checkpoint)")
+    p.add_argument("--tokenizer", type=non_empty, default=None,
+                   help="default: the model's own (a workdir: recorded in the checkpoint)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is empty or a previous export (which lists its files in "
                         "phi_jax_export.json); a directory holding anything else is refused, never deleted")

@@ -203,14 +203,16 @@ def verify_checksums(data_dir: str | os.PathLike, meta: dict, cache_dir: str | o
                         "next start", verdict.parent, e)
 
 
-def check_compatible(meta: dict, tokenizer: Tokenizer) -> None:
-    """Raises if the shards were made with a different tokenizer (compared by the model file's sha256)."""
+def check_compatible(meta: dict, tokenizer: Tokenizer, fix: str | None = None) -> None:
+    """Raises if the shards were made with a different tokenizer (compared by the model file's sha256); `fix` words
+    the way out for the caller (default: training's)."""
     made, given = meta["tokenizer"], tokenizer.identity()
     if made["sha256"] != given["sha256"]:
+        fix = fix or ("re-run python -m tools.prepare_data with this tokenizer, or leave the tokenizer unset to use "
+                      "the shards' own")
         raise ValueError(f"The shards were made with tokenizer {made['path']} (sha256 {made['sha256'][:12]}, "
                          f"vocab {made['vocab_size']}) but the given tokenizer is {given['path']} (sha256 "
-                         f"{given['sha256'][:12]}, vocab {given['vocab_size']}): re-run python -m tools.prepare_data "
-                         "with this tokenizer, or leave the tokenizer unset to use the shards' own.")
+                         f"{given['sha256'][:12]}, vocab {given['vocab_size']}): {fix}.")
 
 
 def _unreadable(files: list[str]) -> str | None:

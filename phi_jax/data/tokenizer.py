@@ -128,7 +128,7 @@ class HFTokenizer(_Base):
 
 
 # The tokenizer files a model directory may hold, in order of preference (a Hugging Face directory's own, or what
-# tools/import_hf.py and an export carry).
+# an export carries).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 

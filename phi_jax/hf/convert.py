@@ -9,9 +9,10 @@ import logging
 import os
 
 from phi_jax.checkpoint import read_meta
+from phi_jax.data.tokenizer import load_tokenizer
 from phi_jax.hf.io import check_replaceable, save_pretrained
 from phi_jax.hf.tokenizer import hf_tokenizer_files
-from phi_jax.loading import from_pretrained, resolve, tokenizer_file
+from phi_jax.loading import check_tokenizer_fits, from_pretrained, load_config, resolve, tokenizer_file
 from phi_jax.paths import user_path
 
 log = logging.getLogger("phi_jax")
@@ -40,12 +41,15 @@ def export_hf(model: str | os.PathLike, out: str | os.PathLike, *, step: int | N
         raise ValueError(f"{model} is a LoRA run: pass --merge_lora (its adapters merged into the base model's "
                          "weights) or --peft (a PEFT adapter directory)." if is_lora else
                          f"{model} holds no LoRA adapters to merge: export it without --merge_lora.")
+    given = tokenizer is not None
     tokenizer = tokenizer or tokenizer_file(source, step, required=False)
+    if tokenizer:  # checked before the (slow) weights: it exists, it is a tokenizer, its ids fit the model
+        if not user_path(tokenizer).exists():
+            raise FileNotFoundError(f"The tokenizer {tokenizer} does not exist; pass --tokenizer=FILE.")
+        check_tokenizer_fits(load_tokenizer(tokenizer), load_config(source, step).vocab_size, given=given)
     loaded = from_pretrained(source, step=step)  # float32 (a LoRA run's merged); `dtype` applies when writing
     extra = {}
     if tokenizer:
-        if not user_path(tokenizer).exists():
-            raise FileNotFoundError(f"The tokenizer {tokenizer} does not exist; pass --tokenizer=FILE.")
         extra = hf_tokenizer_files(tokenizer, model_max_length=loaded.cfg.max_position_embeddings)
     else:
         log.warning("%s has no tokenizer: exporting the weights only (pass --tokenizer=FILE to add one)", model)

@@ -26,6 +26,8 @@ from phi_jax.paths import is_url, user_path
 log = logging.getLogger("phi_jax")
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "rotary_dim",
+              "max_position_embeddings")
 MANIFEST = "phi_jax_export.json"  # marks a directory save_pretrained wrote, so that overwrite may replace it
 
 
@@ -34,10 +36,14 @@ class _File:
     safetensors library opens local files only (its numpy `load` parses the bytes)."""
 
     def __init__(self, path: epath.Path):
-        if is_url(path):
-            self._tensors, self._handle = safetensors.numpy.load(path.read_bytes()), None
-        else:
-            self._tensors, self._handle = None, safe_open(os.fspath(path), framework="np")
+        try:
+            if is_url(path):
+                self._tensors, self._handle = safetensors.numpy.load(path.read_bytes()), None
+            else:
+                self._tensors, self._handle = None, safe_open(os.fspath(path), framework="np")
+        except SafetensorError as e:  # truncated, empty, garbage: "Error while deserializing header: ..."
+            raise ValueError(f"{path} is not a valid safetensors file ({' '.join(str(e).split())[:200]}): it is "
+                             "damaged or incomplete; download or export it again.") from None
 
     def keys(self) -> list[str]:
         return list(self._tensors) if self._handle is None else list(self._handle.keys())
@@ -58,7 +64,10 @@ class SafetensorsDir:
         path = user_path(path)
         index = path / INDEX_FILE
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json_file(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index} has no \"weight_map\" object (tensor name -> shard file): it is damaged; "
+                                 "download or export the model again.")
             # A name, not a path: no absolute names and no "..". (Checked by name, not by resolving links: a Hub
             # snapshot's files are links into the cache's blobs/ directory.)
             if outside := sorted({f for f in weight_map.values()
@@ -84,6 +93,20 @@ class SafetensorsDir:
         return self._files[self.where[key]].get(key)
 
 
+def read_json_file(path: epath.Path) -> dict:
+    """A JSON object from `path`; anything else (bad JSON, another type, bytes that are not text) is one ValueError
+    naming the file."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not valid JSON ({' '.join(str(e).split())[:120]}): it is damaged; download or "
+                         "export the model again.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object: it is damaged; download or "
+                         "export the model again.")
+    return value
+
+
 def load_hf_config(path: str | os.PathLike) -> PhiConfig:
     """The PhiConfig of a Hugging Face directory's config.json (local or gs://)."""
     path = user_path(path)
@@ -92,7 +115,18 @@ def load_hf_config(path: str | os.PathLike) -> PhiConfig:
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"No config.json in {path}: a Hugging Face model directory needs one.")
-    return phi_config_from_hf(json.loads(config_file.read_text()))
+    try:
+        cfg = phi_config_from_hf(read_json_file(config_file))
+        if wrong := [f"{f}={getattr(cfg, f)!r}" for f in INT_FIELDS
+                     if isinstance(getattr(cfg, f), bool) or not isinstance(getattr(cfg, f), int)]:
+            raise TypeError(f"{', '.join(wrong)} must be integers")
+        return cfg
+    except (TypeError, AttributeError) as e:  # a value of the wrong type (a string for a size, ...)
+        raise ValueError(f"{config_file} holds a value of the wrong type ({e}): it is damaged; download or export "
+                         "the model again.") from None
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if str(config_file) in msg else f"{config_file}: {msg}") from None
 
 
 def load_hf_directory(path: str | os.PathLike, compute: Compute = Compute(), *, scan_layers: bool = True) -> Phi:
@@ -134,7 +168,8 @@ def check_replaceable(out_dir: str | os.PathLike) -> set[str]:
         return set()
     owned = set()
     if (out_dir / MANIFEST).is_file():
-        owned = {MANIFEST, *json.loads((out_dir / MANIFEST).read_text()).get("files", [])}
+        listed = read_json_file(out_dir / MANIFEST).get("files", [])
+        owned = {MANIFEST, *(f for f in listed if isinstance(f, str))} if isinstance(listed, list) else {MANIFEST}
     if foreign := sorted(entries - owned):
         what = "is not a phi_jax export" if not owned else "holds files the previous export did not write"
         raise FileExistsError(f"{out_dir} {what} ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
