@@ -132,6 +132,7 @@ def reference_run(sft_data, hf_base, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # ~30 s: the SIGKILL'd run and its resumption; test_train covers resumption bitwise by default
 def test_lora_sft_run_killed_with_sigkill_resumes_bitwise(reference_run, sft_data, hf_base, tmp_path):
     reference = losses(reference_run)
     assert sorted(reference) == list(range(1, STEPS + 1)) and reference[STEPS] < reference[1]
