@@ -19,7 +19,6 @@ where its English (spaCy) tokenizer splits too, at a fraction of the cost and wi
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,8 @@ from datatrove.pipeline.decont.n_grams import NGramsDecontConfig
 from datatrove.utils.hashing import create_hash_func
 from datatrove.utils.text import TextNormConfig, ngrams, simplify_text
 from datatrove.utils.word_tokenizers import WordTokenizer
+
+from phi_jax.datagen.documents import jsonl_records
 
 HUMANEVAL = "humaneval"
 
@@ -72,20 +73,10 @@ def humaneval_items() -> Iterator[BenchmarkItem]:
 def jsonl_items(task: str, path: str | Path, query_field: str = "prompt",
                 answer_field: str = "solution") -> Iterator[BenchmarkItem]:
     """Benchmark items from JSONL: each line's answer_field (required) and query_field (optional)."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                answer = record[answer_field]
-                if not isinstance(answer, str):
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{lineno}: a benchmark item needs a string field {answer_field!r} (and "
-                                 f"optionally {query_field!r}); pass --benchmark_answer_field.") from None
-            query = record.get(query_field)
-            yield BenchmarkItem(task, query if isinstance(query, str) else None, answer)
+    fix = f"a benchmark item needs it (and optionally {query_field!r}): pass --benchmark_answer_field"
+    for _, record, answer in jsonl_records(path, answer_field, fix):
+        query = record.get(query_field)
+        yield BenchmarkItem(task, query if isinstance(query, str) else None, answer)
 
 
 def decont_config(n_grams: int = 13) -> NGramsDecontConfig:

@@ -30,24 +30,30 @@ def text_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+def jsonl_records(path: str | os.PathLike, field: str, fix: str) -> Iterator[tuple[int, dict, str]]:
+    """(line number, record, record[field]) of every non-blank line of one JSONL file; a line that is not a JSON
+    object with a string `field` is a ValueError naming path:line and `fix` (the flag that names the field)."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = record[field]
+                if not isinstance(text, str):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{lineno}: not a JSON object with a string field {field!r}; {fix}.") from None
+            yield lineno, record, text
+
+
 def read_documents(patterns: str | Iterable[str], text_field: str = "text", id_field: str = "id",
                    flag: str = "--corpus") -> Iterator[tuple[str, str, dict]]:
     """(id, text, record) of every line of the JSONL files; a line that is not such a record is an error naming
     file:line."""
     for path in expand(patterns, flag):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    text = record[text_field]
-                    if not isinstance(text, str):
-                        raise TypeError
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{lineno} is not a JSON object with a string field {text_field!r}; "
-                                     "pass --text_field.") from None
-                yield str(record[id_field]) if id_field in record else text_id(text), text, record
+        for _, record, text in jsonl_records(path, text_field, "pass --text_field"):
+            yield str(record[id_field]) if id_field in record else text_id(text), text, record
 
 
 def sample_documents(docs: Iterable[tuple[str, str, dict]], k: int, seed: int) -> list[tuple[str, str, dict]]:

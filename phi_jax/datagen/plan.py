@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from phi_jax.datagen.documents import jsonl_records
 from phi_jax.datagen.template import Template
 
 
@@ -68,20 +69,9 @@ class Snippets:
     def read(cls, path: str | Path, text_field: str = "text", id_field: str = "id", max_chars: int = 1000
              ) -> Snippets:
         texts, ids = [], []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    text = record[text_field]
-                    if not isinstance(text, str):
-                        raise TypeError
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{lineno}: not a JSON object with a string field {text_field!r}; "
-                                     "pass --snippet_text_field.") from None
-                texts.append(text)
-                ids.append(str(record.get(id_field, f"{Path(path).name}:{lineno}")))
+        for lineno, record, text in jsonl_records(path, text_field, "pass --snippet_text_field"):
+            texts.append(text)
+            ids.append(str(record.get(id_field, f"{Path(path).name}:{lineno}")))
         if not texts:
             raise ValueError(f"--snippets={path} holds no sample.")
         return cls(texts, ids, max_chars)
