@@ -130,6 +130,36 @@ def test_a_task_decodes_only_its_own_pieces(tok, tmp_path, monkeypatch, kind):
     assert decoded == mine
 
 
+def test_an_interrupted_task_with_holes_resumes_and_matches(tok, tmp_path, monkeypatch):
+    """A task of a JSON Lines source with bad lines, interrupted in piece 3, resumes: its finished pieces (holes
+    included) pass the input check and are not tokenized again, and the merge equals an uninterrupted task."""
+    from phi_jax.data import corpus
+
+    args = [*_bad_sources(tmp_path, tok)["jsonl"], "--num_tasks=2"]
+    for t in (0, 1):
+        prepare_data_cli([*args, f"--out={tmp_path / 'whole'}", f"--task_index={t}"])
+    prepare_data_cli(["--merge", f"--out={tmp_path / 'whole'}"])
+    decode = corpus.JsonlSource.decode
+
+    def interrupted(self, unit):
+        if unit[2].startswith(json.dumps({"text": DOCS[65]}).encode()):  # piece 3: task 1's second piece
+            raise KeyboardInterrupt
+        return decode(self, unit)
+
+    with monkeypatch.context() as m:
+        m.setattr(corpus.JsonlSource, "decode", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_data_cli([*args, f"--out={tmp_path / 'd'}", "--task_index=1"])
+    assert sorted(p.name for p in work_dir(tmp_path / "d").glob("piece-*.json")) == ["piece-00001.json"]
+    counting = CountingTokenizer(tok)
+    monkeypatch.setattr("tools.prepare_data.load_tokenizer", lambda path: counting)
+    prepare_data_cli([*args, f"--out={tmp_path / 'd'}", "--task_index=1"])
+    assert counting.calls == 19 + 19  # pieces 3 and 5 (a bad line in each), not piece 1 again
+    prepare_data_cli([*args, f"--out={tmp_path / 'd'}", "--task_index=0"])
+    prepare_data_cli(["--merge", f"--out={tmp_path / 'd'}"])
+    assert _files(tmp_path / "d") == _files(tmp_path / "whole")
+
+
 def test_tasks_that_read_different_sources_do_not_merge(tok, tmp_path):
     out = tmp_path / "d"
     prepare_shards(DOCS, tok, out, workers=1, num_tasks=2, task_index=0, **KW)

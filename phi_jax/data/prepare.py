@@ -442,8 +442,11 @@ def _merged_report(records: list[dict]) -> dict:
     merged: dict = {}
     for key, value in records[0]["report"].items():
         if key == "examples":
-            found = sorted((u, e) for r in records for u, e in zip(r["example_units"], r["report"]["examples"],
-                                                                    strict=True))
+            found = []
+            for r in records:  # an example the task's own decoding did not record (a caller's report) goes last
+                units = r["example_units"] + [2**63] * (len(r["report"]["examples"]) - len(r["example_units"]))
+                found += zip(units, r["report"]["examples"], strict=False)
+            found.sort(key=lambda ue: ue[0])
             merged[key] = [e for _, e in found][:SkipReport.MAX_EXAMPLES]
         elif isinstance(value, int):
             merged[key] = sum(r["report"].get(key, 0) for r in records)
