@@ -166,6 +166,17 @@ def test_tasks_that_read_different_sources_do_not_merge(tok, tmp_path):
     prepare_shards(DOCS[:-1], tok, out, workers=1, num_tasks=2, task_index=1, **KW)
     with pytest.raises(ValueError, match="the tasks saw different sources"):
         merge_shards(out)
+    # JSON Lines split by line: each task lists every line (not decoding the others'), so a line that differs in
+    # length in a piece of the other task is still seen.
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d + "!" * (i == 70)}) + "\n"
+                                              for i, d in enumerate(DOCS)))
+    for t, name in enumerate(("a", "b")):
+        prepare_shards(jsonl_documents(str(tmp_path / f"{name}.jsonl")), tok, tmp_path / "j", workers=1,
+                       num_tasks=2, task_index=t, **KW)
+    with pytest.raises(ValueError, match=r"different sources \(task-00001-of-00002.json counted 130 documents, "
+                                         r"another 130, of other sizes\)"):
+        merge_shards(tmp_path / "j")
 
 
 class CountingTokenizer:
