@@ -11,7 +11,7 @@ from phi_jax.data import default as default_mod
 from phi_jax.data import loader as loader_mod
 from phi_jax.data.corpus import SkipReport, file_documents, jsonl_documents, stdlib_documents, tfds_documents
 from phi_jax.data.loader import KEYS, PackedRows, make_dataset, make_eval_batches, pack_plan
-from phi_jax.data.prepare import prepare_shards
+from phi_jax.data.prepare import merge_shards, prepare_shards
 from phi_jax.data.shards import SplitReader, check_compatible, is_val, read_metadata
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from phi_jax.data.training_data import resolve_data
@@ -347,6 +347,12 @@ def test_tfds_source_into_shards(tok, tmp_path):
     assert sorted(docs) == sorted(DOCS[:10])
     prepare_shards(docs, tok, tmp_path / "d", val_fraction=0, workers=1)
     reader = SplitReader(tmp_path / "d", "train")
+    assert [reader.document(i).tolist() for i in range(len(reader))] == [[*tok.encode(d), tok.eos_id] for d in docs]
+    for t in (1, 0):  # two tasks, each reading its own records (random access): the same shards
+        prepare_shards(tfds_documents("tiny_code", data_dir=str(tmp_path / "tfds")), tok, tmp_path / "two",
+                       val_fraction=0, docs_per_shard=3, workers=1, num_tasks=2, task_index=t)
+    merge_shards(tmp_path / "two")
+    reader = SplitReader(tmp_path / "two", "train")
     assert [reader.document(i).tolist() for i in range(len(reader))] == [[*tok.encode(d), tok.eos_id] for d in docs]
     with pytest.raises(ValueError, match=r"no field 'content'.*pass --text_field"):
         next(tfds_documents("tiny_code", data_dir=str(tmp_path / "tfds"), split="train", text_field="content"))

@@ -9,7 +9,7 @@ import pytest
 from phi_jax.data.corpus import SkipReport, file_documents, jsonl_documents
 from phi_jax.data.loader import make_dataset
 from phi_jax.data.prepare import merge_shards, prepare_shards, work_dir
-from phi_jax.data.shards import SplitReader, read_metadata, verify_checksums
+from phi_jax.data.shards import SplitReader, is_val, read_metadata, verify_checksums
 from phi_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from phi_jax.data.training_data import resolve_data
 from phi_jax.run_config import base_config
@@ -59,12 +59,124 @@ def test_three_tasks_then_merge_equal_one_task_token_for_token(tok, whole, tmp_p
     assert len(meta["splits"]["train"]["shards"]) == 7  # 130 documents in pieces of 20
 
 
+BAD = (3, 25, 27, 44, 61, 88, 101)  # in pieces 0, 1, 1, 2, 3, 4, 5 of 20: tasks 0, 1, 1, 2, 0, 1, 2 of 3
+
+
+def _bad_sources(tmp_path: Path, tok) -> dict[str, list[str]]:
+    """DOCS as files and as JSON Lines, with bad units (binary / non-UTF-8 files, bad lines) at BAD and blank
+    lines (not units) between."""
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = []
+    for i, doc in enumerate(DOCS):
+        bad = i in BAD
+        (src / f"{i:03d}.py").write_bytes((b"\x00bin" if i % 2 else b"caf\xe9") if bad else doc.encode())
+        lines.append(("[1]" if i % 2 else '{"text": 7}') if bad else json.dumps({"text": doc}))
+        if i % 9 == 0:
+            lines.append("  ")
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    common = [f"--tokenizer={tok.path}", "--docs_per_shard=20", "--val_fraction=0.1", "--workers=1"]
+    return {"files": ["--source=files", f"--glob={src}/*.py", *common],
+            "jsonl": ["--source=jsonl", f"--jsonl={tmp_path / 'c.jsonl'}", "--skip_bad_lines", *common]}
+
+
+@pytest.mark.parametrize("kind", ["files", "jsonl"])
+def test_tasks_of_a_source_with_bad_units_merge_to_one_task_byte_for_byte(tok, tmp_path, kind):
+    """Files and JSON Lines are split by unit (file, line) before decoding; a bad unit is a hole in its piece,
+    counted by the task that decoded it, and the merged skip report is the single task's."""
+    args = _bad_sources(tmp_path, tok)[kind]
+    prepare_data_cli([*args, f"--out={tmp_path / 'one'}"])
+    for t in (2, 0, 1):
+        prepare_data_cli([*args, f"--out={tmp_path / 'three'}", "--num_tasks=3", f"--task_index={t}"])
+    prepare_data_cli(["--merge", f"--out={tmp_path / 'three'}"])
+    assert _files(tmp_path / "one") == _files(tmp_path / "three")  # metadata.json (its skip report) included
+    meta = read_metadata(tmp_path / "three")
+    counts = {k: meta["skipped"][k] for k in ("bad_lines", "non_utf8_files", "binary_files")}
+    assert counts == ({"bad_lines": 7, "non_utf8_files": 0, "binary_files": 0} if kind == "jsonl" else
+                      {"bad_lines": 0, "non_utf8_files": 2, "binary_files": 5})
+    where = [(e.split(": ")[0].split(":")[-1] if kind == "jsonl" else e.split(": ")[0][-6:-3])
+             for e in meta["skipped"]["examples"]]
+    lineno = {i: i + 1 + (i + 8) // 9 for i in BAD}  # a blank line after every 9th document, from document 0
+    assert where == ([str(lineno[i]) for i in BAD[:5]] if kind == "jsonl" else [f"{i:03d}" for i in BAD[:5]])
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == len(DOCS) - len(BAD)
+    want = [d for i, d in enumerate(DOCS) if i not in BAD and not is_val(i, 0.1)]
+    assert _tokens(tmp_path / "three")["train"] == [[*tok.encode(d), tok.eos_id] for d in want]
+
+
+@pytest.mark.parametrize("kind", ["files", "jsonl"])
+def test_a_task_decodes_only_its_own_pieces(tok, tmp_path, monkeypatch, kind):
+    """Task 0 of 4 (pieces 0 and 4 of 20 documents) reads and decodes documents 0-19 and 80-99 only, not the whole
+    source; the other units are listed (a file name, a line split off) but never decoded."""
+    from phi_jax.data import corpus
+
+    args = _bad_sources(tmp_path, tok)[kind]
+    decoded = []
+    if kind == "files":
+        read_text = corpus._read_text
+        monkeypatch.setattr(corpus, "_read_text", lambda p, *a: decoded.append(int(p.stem)) or read_text(p, *a))
+    else:
+        loads = json.loads
+        index = {d: i for i, d in enumerate(DOCS)}
+
+        def counting_loads(text, *a, **k):
+            record = loads(text, *a, **k)
+            if isinstance(record, dict) and record.get("text") in index:
+                decoded.append(index[record["text"]])
+            return record
+
+        monkeypatch.setattr(json, "loads", counting_loads)
+    prepare_data_cli([*args, f"--out={tmp_path / 'd'}", "--num_tasks=4", "--task_index=0"])
+    mine = [i for i in [*range(0, 20), *range(80, 100)] if kind == "files" or i not in BAD]
+    assert decoded == mine
+
+
+def test_an_interrupted_task_with_holes_resumes_and_matches(tok, tmp_path, monkeypatch):
+    """A task of a JSON Lines source with bad lines, interrupted in piece 3, resumes: its finished pieces (holes
+    included) pass the input check and are not tokenized again, and the merge equals an uninterrupted task."""
+    from phi_jax.data import corpus
+
+    args = [*_bad_sources(tmp_path, tok)["jsonl"], "--num_tasks=2"]
+    for t in (0, 1):
+        prepare_data_cli([*args, f"--out={tmp_path / 'whole'}", f"--task_index={t}"])
+    prepare_data_cli(["--merge", f"--out={tmp_path / 'whole'}"])
+    decode = corpus.JsonlSource.decode
+
+    def interrupted(self, unit):
+        if unit[2].startswith(json.dumps({"text": DOCS[65]}).encode()):  # piece 3: task 1's second piece
+            raise KeyboardInterrupt
+        return decode(self, unit)
+
+    with monkeypatch.context() as m:
+        m.setattr(corpus.JsonlSource, "decode", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_data_cli([*args, f"--out={tmp_path / 'd'}", "--task_index=1"])
+    assert sorted(p.name for p in work_dir(tmp_path / "d").glob("piece-*.json")) == ["piece-00001.json"]
+    counting = CountingTokenizer(tok)
+    monkeypatch.setattr("tools.prepare_data.load_tokenizer", lambda path: counting)
+    prepare_data_cli([*args, f"--out={tmp_path / 'd'}", "--task_index=1"])
+    assert counting.calls == 19 + 19  # pieces 3 and 5 (a bad line in each), not piece 1 again
+    prepare_data_cli([*args, f"--out={tmp_path / 'd'}", "--task_index=0"])
+    prepare_data_cli(["--merge", f"--out={tmp_path / 'd'}"])
+    assert _files(tmp_path / "d") == _files(tmp_path / "whole")
+
+
 def test_tasks_that_read_different_sources_do_not_merge(tok, tmp_path):
     out = tmp_path / "d"
     prepare_shards(DOCS, tok, out, workers=1, num_tasks=2, task_index=0, **KW)
     prepare_shards(DOCS[:-1], tok, out, workers=1, num_tasks=2, task_index=1, **KW)
     with pytest.raises(ValueError, match="the tasks saw different sources"):
         merge_shards(out)
+    # JSON Lines split by line: each task lists every line (not decoding the others'), so a line that differs in
+    # length in a piece of the other task is still seen.
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d + "!" * (i == 70)}) + "\n"
+                                              for i, d in enumerate(DOCS)))
+    for t, name in enumerate(("a", "b")):
+        prepare_shards(jsonl_documents(str(tmp_path / f"{name}.jsonl")), tok, tmp_path / "j", workers=1,
+                       num_tasks=2, task_index=t, **KW)
+    with pytest.raises(ValueError, match=r"different sources \(task-00001-of-00002.json counted 130 documents, "
+                                         r"another 130, of other sizes\)"):
+        merge_shards(tmp_path / "j")
 
 
 class CountingTokenizer:
@@ -153,11 +265,16 @@ def test_a_split_left_empty_is_an_error_before_anything_is_written(tok, tmp_path
     src.mkdir()
     for i in range(3):
         (src / f"bin{i}.py").write_bytes(b"\x00" * 10)
-    (src / "good.py").write_text(DOCS[0])
+    (src / "a_good.py").write_text(DOCS[0])  # file 0: validation (a file's index, holes included, picks its split)
     with pytest.raises(ValueError, match=r"gave 1 documents \(3 binary files skipped\): 0 train, 1 validation .*"
                                          r"--val_fraction=0"):
         prepare_data_cli(["--source=files", f"--glob={src}/*.py", f"--tokenizer={tok.path}", f"--out={tmp_path / 'd'}"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no partial work
+    (src / "a_good.py").rename(src / "good.py")  # file 3: train; file 0, the one validation slot, is binary
+    with pytest.raises(ValueError, match=r"gave 1 documents \(3 binary files skipped\): 1 train, 0 validation with "
+                                         r"val_fraction=0.01: the validation documents .* were all skipped"):
+        prepare_data_cli(["--source=files", f"--glob={src}/*.py", f"--tokenizer={tok.path}", f"--out={tmp_path / 'd'}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     with pytest.raises(ValueError, match=r"gave 0 documents \(none skipped\): 0 train, 0 validation"):
         prepare_shards([], tok, tmp_path / "v", workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

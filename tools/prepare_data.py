@@ -90,7 +90,8 @@ def main(argv=None) -> None:
                               val_fraction=a.val_fraction, docs_per_shard=a.docs_per_shard, workers=a.workers,
                               overwrite=a.overwrite, source=describe(a), num_tasks=a.num_tasks,
                               task_index=a.task_index, report=report)
-        print(f"source: {report.summary()}")
+        whole = a.num_tasks == 1 or a.source == "sft"  # else this task decoded (and counted) its own pieces only
+        print(f"source{'' if whole else f' (task {a.task_index} of {a.num_tasks})'}: {report.summary()}")
         if meta is None:
             print(f"task {a.task_index} of {a.num_tasks} done; when all are, run: python -m tools.prepare_data "
                   f"--merge --out={shlex.quote(a.out)}")

@@ -3,6 +3,10 @@
 Nothing is dropped silently: a file that is not UTF-8 text (or holds NUL bytes: binary) and a JSONL line that is
 not a JSON object with a string text field are counted in a `SkipReport` (recorded in the shards' metadata), or
 are an error naming the file (and line): `strict=True` for files, `skip_bad_lines=False` (the default) for lines.
+
+The sources of files, JSON Lines and TFDS are `Source`s: besides yielding documents, they list their *units* (a file,
+a non-blank line, a record index) cheaply and in order before anything is decoded, so that a preparation task
+(phi_jax/data/prepare.py) decodes only the units of its own pieces; a unit that turns out bad is a hole in its piece.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import json
 import logging
 import os
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("phi_jax")
 
@@ -65,29 +70,113 @@ def stdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def stdlib_documents(report: SkipReport | None = None) -> Iterator[str]:
+class Source:
+    """Documents whose units can be listed, in order, without reading or decoding them: `units()` yields
+    (unit, size) (the size, or 0, fingerprints the listing: every task of a preparation must list the same);
+    `decode(unit)` is the unit's document, or None when it is bad (counted in `report`, or an error). Iterating a
+    Source yields its good documents, like the generators it replaces."""
+
+    def __init__(self, report: SkipReport | None = None):
+        self.report = report
+        self._docs: Iterator[str] | None = None
+
+    def units(self) -> Iterator[tuple[Any, int]]:
+        raise NotImplementedError
+
+    def decode(self, unit: Any) -> str | None:
+        raise NotImplementedError
+
+    def _documents(self) -> Iterator[str]:
+        for unit, _ in self.units():
+            if (text := self.decode(unit)) is not None:
+                yield text
+
+    def __iter__(self) -> Source:
+        return self
+
+    def __next__(self) -> str:
+        if self._docs is None:
+            self._docs = self._documents()
+        return next(self._docs)
+
+
+class FileSource(Source):
+    """One document per file, in the order given; a file is a unit, read only when decoded."""
+
+    def __init__(self, paths: Callable[[], list[Path]], report: SkipReport | None = None, strict: bool = False):
+        super().__init__(report)
+        self._paths, self._list, self.strict = paths, None, strict
+
+    def units(self) -> Iterator[tuple[Path, int]]:
+        if self._list is None:
+            self._list = self._paths()
+        for path in self._list:
+            yield path, path.stat().st_size
+
+    def decode(self, unit: Path) -> str | None:
+        return _read_text(unit, self.report, self.strict)
+
+
+def stdlib_documents(report: SkipReport | None = None) -> FileSource:
     """Every UTF-8 standard-library source file, one document each: an embedded corpus of ~31 MB."""
-    for path in stdlib_files():
-        if (text := _read_text(path, report, strict=False)) is not None:
-            yield text
+    return FileSource(stdlib_files, report)
 
 
 def file_documents(globs: str | Iterable[str], report: SkipReport | None = None,
-                   strict: bool = False) -> Iterator[str]:
+                   strict: bool = False) -> FileSource:
     """Files matching the glob patterns (`**` recurses), sorted, each once; binary and non-UTF-8 files are counted
     in `report` and skipped, or are an error with `strict`."""
     globs = [globs] if isinstance(globs, str) else list(globs)
-    paths = sorted({Path(p) for g in globs for p in glob.glob(os.path.expanduser(g), recursive=True)})
-    paths = [p for p in paths if p.is_file()]
-    if not paths:
-        raise FileNotFoundError(f"No files match {globs}.")
-    for path in paths:
-        if (text := _read_text(path, report, strict)) is not None:
-            yield text
+
+    def paths() -> list[Path]:
+        found = sorted({Path(p) for g in globs for p in glob.glob(os.path.expanduser(g), recursive=True)})
+        if not (found := [p for p in found if p.is_file()]):
+            raise FileNotFoundError(f"No files match {globs}.")
+        return found
+
+    return FileSource(paths, report, strict)
+
+
+class JsonlSource(Source):
+    """The `text_field` of every non-blank line of JSON Lines files; a line is a unit, split off by its newline
+    and parsed only when decoded."""
+
+    def __init__(self, paths: list, text_field: str, report: SkipReport | None, skip_bad_lines: bool):
+        super().__init__(report)
+        self.paths, self.text_field, self.skip_bad_lines = paths, text_field, skip_bad_lines
+
+    def units(self) -> Iterator[tuple[tuple[Any, int, bytes], int]]:
+        for path in self.paths:
+            with open(path, "rb") as f:
+                for lineno, raw in enumerate(f, 1):
+                    if raw.strip():
+                        yield (path, lineno, raw), len(raw)
+
+    def decode(self, unit: tuple[Any, int, bytes]) -> str | None:
+        path, lineno, raw = unit
+        text_field = self.text_field
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            if text_field not in record:
+                raise ValueError(f"no field {text_field!r} (its fields: {sorted(record)[:10]}; the text "
+                                 "field is named by --text_field)")
+            if not isinstance(record[text_field], str):
+                raise ValueError(f"field {text_field!r} is {type(record[text_field]).__name__}, not a string")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            where = f"{path}:{lineno}: {e}"
+            if not self.skip_bad_lines:
+                raise ValueError(f"{where}. Fix the line, or pass --skip_bad_lines to skip and count such "
+                                 "lines.") from None
+            if self.report is not None:
+                self.report.add("bad_lines", where)
+            return None
+        return record[text_field]
 
 
 def jsonl_documents(paths: str | Iterable[str], text_field: str = "text", report: SkipReport | None = None,
-                    skip_bad_lines: bool = False) -> Iterator[str]:
+                    skip_bad_lines: bool = False) -> JsonlSource:
     """The `text_field` of every line of JSON Lines files, in file then line order.
 
     A line that is not UTF-8, not JSON, not an object, or has no text field or a text that is not a string is an
@@ -95,44 +184,38 @@ def jsonl_documents(paths: str | Iterable[str], text_field: str = "text", report
     skips every line, and the preparation stops with "0 documents ... N bad lines skipped").
     """
     paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-    for path in paths:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                    if not isinstance(record, dict):
-                        raise ValueError(f"a JSON {type(record).__name__}, not an object")
-                    if text_field not in record:
-                        raise ValueError(f"no field {text_field!r} (its fields: {sorted(record)[:10]}; the text "
-                                         "field is named by --text_field)")
-                    if not isinstance(record[text_field], str):
-                        raise ValueError(f"field {text_field!r} is {type(record[text_field]).__name__}, not a string")
-                except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                    where = f"{path}:{lineno}: {e}"
-                    if not skip_bad_lines:
-                        raise ValueError(f"{where}. Fix the line, or pass --skip_bad_lines to skip and count such "
-                                         "lines.") from None
-                    if report is not None:
-                        report.add("bad_lines", where)
-                    continue
-                yield record[text_field]
+    return JsonlSource(paths, text_field, report, skip_bad_lines)
+
+
+class TfdsSource(Source):
+    """A TFDS dataset's text field through `tfds.data_source` (random access): a record index is a unit."""
+
+    def __init__(self, name: str, data_dir: str | None, split: str, text_field: str):
+        super().__init__(None)
+        self.name, self.data_dir, self.split, self.text_field = name, data_dir, split, text_field
+        self._source = None
+
+    def units(self) -> Iterator[tuple[int, int]]:
+        import tensorflow_datasets as tfds
+
+        if self._source is None:
+            self._source = tfds.data_source(self.name, data_dir=self.data_dir, split=self.split)
+        for i in range(len(self._source)):
+            yield i, 0
+
+    def decode(self, unit: int) -> str:
+        record = self._source[unit]
+        if self.text_field not in record:
+            raise ValueError(f"TFDS {self.name}[{self.split}] record {unit} has no field {self.text_field!r} "
+                             f"(fields: {sorted(record)}); pass --text_field.")
+        text = record[self.text_field]
+        return text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
 
 def tfds_documents(name: str, data_dir: str | None = None, split: str = "train",
-                   text_field: str = "text") -> Iterator[str]:
+                   text_field: str = "text") -> TfdsSource:
     """A TFDS dataset's text field read through `tfds.data_source` (array_record files; TensorFlow not needed)."""
-    import tensorflow_datasets as tfds
-
-    source = tfds.data_source(name, data_dir=data_dir, split=split)
-    for i in range(len(source)):
-        record = source[i]
-        if text_field not in record:
-            raise ValueError(f"TFDS {name}[{split}] record {i} has no field {text_field!r} (fields: {sorted(record)}); "
-                             "pass --text_field.")
-        text = record[text_field]
-        yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
+    return TfdsSource(name, data_dir, split, text_field)
 
 
 SOURCES = ("stdlib", "files", "jsonl", "tfds")
@@ -141,7 +224,7 @@ SOURCES = ("stdlib", "files", "jsonl", "tfds")
 def documents(source: str, *, globs: Iterable[str] = (), jsonl: Iterable[str] = (), tfds_name: str = "",
               tfds_data_dir: str | None = None, tfds_split: str = "train", text_field: str = "text",
               report: SkipReport | None = None, strict: bool = False,
-              skip_bad_lines: bool = False) -> Iterator[str]:
+              skip_bad_lines: bool = False) -> Source:
     """The documents of a source named on a command line (see tools/prepare_data.py); skips go to `report`."""
     if source == "stdlib":
         return stdlib_documents(report)

@@ -6,6 +6,10 @@ gathered, in order, into files of up to docs_per_shard documents. A piece is a p
 - workers tokenize and write whole pieces in parallel (`workers`);
 - task t of `num_tasks` (a SLURM array, the hosts of a TPU pod) writes the pieces i with i % num_tasks == t, and
   `merge_shards` assembles them, so any number of tasks gives the same bytes;
+- a task reads and decodes only its own pieces' documents when the source is a `corpus.Source` (files, JSON Lines,
+  TFDS, the stdlib): the index is then the source's *unit* (file, non-blank line, record), listed cheaply before
+  decoding, and a unit that turns out bad (not UTF-8, a bad line) is a hole in its piece, counted in its task's
+  skip report (the merge adds them up). Any other iterable is read whole by every task (logged once);
 - a killed run leaves its finished pieces in `.OUT.partial/` and the next run with the same settings skips them
   (after checking that their documents have not changed).
 Memory stays bounded: a task holds at most 2 x workers pieces, and lengths live in per-piece numpy files.
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phi_jax.data.corpus import SkipReport, Source
 from phi_jax.data.shards import (
     FORMAT_VERSION,
     SPLITS,
@@ -104,9 +109,12 @@ def _copy_file(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _docs_sha256(docs: list[str]) -> str:
+def _docs_sha256(docs: list[str | None]) -> str:
     h = hashlib.sha256()
     for d in docs:
+        if d is None:  # a hole (a bad unit); a piece without holes hashes as a plain list of documents
+            h.update(b"\xff" * 8)
+            continue
         h.update(len(d).to_bytes(8, "little"))
         h.update(d.encode("utf-8", "surrogatepass"))
     return h.hexdigest()
@@ -161,9 +169,11 @@ def _write_piece_in_worker(*args) -> dict:
     return write_piece(_worker_tokenizer, *args)
 
 
-def write_piece(tokenizer: Tokenizer, work: Path, piece: int, first_doc: int, docs: list[str],
+def write_piece(tokenizer: Tokenizer, work: Path, piece: int, first_doc: int, docs: list[str | None],
                 val_fraction: float, encode: Callable | None = None) -> dict:
     """Tokenizes one piece into work/{train,val}-<piece>.array_record + lengths; returns (and writes) its manifest.
+
+    docs[j] is document first_doc + j, or None: a hole (a bad unit of a `corpus.Source`), which takes its index.
 
     `encode(tokenizer, doc) -> (token ids, loss mask)` replaces the plain text + eos (SFT: phi_jax/data/sft.py);
     each record then holds the ids followed by one mask byte per token."""
@@ -172,9 +182,10 @@ def write_piece(tokenizer: Tokenizer, work: Path, piece: int, first_doc: int, do
     vocab, eos = tokenizer.vocab_size, tokenizer.eos_id
     dtype = token_dtype(vocab)
     is_val_doc = [is_val(first_doc + j, val_fraction) for j in range(len(docs))]
-    manifest = {"piece": piece, "first_doc": first_doc, "documents": len(docs), "input_sha256": _docs_sha256(docs)}
+    manifest = {"piece": piece, "first_doc": first_doc, "documents": sum(d is not None for d in docs),
+                "input_sha256": _docs_sha256(docs)}
     for split in SPLITS:
-        chosen = [d for d, v in zip(docs, is_val_doc, strict=True) if v == (split == "val")]
+        chosen = [d for d, v in zip(docs, is_val_doc, strict=True) if d is not None and v == (split == "val")]
         name = f"{split}-{piece:05d}"
         if not chosen:
             manifest[split] = None
@@ -212,6 +223,35 @@ def _pieces(documents: Iterable[str], docs_per_shard: int) -> Iterator[tuple[int
             piece, first, buf = piece + 1, first + len(buf), []
     if buf:
         yield piece, first, buf
+
+
+class _Listing:
+    """What a task learns of a `corpus.Source` while listing it: units, their fingerprint, and the unit index of
+    each skip example its own decoding recorded (to merge the tasks' examples in source order)."""
+
+    def __init__(self):
+        self.units, self.sha256, self.example_units = 0, hashlib.sha256(), []
+
+
+def _unit_pieces(source: Source, docs_per_shard: int, mine: Callable[[int], bool], report: dict,
+                 listing: _Listing) -> Iterator[tuple[int, int, list[str | None] | None]]:
+    """(piece index, index of its first unit, its documents with None for bad units, or None if the piece is not
+    `mine`: not decoded), listing every unit but decoding only those of `mine` pieces."""
+    examples = report.get("examples") if isinstance(report.get("examples"), list) else None
+    piece, first, buf = 0, 0, []
+    for u, (unit, size) in enumerate(source.units()):
+        listing.units, p = u + 1, u // docs_per_shard
+        listing.sha256.update(size.to_bytes(8, "little"))
+        if p != piece:
+            yield piece, first, buf if mine(piece) else None
+            piece, first, buf = p, u, []
+        if mine(p):
+            seen = len(examples) if examples is not None else 0
+            buf.append(source.decode(unit))
+            if examples is not None:
+                listing.example_units += [u] * (len(examples) - seen)
+    if listing.units:
+        yield piece, first, buf if mine(piece) else None
 
 
 def _load_done(work: Path, piece: int) -> dict | None:
@@ -254,13 +294,17 @@ def _after_failure(work: Path, num_tasks: int, error: BaseException) -> None:
                     "delete that directory to start over", len(pieces), work)
 
 
-def _check_splits(documents: int, val_fraction: float, report: dict) -> None:
-    """Raises, before anything is written, when the train split would be empty. (Validation cannot be: with
-    val_fraction > 0, document 0 is always a validation document.)"""
-    val = sum(is_val(i, val_fraction) for i in range(documents))
+def _check_splits(documents: int, val: int, val_fraction: float, report: dict) -> None:
+    """Raises, before anything is written, when the train split would be empty (`documents`, `val` of them
+    validation), or the validation split with val_fraction > 0 (document 0 is always a validation document, but
+    with a `corpus.Source` it may be a bad unit, skipped)."""
+    skipped = ", ".join(f"{v} {k.replace('_', ' ')} skipped" for k, v in report.items() if isinstance(v, int) and v)
+    if documents and val_fraction > 0 and val == 0:
+        raise _EmptySplit(f"The source gave {documents} documents ({skipped or 'none skipped'}): {documents} train, "
+                          f"0 validation with val_fraction={val_fraction}: the validation documents (every "
+                          "~1/val_fraction-th of the source, its first included) were all skipped. Add documents, "
+                          "or set --val_fraction=0 to train on all of them.")
     if documents - val == 0:
-        skipped = ", ".join(f"{v} {k.replace('_', ' ')} skipped" for k, v in report.items()
-                            if isinstance(v, int) and v)
         raise _EmptySplit(f"The source gave {documents} documents ({skipped or 'none skipped'}): 0 train, {val} "
                           f"validation with val_fraction={val_fraction}; no training documents. Add documents, or "
                           "set --val_fraction=0 to train on all of them.")
@@ -276,7 +320,10 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
     and a loss mask instead: the shards then carry the mask (metadata "loss_mask": true).
 
     With num_tasks > 1 this task writes its share of the pieces and returns None; `merge_shards` then finishes.
-    `report` is the document source's count of what it skipped (corpus.SkipReport), recorded in the metadata.
+    A `corpus.Source` is decoded only for this task's pieces (see the module's docstring); any other iterable is
+    read whole by every task.
+    `report` is the document source's count of what it skipped (corpus.SkipReport), recorded in the metadata
+    (with a Source, what this task's decoding skipped: the merge adds the tasks' reports up).
     """
     out_dir = Path(out_dir).absolute()
     check_replaceable(out_dir, overwrite)
@@ -305,8 +352,17 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
     if not (work / tokenizer.path.name).is_file():
         _copy_file(tokenizer.path, work / tokenizer.path.name)
 
-    documents, report = iter(documents), report if report is not None else {}
-    total, reused, written = 0, 0, 0
+    report = report if report is not None else {}
+    split = isinstance(documents, Source)
+    listing = _Listing()
+    if split:
+        pieces = _unit_pieces(documents, docs_per_shard, lambda p: p % num_tasks == task_index, report, listing)
+    else:
+        if num_tasks > 1:
+            log.info("the source is not a corpus.Source (files, JSONL, TFDS): every task reads and decodes all of "
+                     "it and tokenizes its share")
+        pieces = _pieces(iter(documents), docs_per_shard)
+    total, reused, written, seen, seen_val = 0, 0, 0, 0, 0
     pool = None
     if workers > 1:  # spawn, not fork: the caller may run JAX's threads, which a forked child would inherit mid-lock
         pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker,
@@ -316,12 +372,17 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
     if pool is not None:  # a signal that ends the process at once (training's, before its first step) ends them
         stack.enter_context(on_immediate_exit(lambda: _freeze_workers(pool)))
     try:
-        for piece, first, docs in _pieces(documents, docs_per_shard):
-            total = first + len(docs)
+        for piece, first, docs in pieces:
             if piece % num_tasks != task_index:
+                if not split:
+                    total = first + len(docs)
                 continue
+            total = first + len(docs)
+            seen += sum(d is not None for d in docs)
+            seen_val += sum(d is not None and is_val(first + j, val_fraction) for j, d in enumerate(docs))
             if (done := _load_done(work, piece)) is not None:
-                if done["input_sha256"] != _docs_sha256(docs) or done["documents"] != len(docs):
+                if done["input_sha256"] != _docs_sha256(docs) or done["documents"] != sum(d is not None
+                                                                                           for d in docs):
                     raise _SourceChanged(f"The documents of piece {piece} differ from those the interrupted "
                                          f"preparation in {work} tokenized: the source changed. Delete {work} to "
                                          "start over.")
@@ -336,7 +397,12 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
                         f.result()
                 pending.add(pool.submit(_write_piece_in_worker, work, piece, first, docs, val_fraction, encode))
             written += 1
-        _check_splits(total, val_fraction, report)
+        if split:
+            total = listing.units
+        if not split:  # every task saw every document
+            _check_splits(total, sum(is_val(i, val_fraction) for i in range(total)), val_fraction, report)
+        elif num_tasks == 1:  # else the merge checks, when all tasks have counted theirs
+            _check_splits(seen, seen_val, val_fraction, report)
         for f in concurrent.futures.as_completed(pending):
             f.result()
     except BaseException as e:  # an error in the source or a piece, a signal (KeyboardInterrupt), ...
@@ -349,10 +415,13 @@ def prepare_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str 
         stack.close()
         if pool is not None:
             pool.shutdown()
-    _write_json(work / f"task-{task_index:05d}-of-{num_tasks:05d}.json",
-                {"documents": total, "pieces": -(-total // docs_per_shard), "report": report})
-    log.info("task %d/%d: %d pieces written, %d reused from an interrupted run; %d documents in the source",
-             task_index, num_tasks, written, reused, total)
+    record = {"documents": total, "pieces": -(-total // docs_per_shard), "report": report}
+    if split:  # "documents" counts the units; this task decoded only its own, and its report is its own
+        record.update(units_sha256=listing.sha256.hexdigest(), example_units=listing.example_units)
+    _write_json(work / f"task-{task_index:05d}-of-{num_tasks:05d}.json", record)
+    log.info("task %d/%d: %d pieces written, %d reused from an interrupted run; %d documents in the source%s",
+             task_index, num_tasks, written, reused, total,
+             f" ({seen} of this task's decoded)" if split and num_tasks > 1 else "")
     if num_tasks > 1:
         return None
     return merge_shards(out_dir, overwrite=overwrite)
@@ -365,6 +434,25 @@ def _task_record(path: Path) -> dict:
             and isinstance(record.get("pieces"), int) and isinstance(record.get("report"), dict)):
         raise ValueError(f"{path} is not a task record of prepare_data: delete it and run that task again.")
     return record
+
+
+def _merged_report(records: list[dict]) -> dict:
+    """The tasks' skip reports as one: counts added up, examples in source order (the first few, as a single task
+    would have recorded them: each task kept its own first few, with their unit indices)."""
+    merged: dict = {}
+    for key, value in records[0]["report"].items():
+        if key == "examples":
+            found = []
+            for r in records:  # an example the task's own decoding did not record (a caller's report) goes last
+                units = r["example_units"] + [2**63] * (len(r["report"]["examples"]) - len(r["example_units"]))
+                found += zip(units, r["report"]["examples"], strict=False)
+            found.sort(key=lambda ue: ue[0])
+            merged[key] = [e for _, e in found][:SkipReport.MAX_EXAMPLES]
+        elif isinstance(value, int):
+            merged[key] = sum(r["report"].get(key, 0) for r in records)
+        else:
+            merged[key] = value
+    return merged
 
 
 def merge_shards(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict:
@@ -386,14 +474,21 @@ def merge_shards(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict
         raise FileNotFoundError(f"{work}: tasks {missing} have not finished (or ran with another --num_tasks): run "
                                 "them, then merge.")
     first = records[min(expected)]
+    split = "units_sha256" in first  # a corpus.Source: each task decoded its own pieces only
     for name in expected:
-        if (records[name]["documents"], records[name]["report"]) != (first["documents"], first["report"]):
+        same = ("documents", "units_sha256") if split else ("documents", "report")
+        if any(records[name].get(k) != first.get(k) for k in same):
             raise ValueError(f"{work}: the tasks saw different sources ({name} counted {records[name]['documents']} "
-                             f"documents, another {first['documents']}): every task must read the same documents.")
+                             f"documents, another {first['documents']}"
+                             f"{', of other sizes' if records[name]['documents'] == first['documents'] else ''}): "
+                             "every task must read the same documents.")
+    report = _merged_report([records[n] for n in sorted(expected)]) if split else first["report"]
     manifests = [_load_done(work, i) for i in range(first["pieces"])]
     if missing := [i for i, m in enumerate(manifests) if m is None]:
         raise FileNotFoundError(f"{work}: pieces {missing[:10]} are missing or incomplete: re-run their tasks.")
-    _check_splits(first["documents"], params["val_fraction"], first["report"])
+    _check_splits(sum(m["documents"] for m in manifests),
+                  sum(m["val"]["documents"] for m in manifests if m["val"] is not None),
+                  params["val_fraction"], report)
 
     tok = params["tokenizer"]
     merged = work / "merged"
@@ -428,7 +523,7 @@ def merge_shards(out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict
     meta = {"format_version": FORMAT_VERSION, "tokenizer": tok, "tokenizer_file": tok["path"], "vocab_size": vocab,
             "eos_id": params["eos_id"], "dtype": token_dtype(vocab).name, "source": params["source"],
             "val_fraction": params["val_fraction"], "docs_per_shard": params["docs_per_shard"],
-            "skipped": first["report"], "max_token_id": max(s["max_token_id"] for s in splits.values()),
+            "skipped": report, "max_token_id": max(s["max_token_id"] for s in splits.values()),
             "splits": splits}
     if "encoding" in params:  # SFT: each record is ids then one loss-mask byte per token (phi_jax/data/shards.py)
         meta.update(loss_mask=True, encoding=params["encoding"])
