@@ -8,6 +8,8 @@ import math
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("phi_jax")
@@ -79,11 +81,14 @@ def run(main: Callable[[], object], *, failed_write: Callable[[OSError], str] = 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupt)
     log.info("host memory: %s", status())
-    call(main, failed_write=failed_write)
+    call(main, failed_write=failed_write, bounded_exit=True)
 
 
-def call(main: Callable[[], object], *, failed_write: Callable[[OSError], str] = str) -> None:
-    """`main()` under the entry points' error policy (see `run`), without the start-up: what tests call."""
+def call(main: Callable[[], object], *, failed_write: Callable[[OSError], str] = str,
+         bounded_exit: bool = False) -> None:
+    """`main()` under the entry points' error policy (see `run`), without the start-up: what tests call.
+    `bounded_exit` (entry points only: it may end the process) bounds an interrupted process's exit
+    (`exit_within`)."""
     try:
         main()
     except (*USER_ERRORS, RunFailure) as e:
@@ -93,7 +98,24 @@ def call(main: Callable[[], object], *, failed_write: Callable[[OSError], str] =
     except KeyboardInterrupt as e:
         signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
         print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
-        sys.exit(128 + signum)
+        (exit_within if bounded_exit else sys.exit)(128 + signum)
+
+
+EXIT_GRACE_S = 10.0  # what an interrupted process's exit (atexit handlers, joining threads) may take
+
+
+def exit_within(code: int, grace_s: float = EXIT_GRACE_S) -> None:
+    """sys.exit(code), but an exit that does not finish within `grace_s` (a library thread that never ends, which
+    interpreter shutdown joins: e.g. a process pool's manager after its workers were killed) ends with os._exit
+    and the same status, after one line saying so. The clean-ups of `main()` have run by then."""
+
+    def watchdog() -> None:
+        time.sleep(grace_s)
+        os.write(2, f"exit did not finish within {grace_s:.0f} s (a thread still running); exiting now\n".encode())
+        os._exit(code)
+
+    threading.Thread(target=watchdog, name="phi_jax-exit-watchdog", daemon=True).start()
+    sys.exit(code)
 
 
 def _interrupt(signum, frame):

@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -155,14 +156,21 @@ def _freeze_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
             os.kill(process.pid, signal.SIGSTOP if sys.platform == "linux" else signal.SIGKILL)
 
 
-def _stop(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Ends the workers now (an error or an interrupt): pieces in flight are abandoned, not finished."""
+def _stop(pool: concurrent.futures.ProcessPoolExecutor, timeout_s: float = 10.0) -> None:
+    """Ends the workers now (an error or an interrupt): pieces in flight are abandoned, not finished. The pool's
+    shutdown waits at most `timeout_s` (its manager thread can block on a queue whose workers were killed); past
+    that, one warning, and the exit is bounded by phi_jax.cli.exit_within."""
     processes = _workers(pool)
     for process in processes:
         process.kill()
     for process in processes:
         process.join(2)
-    pool.shutdown(wait=True, cancel_futures=True)
+    stopper = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True)
+    stopper.start()
+    stopper.join(timeout_s)
+    if stopper.is_alive():
+        log.warning("the tokenizer workers' pool did not shut down within %.0f s after its workers were stopped; "
+                    "going on without it", timeout_s)
 
 
 def _write_piece_in_worker(*args) -> dict:
