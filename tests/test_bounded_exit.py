@@ -49,3 +49,28 @@ def test_an_exit_with_nothing_left_running_is_a_plain_exit():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130 and "exit did not finish" not in proc.stderr, proc.stderr[-2000:]
     assert time.monotonic() - start < 25  # not the grace: the watchdog is a daemon thread and dies with the exit
+
+
+def _sleep(payload: bytes) -> int:
+    time.sleep(60)
+    return len(payload)
+
+
+def test_killing_the_workers_while_pieces_wait_in_the_queue_does_not_block_the_shutdown(caplog):
+    """Pieces larger than the pipe's buffer wait in the pool's call queue while its one worker is busy; `_stop`
+    kills the worker. Before Python 3.11.4 (Debian 12's python3 is 3.11.2) the queue's feeder thread then blocked
+    forever writing into a pipe nobody reads, and so did the pool's shutdown."""
+    import multiprocessing
+
+    pool = concurrent.futures.ProcessPoolExecutor(1, multiprocessing.get_context("spawn"))
+    futures = [pool.submit(_sleep, bytes(1 << 20)) for _ in range(6)]
+    deadline = time.monotonic() + 60
+    while not prepare._workers(pool) or not any(f.running() for f in futures):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # the feeder is now blocked on the full pipe
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="phi_jax"):
+        prepare._stop(pool, timeout_s=20)
+    assert "did not shut down" not in caplog.text
+    assert time.monotonic() - start < 20

@@ -165,6 +165,12 @@ def _stop(pool: concurrent.futures.ProcessPoolExecutor, timeout_s: float = 10.0)
         process.kill()
     for process in processes:
         process.join(2)
+    # The pool's feeder thread may be blocked writing a piece into the call queue's pipe, which no worker reads any
+    # more; our end of the pipe is its last reader: closing it fails that write (recorded on the abandoned futures)
+    # instead of blocking the shutdown forever. CPython does this itself from 3.11.4 on (gh-94777); Debian 12's
+    # python3 is 3.11.2.
+    with contextlib.suppress(AttributeError, OSError):
+        pool._call_queue._reader.close()
     stopper = threading.Thread(target=pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, daemon=True)
     stopper.start()
     stopper.join(timeout_s)
