@@ -328,9 +328,7 @@ class Server:
                         yield f"data: {json.dumps(usage)}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
-                    for r in requests:
-                        if not r.finished:
-                            self.engine.cancel(r)
+                    self._cancel_unfinished(requests)
 
             return "stream", events()
 
@@ -383,9 +381,7 @@ class Server:
                         yield f"data: {json.dumps(chunk)}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
-                    for r in requests:
-                        if not r.finished:
-                            self.engine.cancel(r)
+                    self._cancel_unfinished(requests)
 
             return "stream", events()
 
@@ -406,9 +402,13 @@ class Server:
                     if await is_disconnected():
                         raise asyncio.CancelledError from None
         finally:
-            for r in requests:
-                if not r.finished:
-                    self.engine.cancel(r)
+            self._cancel_unfinished(requests)
+
+    def _cancel_unfinished(self, requests: list[Request]) -> None:
+        """Frees the slots of the requests a client no longer waits for (a disconnect, a closed stream)."""
+        for r in requests:
+            if not r.finished:
+                self.engine.cancel(r)
 
     @staticmethod
     def _usage(requests: list[Request]) -> dict:
