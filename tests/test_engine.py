@@ -11,21 +11,8 @@ import pytest
 
 from phi_jax import from_pretrained
 from phi_jax.engine import Engine, SamplingParams
+from tests.byte_tokenizer import EOS, ByteTokenizer
 from tests.hf_reference import make_hf_phi
-
-EOS = 2
-
-
-class ByteTokenizer:
-    """Bytes as ids 3..258; 2 is EOS."""
-
-    vocab_size, eos_id, bos_id = 512, EOS, None
-
-    def encode(self, text):
-        return [b + 3 for b in text.encode()]
-
-    def decode(self, ids):
-        return bytes(i - 3 for i in ids if 3 <= i < 259).decode(errors="replace")
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,7 @@ import pytest
 from phi_jax.config import PhiConfig
 from phi_jax.evaluate import evaluate_tokens
 from phi_jax.model import init_model
-
-EOS = 2
-
-
-class ByteTokenizer:
-    """Bytes as ids 3..258; 2 is EOS."""
-
-    vocab_size, eos_id, bos_id = 512, EOS, None
-
-    def encode(self, text):
-        return [b + 3 for b in text.encode()]
-
-    def decode(self, ids):
-        return bytes(i - 3 for i in ids if 3 <= i < 259).decode(errors="replace")
+from tests.byte_tokenizer import EOS, ByteTokenizer
 
 
 @pytest.fixture(scope="module")
