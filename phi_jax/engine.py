@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from phi_jax.model import Cache, LayerCache, Phi
+from phi_jax.model import Cache, LayerCache, Phi, warn_if_slow_to_decode
 from phi_jax.sharding import activation_sharding, logical_to_spec, strategy_rules
 
 log = logging.getLogger("phi_jax")
@@ -194,9 +194,7 @@ class Engine:
             raise ValueError(f"chunk={chunk} must be a power of two >= {MIN_BUCKET}.")
         if max_logprobs < 0:
             raise ValueError(f"max_logprobs={max_logprobs} must be >= 0.")
-        if model.scan_layers and model.compute.platform == "cpu":
-            log.warning("decoding a model with stacked layers: on CPU each decode step copies every layer's weights; "
-                        "load it with scan_layers=False (phi_jax.from_pretrained) for the fast layout")
+        warn_if_slow_to_decode(model)
         self.model, self.cfg, self.tokenizer = model, model.cfg, tokenizer
         self.slots, self.max_len, self.chunk = slots, max_len, min(chunk, max_len)
         self.max_logprobs, self.mesh = max_logprobs, mesh

@@ -33,7 +33,7 @@ from flax import nnx
 from phi_jax.cli import OneLineParser, bounded_float, bounded_int, non_empty
 from phi_jax.config import DTYPES, Compute
 from phi_jax.loading import Source, load, resolve
-from phi_jax.model import Phi
+from phi_jax.model import Phi, warn_if_slow_to_decode
 
 log = logging.getLogger("phi_jax")
 
@@ -72,9 +72,7 @@ class Sampler:
     they are when it is made and never changes the model."""
 
     def __init__(self, model: Phi):
-        if model.scan_layers and model.compute.platform == "cpu":
-            log.warning("decoding a model with stacked layers: on CPU each decode step copies every layer's weights; "
-                        "load it with scan_layers=False (phi_jax.from_pretrained) for the fast layout")
+        warn_if_slow_to_decode(model)
         self.model, self.cfg = model, model.cfg
         graphdef, state = nnx.split(model)
         # The jitted steps take the weights as a flat list of arrays: flattening nnx States and hashing a GraphDef

@@ -21,6 +21,7 @@ identical to Hugging Face's `PhiForCausalLM`.
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import jax
@@ -332,6 +333,14 @@ def from_params(cfg: PhiConfig, compute: Compute, params: dict, *, scan_layers: 
             var.set_value(jnp.asarray(value if layer is None else value[layer], var.dtype))
         del value
     return model
+
+
+def warn_if_slow_to_decode(model: Phi) -> None:
+    """One warning when `model` is about to decode on CPU in the stacked layout (the module docstring says why)."""
+    if model.scan_layers and model.compute.platform == "cpu":
+        logging.getLogger("phi_jax").warning(
+            "decoding a model with stacked layers: on CPU each decode step copies every layer's weights; load it "
+            "with scan_layers=False (phi_jax.from_pretrained) for the fast layout")
 
 
 def to_layout(model: Phi, *, scan_layers: bool) -> Phi:
