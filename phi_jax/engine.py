@@ -6,9 +6,11 @@
 
 The shape is JetStream's prefill / insert / generate with vLLM's scheduling at step boundaries:
 - The decode cache has `slots` rows; each holds one request's keys and values from slot 0 on, with its own write
-  index (model.Cache's per-row index). Its length grows and shrinks in powers of two with the longest live row
-  (`capacity`), so that a decode step reads only as much cache as the requests need.
-- **prefill**: a prompt runs alone into a one-row cache, right-padded to a power-of-two bucket (16 ... `chunk`);
+  index (model.Cache's per-row index). Its length (`capacity`) grows and shrinks with the longest live row, over
+  powers of two and the steps halfway between them (64, 96, 128, 192, ...), so that a decode step reads at most
+  1.5x the cache the requests need (reading the cache is most of a step's time once the rows are a few hundred
+  tokens long: docs/PERFORMANCE.md, Serving).
+- **prefill**: a prompt runs alone into a one-row cache, right-padded to a bucket of the same ladder (16 ... `chunk`);
   a longer prompt runs in chunks of `chunk` tokens, one chunk per engine step, so that it never stalls the decoding
   rows for long. Its last position gives the first token (and the prompt's log-probabilities when asked: echo).
 - **insert**: the prefilled rows are copied into a free slot of the decode cache.
@@ -17,7 +19,7 @@ The shape is JetStream's prefill / insert / generate with vLLM's scheduling at s
   dispatched before the host reads this step's tokens (as generate.Sampler does), so a row that stops is run one
   step too many and that token is dropped.
 
-Compiled programs: prefill per (bucket, sampled, echo), decode per (capacity, sampled, logprobs), and the small
+Compiled programs: prefill per (bucket, echo), decode per (capacity, logprobs), and the small
 insert and resize programs per pair of shapes: a bounded set, however many distinct request lengths arrive
 (`compilations()`; `warmup()` compiles the common ones). Greedy output of a request is the same, token for token,
 whatever shares the batch: rows never see each other (segment ids), and each row samples from its own logits.
@@ -56,6 +58,17 @@ MIN_CAPACITY = 64  # the shortest decode cache
 
 def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def _ladder(low: int, high: int) -> list[int]:
+    """Sizes from `low` to `high`: the powers of two, from 64 on with the halfway steps between them (16, 32, 64,
+    96, 128, 192, 256, 384, ...), then `high`. A decode step reads its whole cache, so a size at most 1.5x what is
+    needed, rather than 2x, is a third less memory traffic for each step, for twice as many programs."""
+    sizes, p = [], _pow2(low)
+    while p < high:
+        sizes += [s for s in ((p, p * 3 // 2) if p >= 64 else (p,)) if low <= s < high]
+        p *= 2
+    return [*sizes, high]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +183,15 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     return jnp.where(temperature > 0, sampled, greedy)
 
 
+def _next_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                 top_p: jax.Array) -> jax.Array:
+    """`sample_rows` when a row samples, else the argmax alone: one program for both, which skips sorting the
+    vocabulary when every row is greedy."""
+    greedy = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(temperature > 0), lambda: sample_rows(logits, keys, temperature, top_k, top_p),
+                        greedy)
+
+
 def _row_keys(key_data: jax.Array, counters: jax.Array) -> jax.Array:
     """Token `counters[i]` of row i is sampled with fold_in(key_i, counters[i]): reproducible whatever the batch."""
     return jax.vmap(lambda k, c: jax.random.fold_in(jax.random.wrap_key_data(k), c))(key_data, counters)
@@ -209,8 +231,8 @@ class Engine:
         self._leaves, treedef = jax.tree.flatten(state)
         self._merge = lambda leaves: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         # The programs (module docstring); leaves first, static flags before them.
-        self._prefill = jax.jit(self._prefill_fn, static_argnums=(0, 1), donate_argnums=5)
-        self._decode = jax.jit(self._decode_fn, static_argnums=(0, 1), donate_argnums=4)
+        self._prefill = jax.jit(self._prefill_fn, static_argnums=0, donate_argnums=4)
+        self._decode = jax.jit(self._decode_fn, static_argnums=0, donate_argnums=3)
         self._insert = jax.jit(self._insert_fn, donate_argnums=0)
         self._resize = jax.jit(self._resize_fn, static_argnums=1)  # a new shape: nothing to donate into
 
@@ -271,7 +293,7 @@ class Engine:
         return activation_sharding(self.mesh, rules)
 
     # ---- the device programs ---------------------------------------------------------------------------------
-    def _prefill_fn(self, sampled, echo, leaves, tokens, start, cache, n_valid, next_token, key_data, temperature,
+    def _prefill_fn(self, echo, leaves, tokens, start, cache, n_valid, next_token, key_data, temperature,
                     top_k, top_p):
         """One chunk of one prompt: tokens [1, C] at positions start .. start + C (the first n_valid real) into a
         one-row cache. Returns the token sampled after the chunk's last real token with its log-probability and
@@ -282,13 +304,10 @@ class Engine:
             seg = (jnp.arange(c) < n_valid).astype(jnp.int32)[None]
             positions = (start + jnp.arange(c, dtype=jnp.int32))[None]
             logits, cache = self._merge(leaves)(tokens, positions, Cache(cache.layers, cache.segment_ids, start),
-                                                segment_ids=seg)
-            last = jax.lax.dynamic_index_in_dim(logits[0], n_valid - 1, keepdims=True)  # [1, V]
-            if sampled:
-                keys = _row_keys(key_data[None], jnp.zeros((1,), jnp.int32))
-                first = sample_rows(last, keys, temperature[None], top_k[None], top_p[None])
-            else:
-                first = jnp.argmax(last, axis=-1).astype(jnp.int32)
+                                                segment_ids=seg, logits_at=None if echo else (n_valid - 1)[None])
+            last = jax.lax.dynamic_index_in_dim(logits[0], 0 if not echo else n_valid - 1, keepdims=True)  # [1, V]
+            keys = _row_keys(key_data[None], jnp.zeros((1,), jnp.int32))
+            first = _next_tokens(last, keys, temperature[None], top_k[None], top_p[None])
             logp = jax.nn.log_softmax(last)
             out = (first[0], jnp.take_along_axis(logp, first[:, None], -1)[0, 0],
                    *(x[0] for x in jax.lax.top_k(logp, self.max_logprobs)), cache)
@@ -299,7 +318,7 @@ class Engine:
             chosen = jnp.take_along_axis(logp_all, following[:, None], -1)[:, 0]
             return (*out, chosen, *jax.lax.top_k(logp_all, self.max_logprobs))
 
-    def _decode_fn(self, sampled, logprobs, leaves, tokens, cache, index, live, key_data, counters, temperature,
+    def _decode_fn(self, logprobs, leaves, tokens, cache, index, live, key_data, counters, temperature,
                    top_k, top_p):
         """One token for every slot: tokens [B] at cache slots `index` [B]; rows with live 0 are idle (they write
         padding). Returns the next tokens [B], their log-probabilities and top alternatives, and the cache."""
@@ -307,10 +326,7 @@ class Engine:
             cache = Cache(cache.layers, cache.segment_ids, index)
             logits, cache = self._merge(leaves)(tokens[:, None], index[:, None], cache, segment_ids=live[:, None])
             logits = logits[:, 0]
-            if sampled:
-                nxt = sample_rows(logits, _row_keys(key_data, counters), temperature, top_k, top_p)
-            else:
-                nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            nxt = _next_tokens(logits, _row_keys(key_data, counters), temperature, top_k, top_p)
             out = (nxt,)
             if logprobs:
                 logp = jax.nn.log_softmax(logits)
@@ -335,16 +351,17 @@ class Engine:
         layers = tuple(LayerCache(fit(c.k), fit(c.v)) for c in cache.layers)
         return self._pin(Cache(layers, fit(cache.segment_ids), cache.index))
 
-    def warmup(self, sampled: bool = True) -> None:
+    def warmup(self) -> None:
         """Compiles, by running them on empty rows, the programs a stream of requests uses: every prefill bucket and
-        chunk, and at every capacity a greedy decode step (and a sampling one), the inserts and the growth to it.
-        Log-probability variants and shrinking compile when first used."""
+        chunk, and at every capacity the decode step, the inserts, the growth to it and the shrinking from it.
+        Log-probability and echo variants compile when first used."""
         if self.has_work():
             raise RuntimeError("warmup() runs before the first request.")
         params = (jnp.zeros(2, jnp.uint32), jnp.float32(0), jnp.int32(0), jnp.float32(1))
         blocks = {}
-        for width, size in [(b, b) for b in self.buckets()] + [(self.chunk, c) for c in self._long_caches()]:
-            out = self._prefill(False, False, self._leaves, jnp.zeros((1, width), jnp.int32), jnp.int32(0),
+        for width, size in [(b, self._short_cache(b)) for b in self.buckets()] + [(self.chunk, c) for c in
+                                                                                 self._long_caches()]:
+            out = self._prefill(False, self._leaves, jnp.zeros((1, width), jnp.int32), jnp.int32(0),
                                 self._new_cache(1, size, batch_sharded=False), jnp.int32(1), jnp.int32(0), *params)
             blocks[size] = out[4].layers
         idle = np.zeros(self.slots, np.int32)
@@ -352,9 +369,8 @@ class Engine:
         for capacity in self.capacities():
             if capacity != self.capacity:
                 self._cache, self.capacity = self._resize(self._cache, capacity), capacity
-            for flag in (False, True) if sampled else (False,):
-                out, self._cache = self._decode(flag, False, self._leaves, self._tokens, self._cache,
-                                                *(self._put(x) for x in host))
+            out, self._cache = self._decode(False, self._leaves, self._tokens, self._cache,
+                                            *(self._put(x) for x in host))
             for size, layers in blocks.items():
                 if size <= capacity:
                     self._cache, self._tokens = self._insert(self._cache, self._tokens, layers, jnp.int32(0),
@@ -371,23 +387,20 @@ class Engine:
 
     def capacities(self) -> list[int]:
         """The decode cache lengths the engine may use."""
-        caps, c = [], min(MIN_CAPACITY, self.max_len)
-        while c < self.max_len:
-            caps.append(c)
-            c *= 2
-        return [*caps, self.max_len]
+        return _ladder(min(MIN_CAPACITY, self.max_len), self.max_len)
 
     def _bucket(self, n: int) -> int:
         """The padded length of a prompt of n <= chunk tokens."""
-        return min(max(MIN_BUCKET, _pow2(n)), self.chunk)
+        return next(b for b in self.buckets() if b >= n)
 
     def buckets(self) -> list[int]:
         """The padded lengths of prompts prefilled in one piece."""
-        sizes, b = [], MIN_BUCKET
-        while b < self.chunk:
-            sizes.append(b)
-            b *= 2
-        return [*sizes, self.chunk]
+        return _ladder(min(MIN_BUCKET, self.chunk), self.chunk)
+
+    def _short_cache(self, bucket: int) -> int:
+        """The one-row cache of a prompt prefilled in one piece: at least the smallest decode capacity, so that
+        the shortest buckets share their insert programs."""
+        return max(bucket, self.capacities()[0])
 
     def _long_cache(self, n: int) -> int:
         """The one-row cache of a prompt of n > chunk tokens, prefilled in chunks."""
@@ -446,13 +459,13 @@ class Engine:
         return bool(self._waiting) or self.live_slots > 0 or self._pending is not None
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
-                 = SamplingParams()) -> list[Request]:
+                 = SamplingParams(), *, on_update: Callable[[Request, Delta], None] | None = None) -> list[Request]:
         """Runs the prompts (token ids) to completion; blocking. With the loop thread running they join its batch;
-        otherwise this thread runs the loop until they are done."""
+        otherwise this thread runs the loop until they are done. `on_update` as in `submit` (it may `cancel`)."""
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         for p, sp in zip(prompts, params, strict=True):
             self.check(p, sp)
-        requests = [self.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        requests = [self.submit(p, sp, on_update=on_update) for p, sp in zip(prompts, params, strict=True)]
         if self._thread is None:
             while not all(r.finished for r in requests):
                 self.step()
@@ -483,9 +496,8 @@ class Engine:
             live[running] = 1
             index = np.where(live == 1, self._index, 0).astype(np.int32)  # idle rows write padding at slot 0
             counters = np.where(live == 1, self._counters, 0).astype(np.int32)
-            sampled = bool((self._temperature[running] > 0).any())
             logprobs = any(self._rows[s].params.logprobs is not None for s in running)
-            out, self._cache = self._decode(sampled, logprobs, self._leaves, self._tokens, self._cache,
+            out, self._cache = self._decode(logprobs, self._leaves, self._tokens, self._cache,
                                             self._put(index), self._put(live), self._put(self._key_data),
                                             self._put(counters), self._put(self._temperature), self._put(self._top_k),
                                             self._put(self._top_p))
@@ -637,9 +649,9 @@ class Engine:
         size = self._bucket(n)
         tokens = np.zeros((1, size), np.int32)
         tokens[0, :n] = request.prompt_ids
-        cache = self._new_cache(1, size, batch_sharded=False)
+        cache = self._new_cache(1, self._short_cache(size), batch_sharded=False)
         echo = request.params.prompt_logprobs is not None
-        out = self._prefill(request.params.temperature > 0, echo, self._leaves, jnp.asarray(tokens), jnp.int32(0),
+        out = self._prefill(echo, self._leaves, jnp.asarray(tokens), jnp.int32(0),
                             cache, jnp.int32(n), jnp.int32(0), *self._params(request))
         return out, [out] if echo else None
 
@@ -653,7 +665,7 @@ class Engine:
         tokens = np.zeros((1, c), np.int32)
         tokens[0, :len(piece)] = piece
         following = request.prompt_ids[start + c] if start + c < n else 0
-        out = self._prefill(request.params.temperature > 0, echo, self._leaves, jnp.asarray(tokens), jnp.int32(start),
+        out = self._prefill(echo, self._leaves, jnp.asarray(tokens), jnp.int32(start),
                             cache, jnp.int32(len(piece)), jnp.int32(following), *self._params(request))
         if echo:
             echoes.append(out)
@@ -697,9 +709,10 @@ class Engine:
         self._temperature[slot], self._top_k[slot], self._top_p[slot] = p.temperature, p.top_k, p.top_p
 
     def _ensure_capacity(self, needed: int) -> None:
-        """Grows the decode cache to hold `needed` slots per row, or halves it when the live rows need a quarter of
-        it. It moves one capacity at a time (a long prompt may take several steps at once), so that the resize
-        programs are the neighbouring pairs that warmup() compiles."""
+        """Grows the decode cache to hold `needed` slots per row, or shrinks it to the next smaller capacity when
+        that still leaves a quarter of it free (so that it does not grow back within a few steps). It moves one
+        capacity at a time (a long prompt may take several steps at once), so that the resize programs are the
+        neighbouring pairs that warmup() compiles."""
         live = [int(self._index[s]) + 1 for s, r in enumerate(self._rows) if r is not None]
         needed = max([needed, *live])
         caps = self.capacities()
@@ -707,7 +720,7 @@ class Engine:
         while caps[at] < needed:
             at += 1
             self._cache = self._resize(self._cache, caps[at])
-        if at > 0 and caps[at - 1] >= 2 * needed:
+        if at > 0 and 3 * caps[at - 1] >= 4 * needed:
             at -= 1
             self._cache = self._resize(self._cache, caps[at])
         self.capacity = caps[at]

@@ -85,7 +85,8 @@ class Sampler:
     def _prefill_fn(self, greedy, leaves, tokens, positions, segment_ids, cache, key, sampling):
         """Fills the cache with the (left-padded) prompts [B, P]. Returns the first new token [B], the position
         of the token after each prompt [B], the step counter and the cache."""
-        logits, cache = self._merge(leaves)(tokens, positions, cache, segment_ids=segment_ids)
+        last = jnp.full(tokens.shape[:1], tokens.shape[1] - 1, jnp.int32)
+        logits, cache = self._merge(leaves)(tokens, positions, cache, segment_ids=segment_ids, logits_at=last)
         first = sample(logits[:, -1], jax.random.fold_in(key, 0), greedy, *sampling)
         return first, jnp.sum(segment_ids != 0, axis=1, dtype=jnp.int32), jnp.int32(1), cache
 

@@ -32,7 +32,7 @@ def hf_model(hf_dir):
 @pytest.fixture(scope="module")
 def engine(hf_dir):
     engine = Engine(from_pretrained(hf_dir, scan_layers=False), ByteTokenizer(), slots=4, chunk=32, max_logprobs=5)
-    engine.warmup(sampled=False)
+    engine.warmup()
     return engine
 
 
@@ -101,7 +101,10 @@ def test_no_recompilation_for_new_request_lengths(engine):
     engine.generate(_prompts(lengths, seed=8), [SamplingParams(max_tokens=int(min(rng.integers(1, 40), 128 - n)),
                                                                ignore_eos=True) for n in lengths])
     assert engine.compilations() == before
-    assert sum(before.values()) <= 2 * 4 + 2 * 2 + 7 + 2  # prefill, decode, insert, resize: a small fixed set
+    # A small fixed set: prefill 3 shapes (2 buckets, 2 chunked caches) and decode 3 capacities (64, 96, 128),
+    # each with or without log-probabilities; 4 inserts; 4 resizes (64 <-> 96 <-> 128).
+    assert engine.buckets() == [16, 32] and engine.capacities() == [64, 96, 128]
+    assert sum(before.values()) <= 2 * 3 + 2 * 3 + 4 + 4
 
 
 def test_sampling_is_per_request_and_reproducible(engine):
@@ -186,7 +189,7 @@ def test_decode_step_updates_the_cache_in_place(engine):
     host = [np.zeros(engine.slots, np.int32)] * 2 + [np.zeros((engine.slots, 2), np.uint32),
                                                      np.zeros(engine.slots, np.int32), engine._temperature,
                                                      engine._top_k, engine._top_p]
-    memory = engine._decode.lower(False, False, engine._leaves, engine._tokens, engine._cache,
+    memory = engine._decode.lower(False, engine._leaves, engine._tokens, engine._cache,
                                   *host).compile().memory_analysis()
     cache_bytes = sum(x.nbytes for layer in engine._cache.layers for x in layer)
     assert memory.alias_size_in_bytes >= cache_bytes
