@@ -428,16 +428,8 @@ class Server:
             yield
 
         app = FastAPI(title="phi_jax", lifespan=lifespan)
-
-        @app.middleware("http")
-        async def auth(request: HTTPRequest, call_next):
-            if self.api_key and request.url.path.startswith("/v1/"):
-                given = request.headers.get("authorization", "")
-                if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                    err = APIError(401, "Missing or wrong API key: send the header 'Authorization: Bearer KEY'.",
-                                   code="invalid_api_key")
-                    return JSONResponse(err.body(), status_code=401)
-            return await call_next(request)
+        if self.api_key:
+            app.add_middleware(_BearerAuth, api_key=self.api_key)
 
         async def answer(handler, request: HTTPRequest):
             try:
@@ -494,6 +486,26 @@ class Server:
             return {"eos_token": eos, "bos_token": None, "pad_token": None, "model_max_length": self.engine.max_len}
 
         return app
+
+
+class _BearerAuth:
+    """Requires `Authorization: Bearer KEY` on /v1/ paths. Plain ASGI: Starlette's `@app.middleware("http")` would
+    pass every chunk of a streamed response through an extra task and memory stream."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                from fastapi.responses import JSONResponse
+
+                err = APIError(401, "Missing or wrong API key: send the header 'Authorization: Bearer KEY'.",
+                               code="invalid_api_key")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def is_loopback(host: str) -> bool:
