@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--max_new_tokens", type=int, default=384, help="tokens per code completion")
     parser.add_argument("--batch_size", type=int, default=16, help="rows per forward pass and per generation batch")
+    parser.add_argument("--generator", default="engine", choices=["engine", "sampler"],
+                        help="code completions through phi_jax.engine (continuous batching over batch_size slots: a "
+                             "row that stops takes the next prompt) or phi_jax.generate.Sampler (static batches)")
     parser.add_argument("--seed", type=int, default=0, help="lm-eval's and sampling's seed")
     parser.add_argument("--sandbox", default="process", choices=["process", "none"],
                         help="'none' runs model-written programs unisolated: only on a disposable host")
@@ -175,11 +178,12 @@ def run(benchmarks: Sequence[Benchmark], model, tok, args, *, identity: dict) ->
             entry = _run_lm_eval(b, lm, manager, args)
         else:
             if generate_batch is None:
-                from phi_jax.evals.generation import sampler_generate_batch
+                from phi_jax.evals import generation
 
-                generate_batch = sampler_generate_batch(model, batch_size=args.batch_size, eos_id=tok.eos_id,
-                                                        temperature=args.temperature, top_p=args.top_p,
-                                                        seed=args.seed)
+                sampling = dict(eos_id=tok.eos_id, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                generate_batch = (generation.engine_generate_batch(model, slots=args.batch_size, **sampling)
+                                  if args.generator == "engine" else
+                                  generation.sampler_generate_batch(model, batch_size=args.batch_size, **sampling))
                 sandbox = Sandbox(Limits(timeout=args.timeout), workers=args.workers, mode=args.sandbox)
             entry, samples[b.name] = _run_code(b, generate_batch, tok, sandbox, args,
                                                context=model.cfg.max_position_embeddings)
@@ -196,7 +200,8 @@ def run(benchmarks: Sequence[Benchmark], model, tok, args, *, identity: dict) ->
                   "sampling": args.seed},
         "versions": _versions(),
         "sandbox": sandbox.isolation if sandbox is not None else None,
-        "generation": "phi_jax.generate.Sampler, left-padded batches (phi_jax.evals.generation)",
+        "generation": ("phi_jax.engine.Engine, continuous batching" if args.generator == "engine" else
+                       "phi_jax.generate.Sampler, left-padded batches") + " (phi_jax.evals.generation)",
         "host": {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()},
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

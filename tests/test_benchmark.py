@@ -148,7 +148,7 @@ def test_missing_data_is_skipped_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))
     args = SimpleNamespace(suite="phi15_report", batch_size=2, include_path=[], limit=2, seed=0, data_dir=None,
                            temperature=0.0, top_p=1.0, timeout=5.0, workers=1, sandbox="process", num_samples=1,
-                           max_new_tokens=8)
+                           max_new_tokens=8, generator="engine")
     model = init_model(PhiConfig.preset("tiny", max_position_embeddings=64), seed=0)
 
     class Tok:

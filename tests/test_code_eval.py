@@ -155,6 +155,26 @@ def test_batched_generation_equals_one_prompt_at_a_time_and_stops():
     assert min(len(s) for s in stopped) < 12
 
 
+def test_engine_generation_equals_the_sampler_and_stops():
+    """The continuous-batching GenerateBatch gives each prompt its greedy ids alone (3 prompts over 2 slots), and
+    a row that meets `stop` or EOS ends there, its slot going to the next prompt."""
+    from phi_jax.config import PhiConfig
+    from phi_jax.evals.generation import engine_generate_batch, sampler_generate_batch
+    from phi_jax.model import init_model
+
+    model = init_model(PhiConfig.preset("tiny", max_position_embeddings=128), seed=3, scan_layers=False)
+    prompts = [[5, 6, 7], [9] * 20, [11, 12]]
+    alone = [sampler_generate_batch(model, batch_size=1, eos_id=None)([p], 12)[0] for p in prompts]
+    engine = engine_generate_batch(model, slots=2, eos_id=None)
+    assert engine(prompts, 12) == alone
+    stopped = engine(prompts, 12, stop=lambda ids: len(ids) >= 4)
+    assert stopped == [a[:4] for a in alone]
+    eos = alone[1][5]
+    with_eos = engine_generate_batch(model, slots=2, eos_id=eos)(prompts, 12)
+    assert with_eos == [a[:a.index(eos) + 1] if eos in a else a for a in alone]
+    assert engine.engine.live_slots == 0
+
+
 def test_evaluate_samples_each_problem_and_scores_pass_at_k(sandbox):
     """Four samples per problem through a scripted GenerateBatch: two of problem A's are right, all of B's wrong."""
 

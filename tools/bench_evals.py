@@ -1,7 +1,8 @@
 """Evaluation speed: HumanEval's generation batched vs one prompt at a time, and the sandbox's throughput.
 
     python -m tools.bench_evals [--preset=quickstart,phi-100m] [--quickstart_workdir=runs/quickstart]
-        [--problems=164] [--sequential_problems=8] [--new_tokens=384] [--batch_size=16] [--out=bench_evals.json]
+        [--problems=164] [--sequential_problems=8] [--new_tokens=384] [--batch_size=16] [--generator=engine]
+        [--out=bench_evals.json]
 
 Generation: HumanEval's prompts, greedy, up to `new_tokens` new tokens cut at HumanEval's stop sequences (a row
 ends at its stop or EOS; a batch when all its rows have), through phi_jax.evals.generation (the benchmark's path).
@@ -9,9 +10,11 @@ ends at its stop or EOS; a batch when all its rows have), through phi_jax.evals.
 has random weights (a rate does not depend on them, but random weights rarely stop early, so they generate every
 token). Per model: wall seconds and generated tokens/s for the first `problems` prompts batched, and for
 `sequential_problems` of them, evenly spaced (representative prompt lengths), one prompt at a time (a rate; the
-full sequential time is extrapolated). Rows of a batch that stop early idle until the batch's last row stops:
-batched tokens/s counts only the tokens kept.
-Compilation is excluded from both by a warm-up batch per prompt bucket whose rows stop after one token.
+full sequential time is extrapolated). `--generator=engine` (the benchmark's default) runs phi_jax.engine with
+`batch_size` slots, where a row that stops takes the next prompt; `sampler` runs static batches, where rows that
+stop early idle until the batch's last row stops: batched tokens/s counts only the tokens kept.
+Compilation is excluded from both: the engine's `warmup()`, or for the sampler a warm-up batch per prompt bucket
+whose rows stop after one token.
 
 Sandbox: HumanEval's 164 canonical solutions (each with its tests), programs/s at 1 worker and at all cores, with
 the default isolation and with `mode="none"` (a plain subprocess) for the cost of the isolation itself.
@@ -41,15 +44,23 @@ def _model(name: str, quickstart_workdir: str | None):
 
 
 def bench_generation(name: str, args) -> dict:
-    from phi_jax.evals import code_eval, humaneval
-    from phi_jax.evals.generation import sampler_generate_batch
+    from phi_jax.evals import code_eval, generation, humaneval
 
     model, tok, label = _model(name, args.quickstart_workdir)
     problems = humaneval.problems(args.problems)
-    row = {"model": label, "problems": len(problems), "new_tokens": args.new_tokens, "batch_size": args.batch_size}
+    row = {"model": label, "problems": len(problems), "new_tokens": args.new_tokens, "batch_size": args.batch_size,
+           "generator": args.generator}
     spread = problems[::max(1, len(problems) // args.sequential_problems)][:args.sequential_problems]
     for batch, subset in ((args.batch_size, problems), (1, spread)):
-        generate_batch = sampler_generate_batch(model, batch_size=batch, eos_id=tok.eos_id)
+        if args.generator == "engine":
+            generate_batch = generation.engine_generate_batch(model, slots=batch, eos_id=tok.eos_id)
+            generate_batch.engine.warmup()
+        else:
+            generate_batch = generation.sampler_generate_batch(model, batch_size=batch, eos_id=tok.eos_id)
+            # A batch per distinct prompt bucket, each row stopped after its first token, compiles every program
+            # the timed run needs (the prefill and decode shapes depend on the bucket and new_tokens only).
+            generate_batch([tok.encode(p.prompt) for p in _one_per_bucket(subset, tok, batch)], args.new_tokens,
+                           lambda ids: True)
         counted = {"tokens": 0}
 
         def counting(prompts, max_new_tokens, stop=None, generate_batch=generate_batch, counted=counted):
@@ -57,10 +68,6 @@ def bench_generation(name: str, args) -> dict:
             counted["tokens"] += sum(len(o) for o in out)
             return out
 
-        # Warm-up: a batch per distinct prompt bucket, each row stopped after its first token, compiles every
-        # program the timed run needs (the prefill and decode shapes depend on the bucket and new_tokens only).
-        generate_batch([tok.encode(p.prompt) for p in _one_per_bucket(subset, tok, batch)], args.new_tokens,
-                       lambda ids: True)
         start = time.perf_counter()
         code_eval.generate_completions(subset, counting, tok, num_samples=1, max_new_tokens=args.new_tokens)
         seconds = time.perf_counter() - start
@@ -111,7 +118,8 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=164)
     parser.add_argument("--sequential_problems", type=int, default=8)
     parser.add_argument("--new_tokens", type=int, default=384)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--batch_size", type=int, default=16, help="rows of a batch, or the engine's slots")
+    parser.add_argument("--generator", default="engine", choices=["engine", "sampler"])
     parser.add_argument("--workers", type=int, default=None, help="sandbox workers (default: the cores)")
     parser.add_argument("--skip", default="", help="generation,sandbox: parts to leave out")
     parser.add_argument("--out", default="bench_evals.json")

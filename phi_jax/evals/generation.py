@@ -3,7 +3,9 @@
 `prompts` are token-id lists; `stop(row_ids) -> bool` says whether a row's generated ids so far end its
 completion (a stop sequence appeared); the result holds each prompt's generated ids, stopped rows cut anywhere
 after their stop (callers cut the text at the stop sequence). Any batched engine fits behind it:
-`sampler_generate_batch` runs phi_jax.generate.Sampler over fixed-size, left-padded batches.
+`engine_generate_batch` runs phi_jax.engine.Engine (continuous batching: a row that stops is replaced by the next
+prompt at once), `sampler_generate_batch` phi_jax.generate.Sampler over fixed-size, left-padded batches (a batch
+runs until its last row stops).
 """
 
 from __future__ import annotations
@@ -20,6 +22,31 @@ class GenerateBatch(Protocol):
 
 class _AllStopped(Exception):
     pass
+
+
+def engine_generate_batch(model, *, slots: int, eos_id: int | None, temperature: float = 0.0, top_p: float = 1.0,
+                          seed: int = 0) -> GenerateBatch:
+    """A GenerateBatch over phi_jax.engine.Engine with `slots` rows: every prompt is queued at once, a row that
+    produces EOS or meets `stop` is cancelled and its slot taken by the next prompt in the same step. Prompt i
+    samples with seed `seed + i`: the same prompts give the same ids, whatever shares the batch."""
+    from phi_jax.engine import Engine, SamplingParams
+
+    if slots < 1:
+        raise ValueError(f"slots={slots} must be >= 1.")
+    engine = Engine(model, None, slots=slots)
+
+    def generate_batch(prompts, max_new_tokens, stop=None):
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i,
+                                 stop_token_ids=() if eos_id is None else (eos_id,)) for i in range(len(prompts))]
+
+        def on_update(request, delta):
+            if stop is not None and delta.token_ids and not request.finished and stop(request.token_ids):
+                engine.cancel(request)
+
+        return [r.token_ids for r in engine.generate(prompts, params, on_update=on_update)]
+
+    generate_batch.engine = engine
+    return generate_batch
 
 
 def sampler_generate_batch(model, *, batch_size: int, eos_id: int | None, temperature: float = 0.0,
