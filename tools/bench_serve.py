@@ -12,7 +12,8 @@ scenario runs the same list. Scenarios:
   streamed: time to first token (TTFT) and the gaps between a request's chunks (inter-token latency, ITL), p50 and
   p99, and throughput = generated tokens / wall time. Client i starts after i * ramp / clients seconds; the default
   ramp is the median duration of a request in the warm-up round (all clients at once), so that arrivals are spread
-  as in a steady state rather than one burst.
+  as in a steady state rather than one burst. Its throughput is given for the whole run and for the steady state
+  (the tokens streamed while all clients were active, over that window: no ramp and no tail).
 - `burst`: the same with every client starting at once (the first requests wait for each other's prefill).
 - `sequential`: the same requests one at a time (one client) to a server with one slot: one-request-at-a-time
   phi_jax (a server with more slots would run every idle slot in each decode step as well).
@@ -78,17 +79,23 @@ def compiled(url: str) -> int:
 
 
 def run_clients(url: str, requests_: list, clients: int, ramp: float) -> dict:
-    """`clients` threads share the requests round-robin, each sending its own one after another."""
+    """`clients` threads share the requests round-robin, each sending its own one after another. Besides the
+    whole run's throughput, the steady state's: the tokens streamed while every client was active (from the last
+    client's first request to the first client's end) over that window; None when the window is empty."""
     results: list[dict] = []
+    spans: list[tuple[float, float]] = []  # each client's first send and last token
     programs = compiled(url)
     lock = threading.Lock()
 
     def client(i: int):
         time.sleep(i * ramp / clients)
+        first = time.perf_counter()
         for prompt, max_tokens in requests_[i::clients]:
             out = stream_one(url, prompt, max_tokens)
             with lock:
                 results.append(out)
+        with lock:
+            spans.append((first, time.perf_counter()))
 
     load = os.getloadavg()[0]
     start = time.perf_counter()
@@ -101,7 +108,10 @@ def run_clients(url: str, requests_: list, clients: int, ramp: float) -> dict:
     ttft = [r["times"][0] - r["start"] for r in results]
     itl = [gap for r in results for gap in np.diff(r["times"])]
     tokens = sum(r["tokens"] for r in results)
+    low, high = max(a for a, _ in spans), min(b for _, b in spans)
+    steady = (sum(low <= t < high for r in results for t in r["times"]) / (high - low)) if high > low else None
     return {"requests": len(results), "generated_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "steady_tokens_per_s": steady, "steady_window_s": max(0.0, high - low),
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
             "itl_p50_ms": 1e3 * float(np.percentile(itl, 50)), "itl_p99_ms": 1e3 * float(np.percentile(itl, 99)),
             "median_duration_s": float(np.median([r["times"][-1] - r["start"] for r in results])),
@@ -248,10 +258,11 @@ def main(argv=None) -> dict:
             if "transformers" in scenarios:
                 row["transformers"] = bench_transformers(model_dir, reqs, args.clients)
             c = row.get("concurrent", {})
-            if c and "sequential" in row:
-                row["speedup_vs_sequential"] = c["tokens_per_s"] / row["sequential"]["tokens_per_s"]
-            if c and "transformers" in row:
-                row["speedup_vs_transformers"] = c["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+            for base in ("sequential", "transformers"):
+                if c and base in row:
+                    row[f"speedup_vs_{base}"] = c["tokens_per_s"] / row[base]["tokens_per_s"]
+                    if c["steady_tokens_per_s"]:
+                        row[f"steady_speedup_vs_{base}"] = c["steady_tokens_per_s"] / row[base]["tokens_per_s"]
             if c and "prefill_s" in row:
                 row["ttft_p99_vs_prefill"] = c["ttft_p99_s"] / row["prefill_s"]
             report["results"].append(row)
@@ -259,13 +270,17 @@ def main(argv=None) -> dict:
                 if name in row:
                     r = row[name]
                     rows.append({"preset": preset, "scenario": name, "requests": r["requests"],
-                                 "tokens/s": r["tokens_per_s"], "TTFT p50 s": r.get("ttft_p50_s", ""),
+                                 "tokens/s": r["tokens_per_s"], "steady tokens/s": r.get("steady_tokens_per_s") or "",
+                                 "TTFT p50 s": r.get("ttft_p50_s", ""),
                                  "TTFT p99 s": r.get("ttft_p99_s", ""), "ITL p50 ms": r.get("itl_p50_ms", ""),
                                  "ITL p99 ms": r.get("itl_p99_ms", ""), "load": r["load_avg_before"]})
-            print(f"{preset}: unloaded prefill {row.get('prefill_s', float('nan')):.3f} s; concurrent vs sequential "
-                  f"{row.get('speedup_vs_sequential', float('nan')):.2f}x, vs transformers "
-                  f"{row.get('speedup_vs_transformers', float('nan')):.2f}x, TTFT p99 / prefill "
-                  f"{row.get('ttft_p99_vs_prefill', float('nan')):.2f}", flush=True)
+            nan = float("nan")
+            print(f"{preset}: unloaded prefill {row.get('prefill_s', nan):.3f} s; concurrent vs sequential "
+                  f"{row.get('speedup_vs_sequential', nan):.2f}x (steady state "
+                  f"{row.get('steady_speedup_vs_sequential', nan):.2f}x), vs transformers "
+                  f"{row.get('speedup_vs_transformers', nan):.2f}x (steady state "
+                  f"{row.get('steady_speedup_vs_transformers', nan):.2f}x), TTFT p99 / prefill "
+                  f"{row.get('ttft_p99_vs_prefill', nan):.2f}", flush=True)
     print_table(f"bench_serve: {args.clients} clients, {args.requests} requests, prompts ~{args.prompt_len}, "
                 f"new ~{args.new_tokens} ({report['uptime']})", rows)
     write_json(args.out, report)
