@@ -110,6 +110,11 @@ def test_kv_cache_decode_matches_full_forward(scan_layers):
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], axis=1), full, atol=2e-5)
     assert int(cache.index) == 40
+    # A prefill asked for one position per row (its last real token) gives that position's logits alone.
+    at = np.array([29, 17], np.int32)
+    last, _ = model(ids[:, :30], cache=model.init_cache(batch=2, max_len=64), logits_at=at)
+    assert last.shape == (2, 1, model.cfg.vocab_size)
+    np.testing.assert_allclose(np.asarray(last)[:, 0], full[[0, 1], at], atol=2e-5)
 
 
 def test_to_layout_is_a_new_model_and_round_trips_exactly():
