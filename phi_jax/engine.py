@@ -305,7 +305,8 @@ class Engine:
             positions = (start + jnp.arange(c, dtype=jnp.int32))[None]
             logits, cache = self._merge(leaves)(tokens, positions, Cache(cache.layers, cache.segment_ids, start),
                                                 segment_ids=seg, logits_at=None if echo else (n_valid - 1)[None])
-            last = jax.lax.dynamic_index_in_dim(logits[0], 0 if not echo else n_valid - 1, keepdims=True)  # [1, V]
+            # [1, V]: without echo, logits_at computed the last real token's alone.
+            last = jax.lax.dynamic_index_in_dim(logits[0], n_valid - 1, keepdims=True) if echo else logits[0]
             keys = _row_keys(key_data[None], jnp.zeros((1,), jnp.int32))
             first = _next_tokens(last, keys, temperature[None], top_k[None], top_p[None])
             logp = jax.nn.log_softmax(last)
