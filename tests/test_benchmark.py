@@ -173,6 +173,7 @@ def test_missing_data_is_skipped_with_the_reason(tmp_path, monkeypatch):
     (["--tasks=humaneval,nope"], "--tasks: ['nope'] not in the suite"),
     (["--limit=0"], "--limit=0 must be >= 1"),
     (["--sandbox=off"], "invalid choice: 'off'"),
+    (["--generator=vllm"], "invalid choice: 'vllm'"),
 ])
 def test_bad_flags_are_one_line_errors_before_loading(flags, message, capsys):
     from phi_jax.benchmark import main
